@@ -1,0 +1,608 @@
+"""The GPT-2 model and the helpers of chapters 2 to 5 that chapter 7 builds on.
+
+Chapter 2: text <-> token ids. Chapter 3: causal multi-head attention. Chapter 4: the GPT model
+and text generation. Chapter 5: the loss, the training loop, the loss plot, and loading OpenAI's
+pretrained weights.
+
+Beyond the book, `generate` keeps a key/value cache so that each new token costs one position
+instead of the whole sequence, and it can generate for several left-padded prompts at once.
+"""
+
+import os
+import signal
+import tempfile
+from contextlib import contextmanager
+from itertools import islice
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.ticker import MaxNLocator
+
+#####################################
+# Chapter 2: text <-> token ids
+#####################################
+
+
+def text_to_token_ids(text, tokenizer):
+    """Encode `text` into a (1, num_tokens) tensor; `<|endoftext|>` is allowed in the text."""
+    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    return torch.tensor(encoded).unsqueeze(0)  # (1, num_tokens): add the batch dimension
+
+
+def token_ids_to_text(token_ids, tokenizer):
+    """Decode a (1, num_tokens) or (num_tokens,) tensor of token ids back into text."""
+    flat = token_ids.squeeze(0)  # (num_tokens,)
+    return tokenizer.decode(flat.tolist())
+
+
+#####################################
+# Chapter 3: causal multi-head attention
+#####################################
+
+
+def _drop_saved_mask(module, state_dict, prefix, *args):
+    """Ignore the causal mask that the book's code stored in its checkpoints.
+
+    The mask is rebuilt from `context_length`, so it is not saved here; dropping it on load lets
+    a `.pth` written by the book's code load into this model with `strict=True`.
+    """
+    state_dict.pop(prefix + "mask", None)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention with `num_heads` heads of size `d_out // num_heads`.
+
+    With `use_sdpa=True` the attention itself runs in PyTorch's fused
+    `scaled_dot_product_attention`; with `use_sdpa=False` it is spelled out as in the book
+    (scores, mask, softmax, weighted sum). Both give the same result up to float rounding.
+    """
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
+                 use_sdpa=True):
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.use_sdpa = use_sdpa
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # True above the diagonal: a token must not see the tokens after it.
+        causal = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
+        self.register_buffer("mask", causal, persistent=False)
+        self.register_load_state_dict_pre_hook(_drop_saved_mask)
+
+    def _split_heads(self, x):
+        """(b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)."""
+        b, num_tokens, _ = x.shape
+        return x.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, layer_cache=None, blocked=None):
+        """Attend over `x` (b, num_tokens, d_in) and return (b, num_tokens, d_out).
+
+        `layer_cache` (a `LayerKVCache`) holds the keys and values of earlier positions; the new
+        ones are appended to it. `blocked` (bool, broadcastable to (b, 1, num_tokens, num_keys))
+        marks the keys each query must not see; None means plain causal attention starting at
+        position 0, the training case.
+        """
+        b, num_tokens, _ = x.shape
+        queries = self._split_heads(self.W_query(x))  # (b, num_heads, num_tokens, head_dim)
+        keys = self._split_heads(self.W_key(x))  # (b, num_heads, num_tokens, head_dim)
+        values = self._split_heads(self.W_value(x))  # (b, num_heads, num_tokens, head_dim)
+        if layer_cache is not None:
+            keys, values = layer_cache.append(keys, values)  # (b, num_heads, num_keys, head_dim)
+
+        if self.use_sdpa:
+            context = F.scaled_dot_product_attention(
+                queries, keys, values,
+                attn_mask=None if blocked is None else ~blocked,
+                dropout_p=self.dropout.p if self.training else 0.0,
+                is_causal=blocked is None,
+            )  # (b, num_heads, num_tokens, head_dim)
+        else:
+            if blocked is None:
+                blocked = self.mask[:num_tokens, :num_tokens]
+            attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_keys)
+            attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
+            attn_weights = torch.softmax(attn_scores / self.head_dim**0.5, dim=-1)
+            attn_weights = self.dropout(attn_weights)
+            context = attn_weights @ values  # (b, num_heads, num_tokens, head_dim)
+
+        context = context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context)  # (b, num_tokens, d_out)
+
+
+#####################################
+# Chapter 4: the GPT model
+#####################################
+
+
+class LayerNorm(nn.Module):
+    """Normalize each token's embedding to mean 0 and variance 1, then scale and shift."""
+
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        norm_x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.scale * norm_x + self.shift
+
+
+class GELU(nn.Module):
+    """GELU activation in the tanh approximation that GPT-2 was trained with."""
+
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(
+            torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))
+        ))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand to 4x the embedding size, GELU, project back."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + feedforward(norm(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"],
+            dropout=cfg["drop_rate"],
+            qkv_bias=cfg["qkv_bias"],
+            use_sdpa=cfg.get("use_sdpa", True),
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x, layer_cache=None, blocked=None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache, blocked))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x  # (b, num_tokens, emb_dim)
+
+
+class LayerKVCache:
+    """One layer's keys and values, in a buffer with room for `capacity` positions.
+
+    Writing new positions in place (instead of concatenating) keeps each generation step's
+    cost independent of how many positions are already cached.
+    """
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.length = 0
+        self.keys = None
+        self.values = None
+
+    def append(self, keys, values):
+        """Store (b, heads, new, head_dim) keys and values; return all cached ones so far."""
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {end} were requested")
+        if self.keys is None:
+            b, heads, _, head_dim = keys.shape
+            self.keys = keys.new_empty(b, heads, self.capacity, head_dim)
+            self.values = values.new_empty(b, heads, self.capacity, head_dim)
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """The keys and values of every layer for the positions a model has already processed."""
+
+    def __init__(self, n_layers, capacity):
+        self.layers = [LayerKVCache(capacity) for _ in range(n_layers)]
+
+    @property
+    def length(self):
+        """Number of positions cached so far."""
+        return self.layers[0].length
+
+
+def _blocked_keys(num_tokens, start, pad_lengths, device):
+    """Return which keys each query must not see, or None for plain causal attention from 0.
+
+    Queries are positions start..start+num_tokens-1; keys are positions 0..start+num_tokens-1.
+    A key is blocked when it lies after the query, or when it is left padding of its row
+    (`pad_lengths`, shape (b,)). A padding query still sees itself, so no softmax row is empty.
+    Result: bool (1 or b, 1, num_tokens, start + num_tokens).
+    """
+    if start == 0 and pad_lengths is None:
+        return None
+    query_pos = torch.arange(start, start + num_tokens, device=device)[:, None]  # (num_tokens, 1)
+    key_pos = torch.arange(start + num_tokens, device=device)[None, :]  # (1, num_keys)
+    blocked = (key_pos > query_pos)[None]  # (1, num_tokens, num_keys)
+    if pad_lengths is not None:
+        is_pad_key = key_pos[None] < pad_lengths[:, None, None]  # (b, 1, num_keys)
+        blocked = blocked | (is_pad_key & (key_pos != query_pos)[None])  # (b, num_tokens, num_keys)
+    return blocked[:, None]  # (1 or b, 1, num_tokens, num_keys): broadcast over heads
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token + position embeddings, `n_layers` transformer blocks, final norm, output head.
+
+    cfg keys: vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate, qkv_bias, and
+    optionally use_sdpa (default True; False spells attention out as in the book). The output
+    head has its own weights, not tied to the token embedding.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def features(self, in_idx, cache=None, pad_lengths=None):
+        """Return the final-normed hidden states (b, num_tokens, emb_dim) for token ids `in_idx`.
+
+        With a `cache`, `in_idx` holds only the positions after the cached ones. `pad_lengths`
+        (b,) counts the left-padding tokens of each row: positions are counted from each row's
+        first real token and padding is never attended to, so a padded row computes what the
+        same row would compute alone.
+        """
+        _, num_tokens = in_idx.shape
+        start = 0 if cache is None else cache.length
+        context_length = self.pos_emb.num_embeddings
+        if start + num_tokens > context_length:
+            raise ValueError(f"Sequence of {start + num_tokens} tokens is longer than the "
+                             f"model's context length of {context_length}")
+        positions = torch.arange(start, start + num_tokens, device=in_idx.device)  # (num_tokens,)
+        if pad_lengths is not None:
+            positions = (positions[None, :] - pad_lengths[:, None]).clamp(min=0)  # (b, num_tokens)
+        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (b, num_tokens, emb_dim)
+        x = self.drop_emb(x)
+        blocked = _blocked_keys(num_tokens, start, pad_lengths, in_idx.device)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, None if cache is None else cache.layers[i], blocked)
+        return self.final_norm(x)
+
+    def forward(self, in_idx, cache=None, pad_lengths=None):
+        """Return next-token logits (b, num_tokens, vocab_size) for token ids (b, num_tokens)."""
+        return self.out_head(self.features(in_idx, cache, pad_lengths))
+
+
+def _next_token(logits, temperature, top_k):
+    """Pick the next token id (b, 1) from last-position logits (b, vocab_size)."""
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, top_k)  # (b, top_k)
+        min_val = top_logits[:, -1:]  # (b, 1)
+        logits = torch.where(logits < min_val, torch.tensor(-torch.inf, device=logits.device),
+                             logits)
+    if temperature > 0.0:
+        probs = torch.softmax(logits / temperature, dim=-1)  # (b, vocab_size)
+        return torch.multinomial(probs, num_samples=1)  # (b, 1)
+    return torch.argmax(logits, dim=-1, keepdim=True)  # (b, 1)
+
+
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+             use_cache=True, pad_lengths=None):
+    """Append up to `max_new_tokens` generated token ids to `idx` (b, num_tokens) and return it.
+
+    Greedy when `temperature` is 0; otherwise samples from the softmax of logits / temperature,
+    keeping only the `top_k` most likely tokens when `top_k` is given. Generation stops once every
+    row has produced `eos_id` (which is not appended for the row that finishes last; rows that
+    finished earlier are filled with `eos_id`).
+
+    With `use_cache=True` the keys and values of processed positions are kept, so each step
+    feeds only the newest token. Once the sequence is longer than `context_size`, the model sees
+    only the last `context_size` tokens with positions counted anew, as the book's recompute loop
+    does; the cache cannot be reused then, so those steps recompute the window. With
+    `use_cache=False` every step recomputes the whole window (the book's loop).
+
+    `pad_lengths` (b,) gives the number of left-padding tokens in each row of `idx`.
+    """
+    cache = None
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if use_cache and idx.shape[1] <= context_size:
+                if cache is None:
+                    capacity = min(context_size, idx.shape[1] + max_new_tokens)
+                    cache = KVCache(len(model.trf_blocks), capacity)
+                    hidden = model.features(idx, cache=cache, pad_lengths=pad_lengths)
+                else:
+                    hidden = model.features(idx[:, -1:], cache=cache, pad_lengths=pad_lengths)
+            else:
+                dropped = max(idx.shape[1] - context_size, 0)
+                window_pad = None if pad_lengths is None else (pad_lengths - dropped).clamp(min=0)
+                hidden = model.features(idx[:, -context_size:], pad_lengths=window_pad)
+            logits = model.out_head(hidden[:, -1, :])  # (b, vocab_size): only the last position
+            idx_next = _next_token(logits, temperature, top_k)  # (b, 1)
+            if eos_id is not None:
+                idx_next = idx_next.masked_fill(finished[:, None], eos_id)
+                finished |= idx_next[:, 0] == eos_id
+                if finished.all():
+                    break
+            idx = torch.cat((idx, idx_next), dim=1)  # (b, num_tokens + 1)
+    return idx
+
+
+def generate_batch(model, prompts, max_new_tokens, context_size, eos_id=None, pad_token_id=50256):
+    """Greedily continue several prompts (lists of token ids) at once; return the new token lists.
+
+    Prompts are left-padded to a common length, so each row's answer is the one `generate` gives
+    for that prompt alone; each list ends before the row's first `eos_id`.
+    """
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_token_id] * (longest - len(p)) + list(p) for p in prompts],
+                       device=device)  # (b, longest)
+    pad_lengths = torch.tensor([longest - len(p) for p in prompts], device=device)  # (b,)
+    out = generate(model, idx, max_new_tokens, context_size, eos_id=eos_id,
+                   pad_lengths=pad_lengths)
+    answers = []
+    for row in out[:, longest:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        answers.append(row)
+    return answers
+
+
+#####################################
+# Chapter 5: loss, training, plotting, pretrained weights
+#####################################
+
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    """Mean cross-entropy of the next-token predictions; targets of -100 are ignored."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)  # (b, num_tokens, vocab_size)
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), ignore_index=-100)
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    """Average `calc_loss_batch` over the first `num_batches` batches (all when None)."""
+    if len(data_loader) == 0:
+        return float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    total_loss = 0.0
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total_loss / num_batches
+
+
+def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    """Return (train_loss, val_loss) over `eval_iter` batches each, in eval mode and no grad."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens=50):
+    """Print the greedy continuation of `start_context` on one line, to watch training progress."""
+    model.eval()
+    context_size = model.pos_emb.weight.shape[0]
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    token_ids = generate(model, encoded, max_new_tokens=max_new_tokens, context_size=context_size)
+    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+    model.train()
+
+
+@contextmanager
+def _sigint_deferred():
+    """Let Ctrl-C finish the current training step: yield a flag that a first Ctrl-C sets.
+
+    A second Ctrl-C interrupts at once, as usual. Outside the main thread nothing changes.
+    """
+    flag = {"stop": False}
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            flag["stop"] = True
+            signal.signal(signal.SIGINT, previous)
+
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _rng_states():
+    """The random number generator states that decide shuffling and dropout."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states):
+    """Restore states saved by `_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
+                       eval_freq, eval_iter, start_context, tokenizer,
+                       resume_state=None, save_checkpoint=None):
+    """Train for `num_epochs`, evaluating every `eval_freq` steps; return the loss curves.
+
+    Returns (train_losses, val_losses, tokens_seen), one entry per evaluation. After each epoch
+    it prints a greedy sample continuing `start_context`.
+
+    Stopping and resuming: `save_checkpoint(state)`, when given, is called at each epoch end and
+    when Ctrl-C stops training (after the running step completes; KeyboardInterrupt is raised
+    afterwards). `state` records progress and the random number generator states; passing it
+    back as `resume_state`, with the model and optimizer restored to the same moment, continues
+    the run so that it ends with the same weights as an uninterrupted one.
+    """
+    state = resume_state or {
+        "epoch": 0, "batches_done": 0, "global_step": -1, "tokens_seen": 0,
+        "train_losses": [], "val_losses": [], "track_tokens_seen": [],
+        "epoch_rng": None, "rng": None,
+    }
+    with _sigint_deferred() as interrupt:
+        for epoch in range(state["epoch"], num_epochs):
+            model.train()
+            resuming_mid_epoch = state["batches_done"] > 0
+            if resuming_mid_epoch:
+                _set_rng_states(state["epoch_rng"])  # replay this epoch's shuffle
+            elif state["rng"] is not None:
+                _set_rng_states(state["rng"])
+            state["epoch_rng"] = _rng_states()
+            batches = iter(train_loader)
+            if resuming_mid_epoch:
+                for _ in islice(batches, state["batches_done"]):  # skip the finished batches
+                    pass
+                _set_rng_states(state["rng"])
+            for input_batch, target_batch in batches:
+                optimizer.zero_grad()
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
+                loss.backward()
+                optimizer.step()
+                state["tokens_seen"] += input_batch.numel()
+                state["global_step"] += 1
+                state["batches_done"] += 1
+                if state["global_step"] % eval_freq == 0:
+                    train_loss, val_loss = evaluate_model(
+                        model, train_loader, val_loader, device, eval_iter)
+                    state["train_losses"].append(train_loss)
+                    state["val_losses"].append(val_loss)
+                    state["track_tokens_seen"].append(state["tokens_seen"])
+                    print(f"Ep {epoch+1} (Step {state['global_step']:06d}): "
+                          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                if interrupt["stop"]:
+                    state["rng"] = _rng_states()
+                    if save_checkpoint is not None:
+                        save_checkpoint(state)
+                    raise KeyboardInterrupt
+            generate_and_print_sample(model, tokenizer, device, start_context)
+            state.update(epoch=epoch + 1, batches_done=0, rng=_rng_states())
+            if save_checkpoint is not None:
+                save_checkpoint(state)
+    return state["train_losses"], state["val_losses"], state["track_tokens_seen"]
+
+
+@contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside `path` and move it onto `path` only if writing succeeds.
+
+    An existing file at `path` is never left half-written: a crash leaves the old file intact.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path=None):
+    """Plot training and validation loss against epochs, with tokens seen on a second x axis.
+
+    Saves the figure to `save_path` when given (format from its extension) and returns it.
+    """
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_losses, label="Training loss")
+    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2 = ax1.twiny()  # same y axis, second x axis for tokens seen
+    ax2.plot(tokens_seen, train_losses, alpha=0)  # invisible: only aligns the ticks
+    ax2.set_xlabel("Tokens seen")
+    fig.tight_layout()
+    if save_path is not None:
+        fmt = os.path.splitext(save_path)[1].lstrip(".") or "pdf"
+        with atomic_write(save_path) as f:
+            fig.savefig(f, format=fmt)
+        print(f"Plot saved as {save_path}")
+    return fig
+
+
+def assign(left, right):
+    """Return `right` (array or tensor) as a Parameter, refusing it unless its shape is `left`'s."""
+    if tuple(left.shape) != tuple(right.shape):
+        raise ValueError(f"Shape mismatch. Left: {tuple(left.shape)}, Right: {tuple(right.shape)}")
+    return nn.Parameter(torch.tensor(np.asarray(right), dtype=left.dtype))
+
+
+def load_weights_into_gpt(gpt, params):
+    """Copy OpenAI's GPT-2 weights (`params` from `download_and_load_gpt2`) into `gpt`.
+
+    OpenAI stores one fused query/key/value matrix per layer as (emb_dim, 3 * emb_dim) and every
+    linear weight as (in, out); PyTorch's nn.Linear holds (out, in), hence the transposes. Each
+    assignment checks the shape. The output head gets its own copy of the token embedding.
+    """
+    if len(params["blocks"]) != len(gpt.trf_blocks):
+        raise ValueError(f"Checkpoint has {len(params['blocks'])} layers, "
+                         f"the model has {len(gpt.trf_blocks)}")
+    gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"])
+    gpt.tok_emb.weight = assign(gpt.tok_emb.weight, params["wte"])
+
+    for block, p in zip(gpt.trf_blocks, params["blocks"], strict=True):
+        att, ff = block.att, block.ff
+        q_w, k_w, v_w = np.split(p["attn"]["c_attn"]["w"], 3, axis=-1)  # 3 x (emb_dim, emb_dim)
+        att.W_query.weight = assign(att.W_query.weight, q_w.T)
+        att.W_key.weight = assign(att.W_key.weight, k_w.T)
+        att.W_value.weight = assign(att.W_value.weight, v_w.T)
+        q_b, k_b, v_b = np.split(p["attn"]["c_attn"]["b"], 3, axis=-1)  # 3 x (emb_dim,)
+        if att.W_query.bias is None:
+            raise ValueError("OpenAI's GPT-2 has query/key/value biases: set qkv_bias=True")
+        att.W_query.bias = assign(att.W_query.bias, q_b)
+        att.W_key.bias = assign(att.W_key.bias, k_b)
+        att.W_value.bias = assign(att.W_value.bias, v_b)
+        att.out_proj.weight = assign(att.out_proj.weight, p["attn"]["c_proj"]["w"].T)
+        att.out_proj.bias = assign(att.out_proj.bias, p["attn"]["c_proj"]["b"])
+
+        ff.layers[0].weight = assign(ff.layers[0].weight, p["mlp"]["c_fc"]["w"].T)
+        ff.layers[0].bias = assign(ff.layers[0].bias, p["mlp"]["c_fc"]["b"])
+        ff.layers[2].weight = assign(ff.layers[2].weight, p["mlp"]["c_proj"]["w"].T)
+        ff.layers[2].bias = assign(ff.layers[2].bias, p["mlp"]["c_proj"]["b"])
+
+        block.norm1.scale = assign(block.norm1.scale, p["ln_1"]["g"])
+        block.norm1.shift = assign(block.norm1.shift, p["ln_1"]["b"])
+        block.norm2.scale = assign(block.norm2.scale, p["ln_2"]["g"])
+        block.norm2.shift = assign(block.norm2.shift, p["ln_2"]["b"])
+
+    gpt.final_norm.scale = assign(gpt.final_norm.scale, params["g"])
+    gpt.final_norm.shift = assign(gpt.final_norm.shift, params["b"])
+    gpt.out_head.weight = assign(gpt.out_head.weight, params["wte"])
