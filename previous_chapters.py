@@ -525,6 +525,9 @@ def atomic_write(path, mode="wb"):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)  # mkstemp makes the file private; give it the mode open() would
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

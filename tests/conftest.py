@@ -8,7 +8,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 # tiktoken downloads the GPT-2 BPE files on first use; the shared cache makes that offline.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken-cache"))
+# Absolute, so that scripts the tests start in other folders find it too.
+os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(
+    os.environ.get("TIKTOKEN_CACHE_DIR", SHARED_DATA / "tiktoken-cache"))
 
 
 @pytest.fixture(scope="session")

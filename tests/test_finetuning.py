@@ -1,0 +1,260 @@
+"""gpt_instruction_finetuning.py: data, prompt, batching, the whole run, resume, bad input."""
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from unittest import mock
+
+import pytest
+import torch
+
+import gpt_instruction_finetuning as ft
+from previous_chapters import GPTModel, generate, text_to_token_ids, token_ids_to_text
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(*args, cwd):
+    """Run the script as a user would; return the completed process."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "gpt_instruction_finetuning.py"),
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_split_of_the_chapter_dataset(instruction_data_path):
+    data = ft.load_json_entries(instruction_data_path)
+    train, test, val = ft.split_data(data)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train == data[:935] and test == data[935:1045] and val == data[1045:]
+
+
+def test_format_input_with_and_without_input():
+    entry = {"instruction": "Identify the correct spelling of the following word.",
+             "input": "Ocassion", "output": "The correct spelling is 'Occasion.'"}
+    assert ft.format_input(entry) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nIdentify the correct spelling of the "
+        "following word.\n\n### Input:\nOcassion")
+    no_input = {"instruction": "What is an antonym of 'complicated'?", "input": "",
+                "output": "An antonym of 'complicated' is 'simple'."}
+    assert ft.format_input(no_input) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nWhat is an antonym of 'complicated'?")
+
+
+def test_instruction_dataset_tokenizes_prompt_and_response(tokenizer):
+    entry = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+    dataset = ft.InstructionDataset([entry, entry], tokenizer)
+    assert len(dataset) == 2
+    assert tokenizer.decode(dataset[0]) == ft.format_input(entry) + "\n\n### Response:\nHi!"
+
+
+def test_collate_pads_shifts_and_masks():
+    batch = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    inputs, targets = ft.custom_collate_fn(batch)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4],
+                               [5, 6, 50256, 50256, 50256],
+                               [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256],
+                                [6, 50256, -100, -100, -100],
+                                [8, 9, 50256, -100, -100]]
+    assert batch == [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]  # the dataset's lists are untouched
+
+
+def test_collate_truncates_to_allowed_max_length():
+    inputs, targets = ft.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
+    assert inputs.tolist() == [[0, 1, 2], [5, 6, 50256]]
+    assert targets.tolist() == [[1, 2, 3], [6, 50256, -100]]
+    assert inputs.dtype == torch.long and targets.device.type == "cpu"
+
+
+def test_truncation_warning_counts_long_entries(tokenizer, capsys):
+    dataset = ft.InstructionDataset([{"instruction": "word " * 40, "input": "", "output": "x"},
+                                     {"instruction": "short", "input": "", "output": "x"}],
+                                    tokenizer)
+    ft.warn_if_truncated(dataset, 60, "training")
+    assert capsys.readouterr().out == (
+        "Warning: 1 of 2 training entries are longer than 60 tokens and will be truncated\n")
+    ft.warn_if_truncated(dataset, 1024, "training")
+    assert capsys.readouterr().out == ""
+
+
+def test_batched_responses_equal_one_at_a_time(tokenizer, instruction_data_path):
+    torch.manual_seed(0)
+    model = GPTModel(ft.TEST_MODE_CONFIG).eval()
+    test_data = ft.load_json_entries(instruction_data_path)[935:941]
+    batched = ft.generate_responses(model, test_data, tokenizer, 120, 30, batch_size=4)
+    assert [e["model_response"] for e in batched] == [
+        e["model_response"] for e in ft.generate_responses(model, test_data, tokenizer, 120, 30, 1)]
+    for entry, answered in zip(test_data, batched, strict=True):  # the book's loop, recomputing
+        input_text = ft.format_input(entry)
+        token_ids = generate(model, text_to_token_ids(input_text, tokenizer), 30, 120,
+                             eos_id=50256, use_cache=False)
+        generated_text = token_ids_to_text(token_ids, tokenizer)
+        expected = generated_text[len(input_text):].replace("### Response:", "").strip()
+        assert answered == {**entry, "model_response": expected}
+
+
+def test_test_mode_end_to_end(tmp_path, instruction_data_path):
+    result = run_script("--test_mode", "--data_path", str(instruction_data_path),
+                        "--output_dir", str(tmp_path), "--max_new_tokens", "20", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("matplotlib version: ") and lines[5] == 50 * "-"
+    for expected in ["Training set length: 10", "Validation set length: 10",
+                     "Test set length: 10", "Device: cpu", "Loaded model: Small test model",
+                     "Initial losses", "Generating responses",
+                     f"Plot saved as {tmp_path}/loss-plot-standalone.pdf",
+                     f"Responses saved as {tmp_path}/"
+                     "instruction-data-with-response-standalone.json",
+                     f"Model saved as {tmp_path}/Smalltestmodel-sft-standalone.pth"]:
+        assert expected in lines
+    assert any(line.startswith("Ep 1 (Step 000000): Train loss ") for line in lines)
+    assert any(line.startswith("Training completed in ") and line.endswith(" minutes.")
+               for line in lines)
+
+    responses = json.loads((tmp_path / "instruction-data-with-response-standalone.json")
+                           .read_text())
+    dataset = json.loads(instruction_data_path.read_text())
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in responses] == \
+        dataset[935:945]
+    assert all(isinstance(e["model_response"], str) for e in responses)
+
+    state = torch.load(tmp_path / "Smalltestmodel-sft-standalone.pth", weights_only=True)
+    model = GPTModel(ft.TEST_MODE_CONFIG)
+    model.load_state_dict(state)  # strict: every weight present, nothing extra
+    assert (tmp_path / "loss-plot-standalone.pdf").read_bytes().startswith(b"%PDF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "Smalltestmodel-sft-standalone.pth", "checkpoint-Smalltestmodel-standalone.pth",
+        "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf"]
+
+
+def test_resume_after_an_epoch_gives_the_uninterrupted_weights(tmp_path, instruction_data_path):
+    common = ["--test_mode", "--data_path", str(instruction_data_path), "--max_new_tokens", "5",
+              "--batch_size", "2", "--eval_freq", "2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_script(*common, "--epochs", "2", "--output_dir", str(straight),
+                      cwd=tmp_path).returncode == 0
+    assert run_script(*common, "--epochs", "1", "--output_dir", str(stopped),
+                      cwd=tmp_path).returncode == 0
+    resumed = run_script(*common, "--epochs", "2", "--output_dir", str(stopped), "--resume",
+                         cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from " + str(stopped) in resumed.stdout
+    assert "Initial losses" not in resumed.stdout
+    name = "Smalltestmodel-sft-standalone.pth"
+    expected = torch.load(straight / name, weights_only=True)
+    got = torch.load(stopped / name, weights_only=True)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert (json.loads((straight / "instruction-data-with-response-standalone.json").read_text())
+            == json.loads((stopped / "instruction-data-with-response-standalone.json").read_text()))
+
+
+def test_ctrl_c_during_training_exits_130_with_a_hint(tmp_path, instruction_data_path, capsys):
+    with mock.patch.object(ft, "train_model_simple", side_effect=KeyboardInterrupt), \
+            pytest.raises(SystemExit) as exit_info:
+        ft.main(["--test_mode", "--data_path", str(instruction_data_path),
+                 "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert ("Training interrupted; progress saved to "
+            f"{tmp_path}/checkpoint-Smalltestmodel-standalone.pth. Run the same command with "
+            "--resume to continue.") in capsys.readouterr().out
+
+
+BAD_INPUTS = [
+    ("{not json", "not valid JSON (Expecting property name enclosed in double quotes: "
+                  "line 1 column 2 (char 1))"),
+    ('{"instruction": "x"}', "expected a JSON list of entries, got dict"),
+    ("[]", "the dataset is empty"),
+    ('[{"instruction": "a", "input": "", "output": "b"}, 3]', "entry 1 is not an object"),
+    ('[{"instruction": "a", "output": "b"}]', "entry 0 has no 'input' field"),
+    ('[{"instruction": "a", "input": 5, "output": "b"}]',
+     "entry 0 field 'input' must be a string, got int"),
+    (json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 9),
+     "9 entries are too few to split 85/10/5 into non-empty training, test and validation sets "
+     "(at least 10 are needed)"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_INPUTS)
+def test_bad_data_gives_one_line_and_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        ft.main(["--test_mode", "--data_path", str(path), "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"Error: {path}: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
+
+
+def test_missing_data_file_and_too_few_for_a_batch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ft.main(["--data_path", str(tmp_path / "nope.json")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"Error: {tmp_path}/nope.json: file not found\n"
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 10))
+    with pytest.raises(SystemExit):
+        ft.main(["--test_mode", "--data_path", str(path), "--batch_size", "9",
+                 "--output_dir", str(tmp_path)])
+    assert capsys.readouterr().err == (
+        f"Error: {path}: 8 training entries are fewer than one batch of 9\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
+
+
+def test_bad_data_through_the_command_line_has_no_traceback(tmp_path):
+    (tmp_path / "data.json").write_text("[1, 2]")
+    result = run_script("--test_mode", "--data_path", "data.json", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "Error: data.json: entry 0 is not an object\n"
+
+
+@pytest.fixture
+def data_server(tmp_path):
+    """Serve `tmp_path/served` over HTTP on 127.0.0.1; yield the base URL."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(served))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_dataset_is_downloaded_when_missing(tmp_path, data_server):
+    served, base_url = data_server
+    entries = [{"instruction": "a", "input": "", "output": "b"}]
+    (served / "instruction-data.json").write_text(json.dumps(entries))
+    target = tmp_path / "instruction-data.json"
+    assert ft.download_and_load_file(str(target), base_url + "/instruction-data.json") == entries
+    assert json.loads(target.read_text()) == entries
+    (served / "instruction-data.json").unlink()  # present locally: no second download
+    assert ft.download_and_load_file(str(target), base_url + "/instruction-data.json") == entries
+
+
+def test_dataset_download_failure_is_one_clear_error(tmp_path, data_server):
+    _, base_url = data_server
+    target = tmp_path / "instruction-data.json"
+    with pytest.raises(ft.DataError) as exc_info:
+        ft.download_and_load_file(str(target), base_url + "/missing.json")
+    assert str(exc_info.value) == (
+        f"{target}: not found, and downloading it from {base_url}/missing.json failed "
+        "(File not found); place the file there by hand or pass --data_path")
+    assert not target.exists()
+
+
+def test_help_explains_every_flag():
+    text = ft.build_parser().format_help()
+    for flag in ["--model", "--models_dir", "--data_path", "--output_dir", "--epochs",
+                 "--batch_size", "--lr", "--weight_decay", "--seed", "--eval_freq", "--eval_iter",
+                 "--max_new_tokens", "--gen_batch_size", "--device", "--resume", "--test_mode"]:
+        assert flag in text
+    args = ft.build_parser().parse_args([])
+    assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
+            args.eval_iter, args.max_new_tokens) == ("355M", 2, 5e-5, 0.1, 123, 5, 5, 256)
