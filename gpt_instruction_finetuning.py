@@ -360,6 +360,19 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             for entry, response in zip(test_data, responses, strict=True)]
 
 
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over the trainable parameters, in its fused form where the device has one.
+
+    The fused kernel updates every parameter in one pass instead of a Python loop of small
+    operations per tensor: the same update up to float rounding, in a fraction of the time.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # no fused AdamW for this device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def save_json(data, path):
     """Write `data` as indented JSON, atomically."""
     with atomic_write(path, "w") as f:
@@ -435,8 +448,7 @@ def run(args, experiment=None):
     print(50 * "-")
     paths = output_paths(args.output_dir, experiment, model_name)
 
-    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad),
-                                  lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     resume_state = None
     if args.resume and os.path.exists(paths["checkpoint"]):
         resume_state = load_checkpoint(paths["checkpoint"], model, optimizer)

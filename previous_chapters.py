@@ -55,20 +55,20 @@ def _drop_saved_mask(module, state_dict, prefix, *args):
 class MultiHeadAttention(nn.Module):
     """Causal self-attention with `num_heads` heads of size `d_out // num_heads`.
 
-    With `use_sdpa=True` the attention itself runs in PyTorch's fused
-    `scaled_dot_product_attention`; with `use_sdpa=False` it is spelled out as in the book
+    With `fused=True` the attention itself runs in PyTorch's fused
+    `scaled_dot_product_attention`; with `fused=False` it is spelled out as in the book
     (scores, mask, softmax, weighted sum). Both give the same result up to float rounding.
     """
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
-                 use_sdpa=True):
+                 fused=True):
         super().__init__()
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.use_sdpa = use_sdpa
+        self.fused = fused
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -99,7 +99,7 @@ class MultiHeadAttention(nn.Module):
         if layer_cache is not None:
             keys, values = layer_cache.append(keys, values)  # (b, num_heads, num_keys, head_dim)
 
-        if self.use_sdpa:
+        if self.fused:
             context = F.scaled_dot_product_attention(
                 queries, keys, values,
                 attn_mask=None if blocked is None else ~blocked,
@@ -125,15 +125,21 @@ class MultiHeadAttention(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Normalize each token's embedding to mean 0 and variance 1, then scale and shift."""
+    """Normalize each token's embedding to mean 0 and variance 1, then scale and shift.
 
-    def __init__(self, emb_dim):
+    `fused=True` runs the same formula as PyTorch's single layer_norm kernel.
+    """
+
+    def __init__(self, emb_dim, fused=True):
         super().__init__()
         self.eps = 1e-5
+        self.fused = fused
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x):
+        if self.fused:
+            return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)
         norm_x = (x - mean) / torch.sqrt(var + self.eps)
@@ -141,9 +147,18 @@ class LayerNorm(nn.Module):
 
 
 class GELU(nn.Module):
-    """GELU activation in the tanh approximation that GPT-2 was trained with."""
+    """GELU activation in the tanh approximation that GPT-2 was trained with.
+
+    `fused=True` runs the same approximation as PyTorch's single gelu kernel.
+    """
+
+    def __init__(self, fused=True):
+        super().__init__()
+        self.fused = fused
 
     def forward(self, x):
+        if self.fused:
+            return F.gelu(x, approximate="tanh")
         return 0.5 * x * (1 + torch.tanh(
             torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))
         ))
@@ -156,7 +171,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            GELU(),
+            GELU(fused=cfg.get("fused", True)),
             nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
         )
 
@@ -176,11 +191,11 @@ class TransformerBlock(nn.Module):
             num_heads=cfg["n_heads"],
             dropout=cfg["drop_rate"],
             qkv_bias=cfg["qkv_bias"],
-            use_sdpa=cfg.get("use_sdpa", True),
+            fused=cfg.get("fused", True),
         )
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.norm1 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
+        self.norm2 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x, layer_cache=None, blocked=None):
@@ -252,7 +267,8 @@ class GPTModel(nn.Module):
     """GPT-2: token + position embeddings, `n_layers` transformer blocks, final norm, output head.
 
     cfg keys: vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate, qkv_bias, and
-    optionally use_sdpa (default True; False spells attention out as in the book). The output
+    optionally fused (default True: attention, layer norm and GELU each run as one PyTorch
+    kernel; False spells them out as in the book, same results up to float rounding). The output
     head has its own weights, not tied to the token embedding.
     """
 
@@ -262,7 +278,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.final_norm = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
     def features(self, in_idx, cache=None, pad_lengths=None):
@@ -289,9 +305,17 @@ class GPTModel(nn.Module):
             x = block(x, None if cache is None else cache.layers[i], blocked)
         return self.final_norm(x)
 
-    def forward(self, in_idx, cache=None, pad_lengths=None):
-        """Return next-token logits (b, num_tokens, vocab_size) for token ids (b, num_tokens)."""
-        return self.out_head(self.features(in_idx, cache, pad_lengths))
+    def forward(self, in_idx, cache=None, pad_lengths=None, keep=None):
+        """Return next-token logits (b, num_tokens, vocab_size) for token ids (b, num_tokens).
+
+        `keep` (bool, (b, num_tokens)) computes the output head only where it is True and
+        returns (num_kept, vocab_size): the head is the largest matrix, and the loss needs no
+        logits at positions whose target is ignored.
+        """
+        hidden = self.features(in_idx, cache, pad_lengths)  # (b, num_tokens, emb_dim)
+        if keep is not None:
+            hidden = hidden[keep]  # (num_kept, emb_dim)
+        return self.out_head(hidden)
 
 
 def _next_token(logits, temperature, top_k):
@@ -377,10 +401,15 @@ def generate_batch(model, prompts, max_new_tokens, context_size, eos_id=None, pa
 
 
 def calc_loss_batch(input_batch, target_batch, model, device):
-    """Mean cross-entropy of the next-token predictions; targets of -100 are ignored."""
+    """Mean cross-entropy of the next-token predictions; targets of -100 are ignored.
+
+    Logits are computed only at the positions whose target counts, which gives the same loss as
+    cross-entropy over all positions with ignore_index=-100, for less work.
+    """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)  # (b, num_tokens, vocab_size)
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), ignore_index=-100)
+    keep = target_batch != -100  # (b, num_tokens)
+    logits = model(input_batch, keep=keep)  # (num_kept, vocab_size)
+    return F.cross_entropy(logits, target_batch[keep])
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):

@@ -1,4 +1,8 @@
-"""Fixtures shared by the tests: the offline GPT-2 tokenizer, the chapter's data, tiny models."""
+"""Fixtures shared by the tests: the offline GPT-2 tokenizer, the chapter's data, tiny models.
+
+Beside a checkout with `../shared/data/` (as in CI), the tokenizer files and the dataset come
+from there; elsewhere tiktoken and the dataset are downloaded once, as the scripts do.
+"""
 
 import os
 from pathlib import Path
@@ -7,10 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-# tiktoken downloads the GPT-2 BPE files on first use; the shared cache makes that offline.
-# Absolute, so that scripts the tests start in other folders find it too.
-os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(
-    os.environ.get("TIKTOKEN_CACHE_DIR", SHARED_DATA / "tiktoken-cache"))
+if "TIKTOKEN_CACHE_DIR" in os.environ:
+    # Absolute, so that scripts the tests start in other folders find it too.
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
+elif SHARED_DATA.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_DATA / "tiktoken-cache")
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +26,16 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def instruction_data_path():
-    return SHARED_DATA / "instruction-data.json"
+def instruction_data_path(tmp_path_factory):
+    """The chapter's 1100-entry dataset: the shared copy, or a fresh download."""
+    shared = SHARED_DATA / "instruction-data.json"
+    if shared.exists():
+        return shared
+    from gpt_instruction_finetuning import DATA_URL, download_and_load_file
+
+    path = tmp_path_factory.mktemp("data") / "instruction-data.json"
+    download_and_load_file(str(path), DATA_URL)
+    return path
 
 
 @pytest.fixture

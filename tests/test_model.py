@@ -58,10 +58,10 @@ def hf_gpt2():
     return model
 
 
-@pytest.mark.parametrize("use_sdpa", [True, False])
-def test_logits_match_transformers_gpt2(hf_gpt2, use_sdpa):
+@pytest.mark.parametrize("fused", [True, False])
+def test_logits_match_transformers_gpt2(hf_gpt2, fused):
     cfg = {"vocab_size": 500, "context_length": 64, "emb_dim": 48, "n_heads": 4, "n_layers": 3,
-           "drop_rate": 0.0, "qkv_bias": True, "use_sdpa": use_sdpa}
+           "drop_rate": 0.0, "qkv_bias": True, "fused": fused}
     model = GPTModel(cfg).eval()
     load_weights_into_gpt(model, hf_params(hf_gpt2, 3))
     idx = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -98,10 +98,10 @@ def test_assign_refuses_wrong_shapes(tiny_cfg, hf_gpt2):
         load_weights_into_gpt(GPTModel(tiny_cfg), hf_params(hf_gpt2, 3))
 
 
-def test_sdpa_and_spelled_out_attention_agree(tiny_cfg):
+def test_fused_kernels_and_spelled_out_math_agree(tiny_cfg):
     torch.manual_seed(0)
     fast = GPTModel(tiny_cfg).eval()
-    slow = GPTModel({**tiny_cfg, "use_sdpa": False}).eval()
+    slow = GPTModel({**tiny_cfg, "fused": False}).eval()
     slow.load_state_dict(fast.state_dict())
     idx = torch.randint(0, 50257, (3, 20))
     assert torch.allclose(fast(idx), slow(idx), atol=1e-5)
@@ -263,3 +263,42 @@ def test_calc_loss_loader_honours_num_batches(tiny_model):
         sum(per_batch) / 4)
     empty = DataLoader(TensorDataset(inputs[:0], targets[:0]), batch_size=2)
     assert calc_loss_loader(empty, tiny_model, "cpu") != calc_loss_loader(empty, tiny_model, "cpu")
+
+
+def test_fast_training_path_matches_the_books_first_five_losses(tiny_cfg):
+    """Fused kernels, head only where targets count and fused AdamW change nothing but speed."""
+    import torch.nn.functional as F
+
+    from gpt_instruction_finetuning import make_optimizer
+
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(5):
+        inputs = torch.randint(0, 50257, (4, 12), generator=gen)
+        targets = torch.randint(0, 50257, (4, 12), generator=gen)
+        targets[1:, 7:] = -100  # padding, as the collate function marks it
+        batches.append((inputs, targets))
+
+    def losses(fused):
+        torch.manual_seed(0)
+        model = GPTModel({**tiny_cfg, "fused": fused}).train()
+        if fused:
+            optimizer = make_optimizer(model, 5e-3, 0.1)
+            assert optimizer.defaults["fused"]
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
+        result = []
+        for inputs, targets in batches:
+            optimizer.zero_grad()
+            if fused:
+                loss = calc_loss_batch(inputs, targets, model, "cpu")
+            else:  # the book's loss: logits everywhere, cross-entropy skips -100
+                loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+            loss.backward()
+            optimizer.step()
+            result.append(loss.item())
+        return result
+
+    book, fast = losses(False), losses(True)
+    assert book[4] < book[0]
+    assert fast == pytest.approx(book, abs=1e-4)
