@@ -2,6 +2,7 @@
 
     python gpt_instruction_finetuning.py               # the chapter: gpt2-medium (355M), 2 epochs
     python gpt_instruction_finetuning.py --test_mode   # a tiny random model, seconds on a CPU
+    torchrun --nproc_per_node=4 gpt_instruction_finetuning.py --model 774M   # several GPUs
 
 It loads the dataset, splits it 85/10/5, batches it, finetunes the pretrained model, saves the loss
 plot, generates a response for every test entry, and saves the responses and the weights.
@@ -15,13 +16,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import tiktoken
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from gpt_download import DownloadError, download_and_load_gpt2
@@ -58,7 +62,8 @@ TEST_MODE_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0
 
 
 class DataError(ValueError):
-    """A dataset file that cannot be used; the message names the file, entry and field."""
+    """Input that cannot be used (a data file, a checkpoint, a setting); the message names the
+    file, entry and field."""
 
 
 #####################################
@@ -272,9 +277,9 @@ def print_versions():
     """Print the versions of the packages the chapter uses, then a separator line."""
     for package in ("matplotlib", "tiktoken", "torch", "tqdm", "tensorflow"):
         found = "not installed"
-        for dist in (package, f"{package}-cpu"):  # tensorflow-cpu provides tensorflow on Linux
+        for name in (package, f"{package}-cpu"):  # tensorflow-cpu provides tensorflow on Linux
             try:
-                found = version(dist)
+                found = version(name)
                 break
             except PackageNotFoundError:
                 continue
@@ -293,14 +298,79 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def build_loaders(train_data, val_data, tokenizer, device, batch_size, experiment):
-    """Training (shuffled, last partial batch dropped) and validation (in order) loaders."""
+def init_distributed(device_name):
+    """Join the process group when torchrun started this process; return (device, rank, world).
+
+    A plain `python` run has no process group: rank 0 of a world of 1. Under torchrun, GPUs
+    talk through nccl (one GPU per process) and CPUs through gloo.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return pick_device(device_name), 0, 1
+    if torch.cuda.is_available() and device_name in ("auto", "cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def main_process_first(rank, world_size):
+    """Let rank 0 run the block (downloads) before the other ranks, which then find the files."""
+    if world_size > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+
+
+class ShardedShuffleSampler(Sampler):
+    """The chapter's shuffled order, dealt out over the ranks of a distributed run.
+
+    Every rank draws the same permutation, from the global random state as the chapter's
+    shuffling loader does, keeps only whole global batches (the chapter drops the last partial
+    one), and takes every `world_size`-th index from `rank` on. With per-rank batches of
+    `global_batch_size // world_size`, rank r's k-th batch is its share of the k-th batch of a
+    single process; with one process the batches are exactly the chapter's.
+    """
+
+    def __init__(self, dataset_len, global_batch_size, rank, world_size):
+        self.dataset_len = dataset_len
+        self.usable = dataset_len // global_batch_size * global_batch_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self):
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        order = torch.randperm(self.dataset_len, generator=generator).tolist()
+        yield from order[:self.usable][self.rank::self.world_size]
+
+    def __len__(self):
+        return self.usable // self.world_size
+
+
+def build_loaders(train_data, val_data, tokenizer, device, batch_size, experiment,
+                  rank=0, world_size=1):
+    """Training (shuffled, last partial batch dropped) and validation (in order) loaders.
+
+    In a distributed run `batch_size` is the global batch: each rank loads its share.
+    """
     collate = partial(experiment.collate_fn, device=device,
                       allowed_max_length=experiment.allowed_max_length)
     train_dataset = experiment.dataset_class(train_data, tokenizer, experiment.prompt_style)
     warn_if_truncated(train_dataset, experiment.allowed_max_length, "training")
-    train_loader = DataLoader(train_dataset, batch_size=batch_size, collate_fn=collate,
-                              shuffle=True, drop_last=True, num_workers=0)
+    if dist.is_available() and dist.is_initialized():
+        sampler = ShardedShuffleSampler(len(train_dataset), batch_size, rank, world_size)
+        train_loader = DataLoader(train_dataset, batch_size=batch_size // world_size,
+                                  sampler=sampler, collate_fn=collate, drop_last=True,
+                                  num_workers=0)
+    else:
+        train_loader = DataLoader(train_dataset, batch_size=batch_size, collate_fn=collate,
+                                  shuffle=True, drop_last=True, num_workers=0)
     val_dataset = experiment.dataset_class(val_data, tokenizer, experiment.prompt_style)
     val_loader = DataLoader(val_dataset, batch_size=batch_size, collate_fn=collate,
                             shuffle=False, drop_last=False, num_workers=0)
@@ -413,13 +483,17 @@ def output_paths(output_dir, experiment, model_name):
 def run(args, experiment=None):
     """Finetune and evaluate as the chapter does, with what `experiment` changes."""
     experiment = experiment or Experiment()
+    device, rank, world_size = init_distributed(args.device)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     print_versions()
 
     data_path = args.data_path or experiment.data_file
-    if args.data_path:
-        data = load_json_entries(data_path)
-    else:
-        data = download_and_load_file(data_path, experiment.data_url)
+    with main_process_first(rank, world_size):
+        if args.data_path:
+            data = load_json_entries(data_path)
+        else:
+            data = download_and_load_file(data_path, experiment.data_url)
     train_data, test_data, val_data = split_data(data, data_path)
     if args.test_mode:  # a very small subset, to run the whole pipeline in seconds
         train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
@@ -427,31 +501,39 @@ def run(args, experiment=None):
     if len(train_data) < batch_size:
         raise DataError(f"{data_path}: {len(train_data)} training entries are fewer than one "
                         f"batch of {batch_size}")
+    if batch_size % world_size:
+        raise DataError(f"--batch_size {batch_size} is the global batch: it must be a multiple "
+                        f"of the {world_size} processes")
     print("Training set length:", len(train_data))
     print("Validation set length:", len(val_data))
     print("Test set length:", len(test_data))
     print(50 * "-")
 
     tokenizer = tiktoken.get_encoding("gpt2")
-    device = pick_device(args.device)
-    print("Device:", device)
+    print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
     print(50 * "-")
 
     torch.manual_seed(args.seed)
     train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device, batch_size,
-                                             experiment)
+                                             experiment, rank, world_size)
 
-    model, config, model_name = load_model(args, device)
+    with main_process_first(rank, world_size):
+        raw_model, config, model_name = load_model(args, device)
     if experiment.prepare_model is not None:
-        model = experiment.prepare_model(model).to(device)
+        raw_model = experiment.prepare_model(raw_model).to(device)
+    model = raw_model
+    if dist.is_initialized():  # gradients are averaged over the processes after each backward
+        model = DistributedDataParallel(
+            raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the only buffers are constant causal masks
     print("Loaded model:", model_name)
     print(50 * "-")
     paths = output_paths(args.output_dir, experiment, model_name)
 
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
     resume_state = None
     if args.resume and os.path.exists(paths["checkpoint"]):
-        resume_state = load_checkpoint(paths["checkpoint"], model, optimizer)
+        resume_state = load_checkpoint(paths["checkpoint"], raw_model, optimizer)
         print(f"Resuming from {paths['checkpoint']}: epoch {resume_state['epoch'] + 1}, "
               f"{resume_state['global_step'] + 1} steps done")
     else:
@@ -472,14 +554,24 @@ def run(args, experiment=None):
             num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
             start_context=experiment.prompt_style.format_input(val_data[0]), tokenizer=tokenizer,
             resume_state=resume_state,
-            save_checkpoint=partial(save_checkpoint, paths["checkpoint"], model, optimizer),
+            save_checkpoint=(partial(save_checkpoint, paths["checkpoint"], raw_model, optimizer)
+                             if rank == 0 else None),
         )
     except KeyboardInterrupt:
         print(f"\nTraining interrupted; progress saved to {paths['checkpoint']}. "
               "Run the same command with --resume to continue.")
         raise SystemExit(130) from None
     print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
+    if rank == 0:
+        save_results(args, experiment, raw_model, config, tokenizer, test_data, paths,
+                     train_losses, val_losses, tokens_seen)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
+
+def save_results(args, experiment, model, config, tokenizer, test_data, paths,
+                 train_losses, val_losses, tokens_seen):
+    """Save the loss plot, the test set responses and the finetuned weights."""
     epochs_tensor = torch.linspace(0, args.epochs, len(train_losses))
     plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, save_path=paths["plot"])
     print(50 * "-")

@@ -17,6 +17,7 @@ from itertools import islice
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
@@ -412,6 +413,51 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     return F.cross_entropy(logits, target_batch[keep])
 
 
+def calc_loss_batch_distributed(input_batch, target_batch, model, device):
+    """One rank's part of a global batch's mean loss under DistributedDataParallel.
+
+    Ranks hold different numbers of counted targets (their padding differs), so a plain mean per
+    rank would weigh tokens unequally. Each rank sums its token losses and divides by the global
+    count, times the number of ranks because DDP averages gradients over ranks: the result is
+    the gradient of the global batch's mean loss, as one process would compute it.
+    """
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    keep = target_batch != -100  # (b_local, num_tokens)
+    logits = model(input_batch, keep=keep)  # (num_kept, vocab_size)
+    loss_sum = F.cross_entropy(logits, target_batch[keep], reduction="sum")
+    count = keep.sum()
+    dist.all_reduce(count)  # counted targets over all ranks
+    return loss_sum * dist.get_world_size() / count
+
+
+def _distributed():
+    """True in a run of several processes started by torchrun."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_main_process():
+    """True in a single-process run, and on rank 0 of a distributed one."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _mean_across_ranks(value, device):
+    """Average a Python float over all ranks (unchanged in a single process)."""
+    if not _distributed():
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+def _any_rank(flag, device):
+    """True when `flag` is True on any rank, so all ranks take the same decision."""
+    if not _distributed():
+        return flag
+    tensor = torch.tensor(int(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def calc_loss_loader(data_loader, model, device, num_batches=None):
     """Average `calc_loss_batch` over the first `num_batches` batches (all when None)."""
     if len(data_loader) == 0:
@@ -497,7 +543,12 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     afterwards). `state` records progress and the random number generator states; passing it
     back as `resume_state`, with the model and optimizer restored to the same moment, continues
     the run so that it ends with the same weights as an uninterrupted one.
+
+    Under torchrun, `model` is wrapped in DistributedDataParallel and `train_loader` yields each
+    rank's share of the global batches: the loss is weighted as one process would weigh it,
+    training losses are averaged over ranks, and only rank 0 generates the samples.
     """
+    batch_loss = calc_loss_batch_distributed if _distributed() else calc_loss_batch
     state = resume_state or {
         "epoch": 0, "batches_done": 0, "global_step": -1, "tokens_seen": 0,
         "train_losses": [], "val_losses": [], "track_tokens_seen": [],
@@ -519,7 +570,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
                 _set_rng_states(state["rng"])
             for input_batch, target_batch in batches:
                 optimizer.zero_grad()
-                loss = calc_loss_batch(input_batch, target_batch, model, device)
+                loss = batch_loss(input_batch, target_batch, model, device)
                 loss.backward()
                 optimizer.step()
                 state["tokens_seen"] += input_batch.numel()
@@ -528,17 +579,20 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
                 if state["global_step"] % eval_freq == 0:
                     train_loss, val_loss = evaluate_model(
                         model, train_loader, val_loader, device, eval_iter)
+                    train_loss = _mean_across_ranks(train_loss, device)  # each rank's own share
                     state["train_losses"].append(train_loss)
                     state["val_losses"].append(val_loss)
                     state["track_tokens_seen"].append(state["tokens_seen"])
                     print(f"Ep {epoch+1} (Step {state['global_step']:06d}): "
                           f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-                if interrupt["stop"]:
+                if _any_rank(interrupt["stop"], device):
                     state["rng"] = _rng_states()
                     if save_checkpoint is not None:
                         save_checkpoint(state)
                     raise KeyboardInterrupt
-            generate_and_print_sample(model, tokenizer, device, start_context)
+            if _is_main_process():
+                generate_and_print_sample(getattr(model, "module", model),  # DDP wraps it
+                                          tokenizer, device, start_context)
             state.update(epoch=epoch + 1, batches_done=0, rng=_rng_states())
             if save_checkpoint is not None:
                 save_checkpoint(state)

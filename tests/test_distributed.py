@@ -1,0 +1,78 @@
+"""torchrun: sharded batches, the same weights as one process, outputs written once."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gpt_instruction_finetuning import ShardedShuffleSampler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_FILE = "Smalltestmodel-sft-standalone.pth"
+
+
+def test_shards_of_the_global_batches_match_the_chapters_batches():
+    data = list(range(21))
+    torch.manual_seed(123)
+    chapter = [b.tolist() for b in DataLoader(data, batch_size=4, shuffle=True, drop_last=True)]
+    shards = []
+    for rank in range(2):
+        torch.manual_seed(123)
+        sampler = ShardedShuffleSampler(len(data), 4, rank, 2)
+        shards.append([b.tolist() for b in DataLoader(data, batch_size=2, sampler=sampler,
+                                                      drop_last=True)])
+        assert len(sampler) == 10
+    assert len(chapter) == len(shards[0]) == len(shards[1]) == 5
+    for k, batch in enumerate(chapter):
+        assert sorted(shards[0][k] + shards[1][k]) == sorted(batch)
+    torch.manual_seed(123)
+    alone = DataLoader(data, batch_size=4, drop_last=True,
+                       sampler=ShardedShuffleSampler(len(data), 4, 0, 1))
+    assert [b.tolist() for b in alone] == chapter  # one process: the chapter's exact order
+
+
+def finetune(tmp_path, name, nproc, instruction_data_path):
+    """Run the test-mode pipeline with `nproc` processes (0: plain python); return its folder."""
+    out = tmp_path / name
+    launcher = ([sys.executable] if nproc == 0 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}"])
+    result = subprocess.run(
+        [*launcher, os.path.join(REPO, "gpt_instruction_finetuning.py"), "--test_mode",
+         "--data_path", str(instruction_data_path), "--batch_size", "4", "--max_new_tokens", "5",
+         "--output_dir", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, instruction_data_path):
+    tmp_path = tmp_path_factory.mktemp("single")
+    out, _ = finetune(tmp_path, "single", 0, instruction_data_path)
+    return torch.load(out / MODEL_FILE, weights_only=True)
+
+
+def test_two_gloo_processes_give_the_single_process_weights(tmp_path, single_process,
+                                                             instruction_data_path):
+    out, stdout = finetune(tmp_path, "two", 2, instruction_data_path)
+    weights = torch.load(out / MODEL_FILE, weights_only=True)
+    for name, tensor in single_process.items():
+        assert torch.allclose(weights[name], tensor, atol=1e-6, rtol=0), name
+    assert stdout.count("Training set length: 10") == 1  # only rank 0 prints
+    assert "Device: cpu x 2 processes" in stdout
+    assert stdout.count("Model saved as") == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        MODEL_FILE, "checkpoint-Smalltestmodel-standalone.pth",
+        "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf"]
+
+
+def test_torchrun_with_one_process_keeps_the_chapters_shuffling(tmp_path, single_process,
+                                                               instruction_data_path):
+    out, _ = finetune(tmp_path, "one", 1, instruction_data_path)
+    weights = torch.load(out / MODEL_FILE, weights_only=True)
+    for name, tensor in single_process.items():
+        assert torch.equal(weights[name], tensor), name
