@@ -265,6 +265,12 @@ def build_parser(description=__doc__):
                              "as one at a time")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, mps, or auto: cuda, then mps, then cpu (default: auto)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16 runs the training forward pass in bfloat16 autocast, for "
+                             "GPUs with bf16 units (default: fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training forward pass with torch.compile (CUDA; "
+                             "the first steps are slow while it compiles)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint that an interrupted run left")
     parser.add_argument("--test_mode", action="store_true",
@@ -430,6 +436,25 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             for entry, response in zip(test_data, responses, strict=True)]
 
 
+def speed_up_forward(model, device, precision, compile_forward):
+    """Run the model's forward pass, which training and the loss use, in bf16 and/or compiled.
+
+    Generation calls the model's parts directly, so it stays in float32 and eager mode. Logits
+    come back as float32, so the loss is computed at full precision.
+    """
+    forward = model.forward
+    if precision == "bf16":
+        float32_forward = forward
+
+        def forward(*args, **kwargs):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return float32_forward(*args, **kwargs).float()
+
+    if compile_forward:
+        forward = torch.compile(forward)
+    model.forward = forward
+
+
 def make_optimizer(model, lr, weight_decay):
     """AdamW over the trainable parameters, in its fused form where the device has one.
 
@@ -521,6 +546,8 @@ def run(args, experiment=None):
         raw_model, config, model_name = load_model(args, device)
     if experiment.prepare_model is not None:
         raw_model = experiment.prepare_model(raw_model).to(device)
+    if args.precision != "fp32" or args.compile:
+        speed_up_forward(raw_model, device, args.precision, args.compile)
     model = raw_model
     if dist.is_initialized():  # gradients are averaged over the processes after each backward
         model = DistributedDataParallel(

@@ -258,3 +258,18 @@ def test_help_explains_every_flag():
     args = ft.build_parser().parse_args([])
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
             args.eval_iter, args.max_new_tokens) == ("355M", 2, 5e-5, 0.1, 123, 5, 5, 256)
+
+
+def test_bf16_forward_trains_close_to_float32_and_generation_stays_float32(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    reference = GPTModel(tiny_cfg)
+    reference.load_state_dict(model.state_dict())
+    ft.speed_up_forward(model, torch.device("cpu"), "bf16", compile_forward=False)
+    inputs = torch.randint(0, 50257, (2, 10))
+    logits = model(inputs)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, reference(inputs), atol=0.1)
+    assert not torch.equal(logits, reference(inputs))  # it did run in bfloat16
+    assert model.features(inputs).dtype == torch.float32
+    assert set(model.state_dict()) == set(reference.state_dict())
