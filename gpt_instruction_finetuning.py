@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
@@ -228,6 +228,7 @@ class Experiment:
     data_url: str = DATA_URL
     batch_size: int = 8
     allowed_max_length: int = 1024
+    inspect_data: object = None  # (data, tokenizer) -> None, prints facts about the dataset
     prepare_model: object = None  # model -> model, after the pretrained weights are loaded
     finish_model: object = None  # model -> model, before the weights are saved
 
@@ -396,15 +397,20 @@ def token_ids(item):
     return item[1] if isinstance(item, tuple) else item
 
 
+def model_config(args):
+    """Return (config, model name) of the model to finetune, known before loading any weights."""
+    if args.test_mode:
+        return dict(TEST_MODE_CONFIG), "Small test model"
+    model_name, size_config = MODEL_CONFIGS[args.model]
+    return {**BASE_CONFIG, **size_config}, model_name
+
+
 def load_model(args, device):
     """Return (model, config, model name): pretrained GPT-2, or a tiny random one in test mode."""
+    config, model_name = model_config(args)
     if args.test_mode:
-        config = dict(TEST_MODE_CONFIG)
         model = GPTModel(config)
-        model_name = "Small test model"
     else:
-        model_name, size_config = MODEL_CONFIGS[args.model]
-        config = {**BASE_CONFIG, **size_config}
         _, params = download_and_load_gpt2(model_size=args.model, models_dir=args.models_dir)
         model = GPTModel(config)
         load_weights_into_gpt(model, params)
@@ -535,9 +541,14 @@ def run(args, experiment=None):
     print(50 * "-")
 
     tokenizer = tiktoken.get_encoding("gpt2")
+    if experiment.inspect_data is not None:
+        experiment.inspect_data(data, tokenizer)
     print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
     print(50 * "-")
 
+    context_length = model_config(args)[0]["context_length"]
+    if experiment.allowed_max_length > context_length:  # the test model's context is short
+        experiment = replace(experiment, allowed_max_length=context_length)
     torch.manual_seed(args.seed)
     train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device, batch_size,
                                              experiment, rank, world_size)
