@@ -1,0 +1,172 @@
+"""Finetuning speed on this machine: test-set generation and training throughput.
+
+    python benchmarks/bench_finetune.py                    # generation and 124M training
+    python benchmarks/bench_finetune.py --model 355M --parts train memory
+
+generation: the first test entries of the chapter's dataset on a GPT-2 124M-shaped model with
+random weights, answered (a) one at a time recomputing the sequence every step (the book's
+loop), (b) one at a time with the KV cache, (c) in batches with the cache, as the chapter script
+does; the answers of (c) are checked against (a).
+
+train: the chapter's shuffled training batches (batch 8, real lengths), the same initial weights,
+stepping two models in turn: "book" (the book's spelled-out attention, layer norm and GELU, logits
+at every position, AdamW's per-tensor loop) and "fast" (fused kernels, logits only where the
+target counts, fused AdamW). Prints the median step, tokens/s, their ratio, and how far the
+first losses of the two paths lie apart.
+
+memory: peak memory of 355M training steps, measured in a fresh process (CUDA: the allocator's
+peak; CPU: the process's peak resident memory).
+"""
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+from functools import partial
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+from common import chapter_data, gpt2_config, machine_line, real_batches, table, timed
+
+from gpt_instruction_finetuning import format_input, generate_responses, make_optimizer
+from previous_chapters import (
+    GPTModel,
+    calc_loss_batch,
+    generate,
+    text_to_token_ids,
+    token_ids_to_text,
+)
+
+
+def book_answers(model, entries, tokenizer, max_new_tokens, use_cache):
+    """The book's loop: one entry at a time, decode, strip the prompt and the header."""
+    answers = []
+    for entry in entries:
+        prompt = format_input(entry)
+        ids = generate(model, text_to_token_ids(prompt, tokenizer), max_new_tokens, 1024,
+                       eos_id=50256, use_cache=use_cache)
+        text = token_ids_to_text(ids, tokenizer)
+        answers.append(text[len(prompt):].replace("### Response:", "").strip())
+    return answers
+
+
+def bench_generation(entries_count, max_new_tokens):
+    """Rows of the generation table."""
+    tokenizer = tiktoken.get_encoding("gpt2")
+    _, test, _ = chapter_data()
+    entries = test[:entries_count]
+    torch.manual_seed(123)
+    model = GPTModel(gpt2_config("124M")).eval()
+    recompute, slow = timed(lambda: book_answers(model, entries, tokenizer, max_new_tokens,
+                                                 use_cache=False))
+    cached, _ = timed(lambda: book_answers(model, entries, tokenizer, max_new_tokens, True))
+    batched, fast = timed(lambda: generate_responses(model, entries, tokenizer, 1024,
+                                                     max_new_tokens, batch_size=8))
+    identical = [e["model_response"] for e in fast] == slow
+    label = f"{len(entries)} test entries x {max_new_tokens} new tokens, 124M"
+    return [[label, "seconds", "speed-up"],
+            ["one at a time, recompute (book)", f"{recompute:.1f}", "1.0x"],
+            ["one at a time, KV cache", f"{cached:.1f}", f"{recompute / cached:.1f}x"],
+            ["batches of 8, KV cache (script)", f"{batched:.1f}", f"{recompute / batched:.1f}x"],
+            ["batched answers identical to recompute", str(identical), ""]]
+
+
+def book_step(model, optimizer, inputs, targets):
+    """The book's training step: logits everywhere, cross-entropy skips -100 targets."""
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def fast_step(model, optimizer, inputs, targets):
+    """The chapter script's training step."""
+    optimizer.zero_grad()
+    loss = calc_loss_batch(inputs, targets, model, "cpu")
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def bench_training(size, steps):
+    """Rows of the book-vs-fast training table, both paths stepping in turn on the same batches."""
+    batches = real_batches(steps + 1)
+    paths = {}
+    for name, fused in [("book", False), ("fast", True)]:
+        torch.manual_seed(0)
+        model = GPTModel(gpt2_config(size, fused=fused)).train()
+        optimizer = (make_optimizer(model, 5e-5, 0.1) if fused else
+                     torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1,
+                                       foreach=False))
+        paths[name] = (model, optimizer, book_step if name == "book" else fast_step)
+    seconds = {name: [] for name in paths}
+    losses = {name: [] for name in paths}
+    for inputs, targets in batches:
+        for name, (model, optimizer, step) in paths.items():
+            elapsed, loss = timed(partial(step, model, optimizer, inputs, targets))
+            seconds[name].append(elapsed)
+            losses[name].append(loss)
+    tokens = [inputs.numel() for inputs, _ in batches[1:]]
+    rows = [[f"GPT-2 {size}, batch 8, real lengths", "median step", "tokens/s"]]
+    speed = {}
+    for name in paths:
+        speed[name] = sum(tokens) / sum(seconds[name][1:])  # the first step warms up
+        rows.append([name, f"{statistics.median(seconds[name][1:]):.2f} s",
+                     f"{speed[name]:.0f}"])
+    gap = max(abs(a - b) for a, b in zip(losses["book"][:5], losses["fast"][:5], strict=True))
+    rows.append(["fast / book", "", f"{speed['fast'] / speed['book']:.2f}x"])
+    rows.append(["largest gap in the first 5 losses", f"{gap:.1e}", ""])
+    return rows
+
+
+def peak_memory_of_training(size, steps=2):
+    """Run in a fresh process: peak memory (bytes, label) of `steps` fast training steps."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GPTModel(gpt2_config(size)).to(device).train()
+    optimizer = make_optimizer(model, 5e-5, 0.1)
+    for inputs, targets in real_batches(steps):
+        optimizer.zero_grad()
+        calc_loss_batch(inputs, targets, model, device).backward()
+        optimizer.step()
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated(), "CUDA allocator peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU peak resident memory"
+
+
+def bench_memory(size):
+    """Rows of the memory table."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        peak, label = pool.apply(peak_memory_of_training, (size,))
+    return [[f"GPT-2 {size} training step, batch 8", "peak memory"],
+            [label, f"{peak / 2**30:.2f} GiB"]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["generation", "train"],
+                        choices=["generation", "train", "memory"])
+    parser.add_argument("--model", default="124M", choices=["124M", "355M"],
+                        help="model shape for the train and memory parts (default: 124M)")
+    parser.add_argument("--entries", type=int, default=8, help="test entries to answer")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6, help="measured training steps per path")
+    args = parser.parse_args()
+
+    print(machine_line())
+    if "generation" in args.parts:
+        rows = bench_generation(args.entries, args.max_new_tokens)
+        print(table(rows[0], rows[1:]))
+    if "train" in args.parts:
+        rows = bench_training(args.model, args.steps)
+        print(table(rows[0], rows[1:]))
+    if "memory" in args.parts:
+        rows = bench_memory(args.model)
+        print(table(rows[0], rows[1:]))
+
+
+if __name__ == "__main__":
+    main()
