@@ -1,0 +1,109 @@
+"""Where a training step's time goes, for the GPT-2 124M and 355M shapes on this machine.
+
+    python benchmarks/profile_step.py                 # 124M and 355M, book and fast paths
+    python benchmarks/profile_step.py --sizes 124M
+
+Each part of the step is timed on its own, forward and backward, on hidden states of the
+chapter's real batch shapes (batch 8; the first batches of the shuffled training loader):
+  attention   norm1 + the attention sublayer, times the number of layers
+  MLP         norm2 + the feedforward sublayer, times the number of layers
+  head + loss final norm + output head + cross-entropy
+  optimizer   one AdamW step over all parameters
+  data        building the batch with the collate function
+  other       the whole step minus the parts above (embeddings, residual adds, zero_grad)
+The whole step is timed as the chapter script (fast) or the book's code (book) runs it.
+"""
+
+import argparse
+import statistics
+from functools import partial
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+from bench_finetune import book_step, fast_step
+from common import chapter_data, gpt2_config, machine_line, real_batches, table, timed
+
+from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, make_optimizer
+from previous_chapters import GPTModel
+
+
+def backward_seconds(fn, x):
+    """Seconds of fn(x) forward plus backward of its sum."""
+    def run():
+        fn(x).float().sum().backward()
+    return timed(run)[0]
+
+
+def part_seconds(model, inputs, targets, fast):
+    """Seconds of each part of one step on this batch's shape (see the module docstring)."""
+    b, t = inputs.shape
+    emb = model.tok_emb.embedding_dim
+    x = torch.randn(b, t, emb, requires_grad=True)
+    block = model.trf_blocks[0]
+    layers = len(model.trf_blocks)
+    attention = backward_seconds(lambda h: block.att(block.norm1(h)), x) * layers
+    mlp = backward_seconds(lambda h: block.ff(block.norm2(h)), x) * layers
+    if fast:
+        keep = targets != -100
+
+        def head(h):
+            return F.cross_entropy(model.out_head(model.final_norm(h)[keep]), targets[keep])
+    else:
+        def head(h):
+            logits = model.out_head(model.final_norm(h))
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return {"attention": attention, "MLP": mlp, "head + loss": backward_seconds(head, x)}
+
+
+def profile(size, batches, items):
+    """Median seconds per part for the book and the fast path: {path: {part: seconds}}."""
+    results = {}
+    for path, fused in [("book", False), ("fast", True)]:
+        torch.manual_seed(0)
+        model = GPTModel(gpt2_config(size, fused=fused)).train()
+        optimizer = (make_optimizer(model, 5e-5, 0.1) if fused else
+                     torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1,
+                                       foreach=False))
+        step = fast_step if fused else book_step
+        samples = []
+        for inputs, targets in batches:
+            parts = part_seconds(model, inputs, targets, fused)
+            step_time, _ = timed(partial(step, model, optimizer, inputs, targets))
+            parts["optimizer"] = timed(optimizer.step)[0]
+            parts["data"] = timed(lambda: custom_collate_fn(items))[0]
+            parts["step"] = step_time
+            samples.append(parts)
+        medians = {part: statistics.median(s[part] for s in samples[1:]) for part in samples[0]}
+        medians["other"] = max(medians["step"] - sum(v for k, v in medians.items()
+                                                     if k != "step"), 0.0)
+        results[path] = medians
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["124M", "355M"], choices=["124M", "355M"])
+    parser.add_argument("--batches", type=int, default=4, help="batches measured (1 warms up)")
+    args = parser.parse_args()
+
+    print(machine_line())
+    batches = real_batches(args.batches)
+    train, _, _ = chapter_data()
+    items = [InstructionDataset(train[:8], tiktoken.get_encoding("gpt2"))[i] for i in range(8)]
+    for size in args.sizes:
+        results = profile(size, batches, items)
+        rows = []
+        for part in ["attention", "MLP", "head + loss", "optimizer", "data", "other", "step"]:
+            row = [part]
+            for path in ("book", "fast"):
+                seconds = results[path][part]
+                share = 100 * seconds / results[path]["step"]
+                row.append(f"{1000 * seconds:.0f} ms ({share:.0f}%)")
+            rows.append(row)
+        print(table([f"GPT-2 {size} step", "book", "fast"], rows))
+
+
+if __name__ == "__main__":
+    main()
