@@ -1,36 +1,40 @@
-"""The chapter's four exercises as runnable experiments.
+"""The four exercises of chapter 7 as runnable variations of the chapter's finetuning run.
 
     python exercise_experiments.py --exercise_solution baseline           # the chapter's run
-    python exercise_experiments.py --exercise_solution phi3_prompt        # exercise 7.1
-    python exercise_experiments.py --exercise_solution mask_instructions  # exercise 7.2
-    python exercise_experiments.py --exercise_solution alpaca_52k         # exercise 7.3
-    python exercise_experiments.py --exercise_solution lora               # exercise 7.4
+    python exercise_experiments.py --exercise_solution phi3_prompt        # 7.1: Phi-3 prompt
+    python exercise_experiments.py --exercise_solution mask_instructions  # 7.2: mask the prompt
+    python exercise_experiments.py --exercise_solution alpaca_52k         # 7.3: Alpaca 52k data
+    python exercise_experiments.py --exercise_solution lora               # 7.4: LoRA finetuning
+    python exercise_experiments.py --exercise_solution lora --merge_lora  # save a plain GPTModel
     python exercise_experiments.py --exercise_solution lora,alpaca_52k    # changes combine
+    python exercise_experiments.py --exercise_solution phi3_prompt --test_mode  # seconds, CPU
 
-Each experiment is the chapter's finetuning run with one thing changed; everything else comes
-from gpt_instruction_finetuning.py, and all of its flags (--test_mode, --model, --epochs, ...)
-work here too. Output files carry the experiment's name, e.g. loss-plot-lora.pdf.
+Every flag of gpt_instruction_finetuning.py works here too. The output files carry the
+experiment's name: loss-plot-lora.pdf, instruction-data-with-response-lora.json,
+gpt2-medium355M-sft-lora.pth; a combination joins the names with "_" (alpaca52k_lora).
 """
 
 import math
 import sys
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from gpt_instruction_finetuning import (
     ALPACA,
+    END_OF_TEXT,
     DataError,
     Experiment,
     InstructionDataset,
     build_parser,
     custom_collate_fn,
     main,
+    token_ids,
 )
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
-EXERCISES = ("baseline", "mask_instructions", "alpaca_52k", "phi3_prompt", "lora")
 
 
 #####################################
@@ -39,34 +43,41 @@ EXERCISES = ("baseline", "mask_instructions", "alpaca_52k", "phi3_prompt", "lora
 
 
 class Phi3Prompt:
-    """Microsoft's Phi-3 chat template: shorter than Alpaca's, no preamble."""
+    """The prompt template of Microsoft's Phi-3: no preamble, so fewer tokens per entry."""
 
     name = "phi3"
 
     def format_input(self, entry):
-        """`<|user|>`, the instruction, and the input on its own line when there is one."""
+        """Return the prompt for `entry`: the user tag, instruction, and input when there is one."""
         input_text = f"\n{entry['input']}" if entry["input"] else ""
         return f"<|user|>\n{entry['instruction']}{input_text}"
 
     def format_response(self, entry):
-        """What training appends: the assistant tag and the output."""
+        """Return what training appends to the prompt: the assistant tag and the output."""
         return f"\n<|assistant|>:\n{entry['output']}"
 
     def extract_response(self, generated_text, input_text):
-        """The model's answer: prompt and assistant tag removed."""
+        """Return the model's answer from `generated_text`: prompt and assistant tag removed."""
         return generated_text[len(input_text):].replace("<|assistant|>:", "").strip()
 
 
-def mean_prompt_tokens(data, tokenizer, prompt_style):
-    """Average token count of prompt + response over `data` under `prompt_style`."""
-    return sum(len(tokenizer.encode(prompt_style.format_input(e) + prompt_style.format_response(e)))
-               for e in data) / len(data)
+def mean_entry_tokens(data, tokenizer, prompt_style):
+    """Average number of tokens of prompt + response per entry of `data` in `prompt_style`.
+
+    `<|user|>` is not one of GPT-2's special tokens: plain `encode` splits it like any text.
+    """
+    total = sum(len(tokenizer.encode(prompt_style.format_input(entry)
+                                     + prompt_style.format_response(entry))) for entry in data)
+    return total / len(data)
 
 
 def report_token_savings(data, tokenizer):
-    """Print how many tokens per entry the Phi-3 template saves over Alpaca's on `data`."""
-    alpaca = mean_prompt_tokens(data, tokenizer, ALPACA)
-    phi3 = mean_prompt_tokens(data, tokenizer, Phi3Prompt())
+    """Print how many tokens per entry the Phi-3 template saves over Alpaca's on `data`.
+
+    Shorter sequences mean less compute and memory per batch: part of what exercise 7.1 asks.
+    """
+    alpaca = mean_entry_tokens(data, tokenizer, ALPACA)
+    phi3 = mean_entry_tokens(data, tokenizer, Phi3Prompt())
     print(f"Phi-3 prompt saves {alpaca - phi3:.1f} tokens per entry on average "
           f"(Alpaca {alpaca:.1f}, Phi-3 {phi3:.1f})")
 
@@ -77,9 +88,13 @@ def report_token_savings(data, tokenizer):
 
 
 class InstructionDatasetWithPromptLength(InstructionDataset):
-    """The chapter's dataset, whose items also carry the length of their prompt in tokens."""
+    """The chapter's dataset whose items are (prompt_length, token_ids).
 
-    def __init__(self, data, tokenizer, prompt_style):
+    The prompt length (tokens of `format_input(entry)`) tells the collate function where the
+    response starts; the prompt's tokens are the first tokens of the full sequence.
+    """
+
+    def __init__(self, data, tokenizer, prompt_style=ALPACA):
         super().__init__(data, tokenizer, prompt_style)
         self.prompt_lengths = [len(tokenizer.encode(prompt_style.format_input(entry)))
                                for entry in data]
@@ -88,14 +103,15 @@ class InstructionDatasetWithPromptLength(InstructionDataset):
         return self.prompt_lengths[index], self.encoded_texts[index]
 
 
-def collate_masking_instructions(batch, pad_token_id=50256, ignore_index=-100,
+def collate_masking_instructions(batch, pad_token_id=END_OF_TEXT, ignore_index=-100,
                                  allowed_max_length=None, device="cpu"):
-    """`custom_collate_fn` on the token lists, then -100 on every target inside the prompt.
+    """The chapter's batch of (prompt_length, token_ids) items, with the prompt's targets ignored.
 
-    Target t predicts token t + 1, so the first `prompt_length - 1` targets are prompt tokens:
-    the loss then covers only the response and its end-of-text token.
+    Padding, shifting and truncation are `custom_collate_fn`'s. Target j predicts token j + 1,
+    so targets[:prompt_length - 1] predict the instruction and input: setting them to
+    `ignore_index` leaves the loss on the response and the first end-of-text token.
     """
-    inputs, targets = custom_collate_fn([tokens for _, tokens in batch], pad_token_id,
+    inputs, targets = custom_collate_fn([token_ids(item) for item in batch], pad_token_id,
                                         ignore_index, allowed_max_length, device)
     for row, (prompt_length, _) in enumerate(batch):
         targets[row, :prompt_length - 1] = ignore_index
@@ -108,22 +124,25 @@ def collate_masking_instructions(batch, pad_token_id=50256, ignore_index=-100,
 
 
 class LoRALayer(nn.Module):
-    """The low-rank update alpha * (x @ A @ B): A starts random, B at zero, so it adds nothing
-    until training moves B."""
+    """The low-rank update alpha * (x @ A @ B), with A (in, rank) and B (rank, out).
+
+    A starts random (kaiming-uniform, as in the book) and B at zero, so the update is zero until
+    training moves B: finetuning starts from the pretrained model's exact outputs.
+    """
 
     def __init__(self, in_dim, out_dim, rank, alpha):
         super().__init__()
         self.A = nn.Parameter(torch.empty(in_dim, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initializes its weights
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(rank, out_dim))
         self.alpha = alpha
 
     def forward(self, x):
-        return self.alpha * (x @ self.A @ self.B)
+        return self.alpha * (x @ self.A @ self.B)  # (..., in) -> (..., out)
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen nn.Linear plus a trainable LoRA update of the same shape."""
+    """An nn.Linear plus a LoRA update: linear(x) + alpha * (x @ A @ B)."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__()
@@ -135,7 +154,7 @@ class LinearWithLoRA(nn.Module):
 
 
 def replace_linear_with_lora(model, rank, alpha):
-    """Wrap every nn.Linear inside `model` (attention, feedforward, output head) in place."""
+    """Wrap every nn.Linear in `model` (attention, feedforward, output head) in LinearWithLoRA."""
     for name, module in model.named_children():
         if isinstance(module, nn.Linear):
             setattr(model, name, LinearWithLoRA(module, rank, alpha))
@@ -143,102 +162,145 @@ def replace_linear_with_lora(model, rank, alpha):
             replace_linear_with_lora(module, rank, alpha)
 
 
-def merge_lora(model):
-    """Fold each LoRA update into its linear layer (W += alpha * (A @ B).T) and unwrap it, so the
-    model is a plain GPTModel again and its weights load without the LoRA classes."""
-    for name, module in model.named_children():
-        if isinstance(module, LinearWithLoRA):
-            with torch.no_grad():
-                delta = module.lora.alpha * (module.lora.A @ module.lora.B)  # (in, out)
-                module.linear.weight += delta.T  # nn.Linear holds (out, in)
-            setattr(model, name, module.linear)
-        else:
-            merge_lora(module)
-    return model
-
-
 def count_trainable(model):
-    """Number of parameters that receive gradients."""
+    """Number of parameters that training updates (those with requires_grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def add_lora(model, rank, alpha):
-    """Freeze the model, add LoRA layers, and print the trainable parameter counts."""
+    """Freeze `model`, add LoRA to its linear layers, print the trainable counts; return it.
+
+    Only the LoRA matrices stay trainable, and the run's optimizer takes only those.
+    """
     print(f"Total trainable parameters before: {count_trainable(model):,}")
-    for param in model.parameters():
-        param.requires_grad = False
+    model.requires_grad_(False)
     print(f"Total trainable parameters after: {count_trainable(model):,}")
     replace_linear_with_lora(model, rank, alpha)
     print(f"Total trainable LoRA parameters: {count_trainable(model):,}")
     return model
 
 
+def merge_lora(model):
+    """Fold each LoRA update into its linear layer and unwrap it; return `model`, changed.
+
+    linear(x) + alpha * x @ A @ B equals a linear layer with weight W + alpha * (A @ B).T (W is
+    (out, in)), so the merged model computes the same and is a plain GPTModel again.
+    """
+    for name, module in model.named_children():
+        if isinstance(module, LinearWithLoRA):
+            lora = module.lora
+            with torch.no_grad():
+                module.linear.weight += lora.alpha * (lora.A @ lora.B).T
+            setattr(model, name, module.linear)
+        else:
+            merge_lora(module)
+    return model
+
+
 #####################################
-# Putting an experiment together
+# The experiments and the command line
 #####################################
 
 
-def parse_exercises(text):
-    """Split 'lora,alpaca_52k' into names; refuse unknown names and the one clash."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    for name in names:
-        if name not in EXERCISES:
-            raise DataError(f"unknown exercise '{name}'; choose from {', '.join(EXERCISES)}")
-    if "mask_instructions" in names and "phi3_prompt" in names:
-        raise DataError("mask_instructions cannot be combined with phi3_prompt: the masking "
-                        "exercise is defined on the Alpaca prompt; run them one at a time")
-    if not names:
-        raise DataError(f"no exercise given; choose from {', '.join(EXERCISES)}")
-    return names
-
-
-def build_experiment(names, args):
-    """The chapter's Experiment with each named exercise's change applied."""
-    experiment = Experiment(name="-".join(
-        {"mask_instructions": "mask-instructions", "alpaca_52k": "alpaca52k",
-         "phi3_prompt": "phi3-prompt"}.get(name, name) for name in names))
-    if "phi3_prompt" in names:
-        experiment = replace(experiment, prompt_style=Phi3Prompt(),
-                             inspect_data=report_token_savings)
-    if "mask_instructions" in names:
-        experiment = replace(experiment, dataset_class=InstructionDatasetWithPromptLength,
-                             collate_fn=collate_masking_instructions)
-    if "alpaca_52k" in names:
-        experiment = replace(experiment, data_file="alpaca_data.json", data_url=ALPACA_URL,
-                             batch_size=4, allowed_max_length=512)
-    if "lora" in names:
-        experiment = replace(
-            experiment,
-            prepare_model=lambda model: add_lora(model, args.lora_rank, args.lora_alpha),
-            finish_model=merge_lora if args.merge_lora else None)
+def baseline(experiment, args):
+    """The chapter's finetuning, unchanged."""
     return experiment
 
 
+def mask_instructions(experiment, args):
+    """Exercise 7.2: compute the loss on the response only, not on the instruction and input."""
+    return replace(experiment, dataset_class=InstructionDatasetWithPromptLength,
+                   collate_fn=collate_masking_instructions)
+
+
+def alpaca_52k(experiment, args):
+    """Exercise 7.3: Stanford's 52,002-entry Alpaca dataset, in batches of 4 cut at 512 tokens."""
+    return replace(experiment, data_file="alpaca_data.json", data_url=ALPACA_URL,
+                   batch_size=4, allowed_max_length=512)
+
+
+def phi3_prompt(experiment, args):
+    """Exercise 7.1: the Phi-3 prompt template instead of Alpaca's, and the tokens it saves."""
+    return replace(experiment, prompt_style=Phi3Prompt(), inspect_data=report_token_savings)
+
+
+def lora(experiment, args):
+    """Exercise 7.4: train LoRA matrices only; with --merge_lora, save them folded in."""
+    return replace(experiment, prepare_model=partial(add_lora, rank=args.lora_rank,
+                                                     alpha=args.lora_alpha),
+                   finish_model=merge_lora if args.merge_lora else None)
+
+
+EXERCISES = {  # option -> (name in the output files, change to the experiment)
+    "baseline": ("baseline", baseline),
+    "mask_instructions": ("mask-instructions", mask_instructions),
+    "alpaca_52k": ("alpaca52k", alpaca_52k),
+    "phi3_prompt": ("phi3-prompt", phi3_prompt),
+    "lora": ("lora", lora),
+}
+
+
+def parse_exercises(value):
+    """The options in a comma-separated --exercise_solution value, in the order of EXERCISES.
+
+    baseline adds nothing to other exercises. Raises DataError for an unknown option and for
+    mask_instructions with phi3_prompt.
+    """
+    names = [part.strip() for part in value.split(",")]
+    unknown = [name for name in names if name not in EXERCISES]
+    if unknown:
+        raise DataError(f"unknown exercise '{unknown[0]}'; choose from {', '.join(EXERCISES)}")
+    if {"mask_instructions", "phi3_prompt"} <= set(names):
+        raise DataError("mask_instructions cannot be combined with phi3_prompt: exercises 7.1 "
+                        "and 7.2 are each compared with the Alpaca-prompt baseline; run them "
+                        "one at a time")
+    return [name for name in EXERCISES if name in names and name != "baseline"] or ["baseline"]
+
+
+def build_experiment(names, args):
+    """The chapter's Experiment with the changes of the exercises `names` applied."""
+    experiment = Experiment(name="_".join(EXERCISES[name][0] for name in names))
+    for name in names:
+        experiment = EXERCISES[name][1](experiment, args)
+    return experiment
+
+
+def check_lora_flags(names, args):
+    """Refuse LoRA settings that cannot work, before anything is loaded."""
+    if args.merge_lora and "lora" not in names:
+        raise DataError("--merge_lora needs the lora exercise (--exercise_solution lora)")
+    if args.lora_rank < 1:
+        raise DataError(f"--lora_rank must be at least 1, got {args.lora_rank}")
+
+
 def build_exercise_parser():
-    """The main script's flags plus the exercise's own."""
+    """The main script's flags plus the exercises' own."""
     parser = build_parser(description=__doc__)
     parser.add_argument("--exercise_solution", default="baseline",
-                        help=f"one of {', '.join(EXERCISES)}, or several joined by commas "
-                             "(default: baseline)")
-    parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank (default: 16)")
+                        help=f"{', '.join(EXERCISES)}, or several joined by commas, e.g. "
+                             "lora,alpaca_52k (default: baseline)")
+    parser.add_argument("--lora_rank", type=int, default=16,
+                        help="rank of the LoRA matrices (default: 16)")
     parser.add_argument("--lora_alpha", type=float, default=16,
-                        help="LoRA scaling factor (default: 16)")
+                        help="scale of the LoRA update (default: 16)")
     parser.add_argument("--merge_lora", action="store_true",
-                        help="fold the LoRA weights into the model before saving, so the .pth "
-                             "loads into a plain GPTModel")
+                        help="fold the LoRA weights into the linear layers before saving, so "
+                             "the .pth loads into a plain GPTModel")
     return parser
 
 
 def run_exercises(argv=None):
-    """Parse the flags, assemble the experiment and run it with the main script."""
+    """Parse the flags, build the experiment, and run it with the main script's main()."""
     parser = build_exercise_parser()
     args = parser.parse_args(argv)
     try:
         names = parse_exercises(args.exercise_solution)
+        check_lora_flags(names, args)
+        experiment = build_experiment(names, args)
     except DataError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    main(argv, build_experiment(names, args), parser)
+    main(argv, experiment, parser)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""exercise_experiments.py: Phi-3 prompt, instruction masking, Alpaca 52k, LoRA, the CLI."""
+"""exercise_experiments.py: the Phi-3 prompt, instruction masking, Alpaca 52k, LoRA, the CLI."""
 
 import json
 import os
@@ -14,178 +14,272 @@ import gpt_instruction_finetuning as ft
 from previous_chapters import GPTModel, calc_loss_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WITH_INPUT = {"instruction": "Rewrite the sentence.", "input": "It is fast.",
-              "output": "It is quick."}
-NO_INPUT = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+WITH_INPUT = {"instruction": "Identify the correct spelling of the following word.",
+              "input": "Ocassion", "output": "The correct spelling is 'Occasion.'"}
+NO_INPUT = {"instruction": "What is an antonym of 'complicated'?", "input": "",
+            "output": "An antonym of 'complicated' is 'simple'."}
 
 
-def run_exercise(*args, cwd):
+def run_script(*args, cwd):
+    """Run the script as a user would; return the completed process."""
     return subprocess.run([sys.executable, os.path.join(REPO, "exercise_experiments.py"), *args],
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def parse(*argv):
+    return ex.build_exercise_parser().parse_args(list(argv))
+
+
+#####################################
+# Exercise 7.1: Phi-3 prompt
+#####################################
+
+
 def test_phi3_prompt_strings():
     phi3 = ex.Phi3Prompt()
-    assert phi3.format_input(WITH_INPUT) == "<|user|>\nRewrite the sentence.\nIt is fast."
-    assert phi3.format_input(NO_INPUT) == "<|user|>\nName a color."
-    assert phi3.format_response(NO_INPUT) == "\n<|assistant|>:\nBlue."
+    assert phi3.format_input(WITH_INPUT) == (
+        "<|user|>\nIdentify the correct spelling of the following word.\nOcassion")
+    assert phi3.format_input(NO_INPUT) == "<|user|>\nWhat is an antonym of 'complicated'?"
+    assert phi3.format_response(NO_INPUT) == (
+        "\n<|assistant|>:\nAn antonym of 'complicated' is 'simple'.")
     prompt = phi3.format_input(NO_INPUT)
-    assert phi3.extract_response(prompt + "\n<|assistant|>:\n Red. ", prompt) == "Red."
+    generated = prompt + "\n<|assistant|>:\nThe antonym is 'simple'.\n"
+    assert phi3.extract_response(generated, prompt) == "The antonym is 'simple'."
 
 
-def test_phi3_saves_tokens(tokenizer, capsys):
-    ex.report_token_savings([WITH_INPUT, NO_INPUT], tokenizer)
-    alpaca = sum(len(tokenizer.encode(ft.format_input(e) + ft.ALPACA.format_response(e)))
-                 for e in (WITH_INPUT, NO_INPUT)) / 2
-    phi3 = sum(len(tokenizer.encode(ex.Phi3Prompt().format_input(e)
-                                    + ex.Phi3Prompt().format_response(e)))
-               for e in (WITH_INPUT, NO_INPUT)) / 2
-    assert len(tokenizer.encode("<|user|>")) > 1  # GPT-2 has no such special token
-    assert alpaca > phi3
-    assert capsys.readouterr().out == (f"Phi-3 prompt saves {alpaca - phi3:.1f} tokens per entry "
-                                       f"on average (Alpaca {alpaca:.1f}, Phi-3 {phi3:.1f})\n")
+def test_phi3_savings_are_computed_on_the_data(tokenizer, capsys):
+    assert len(tokenizer.encode("<|user|>")) == 5  # ordinary text for GPT-2: <, |, user, |, >
+    data = [WITH_INPUT, NO_INPUT]
+    alpaca = [len(tokenizer.encode(ft.format_input(e) + f"\n\n### Response:\n{e['output']}"))
+              for e in data]
+    phi3 = [len(tokenizer.encode(ex.Phi3Prompt().format_input(e)
+                                 + ex.Phi3Prompt().format_response(e))) for e in data]
+    a, p = sum(alpaca) / 2, sum(phi3) / 2
+    assert a > p
+    ex.report_token_savings(data, tokenizer)
+    assert capsys.readouterr().out == (f"Phi-3 prompt saves {a - p:.1f} tokens per entry on "
+                                       f"average (Alpaca {a:.1f}, Phi-3 {p:.1f})\n")
 
 
-def test_masked_targets_cover_only_the_response(tokenizer):
-    dataset = ex.InstructionDatasetWithPromptLength([WITH_INPUT, NO_INPUT], tokenizer, ft.ALPACA)
+#####################################
+# Exercise 7.2: masking the instruction
+#####################################
+
+
+def test_masked_targets_leave_only_the_response(tokenizer):
+    dataset = ex.InstructionDatasetWithPromptLength([WITH_INPUT, NO_INPUT], tokenizer)
     batch = [dataset[0], dataset[1]]
-    assert batch[1][0] == len(tokenizer.encode(ft.format_input(NO_INPUT)))
+    for (prompt_length, tokens), entry in zip(batch, [WITH_INPUT, NO_INPUT], strict=True):
+        assert prompt_length == len(tokenizer.encode(ft.format_input(entry)))
+        assert tokens == tokenizer.encode(ft.format_input(entry)
+                                          + ft.ALPACA.format_response(entry))
     inputs, targets = ex.collate_masking_instructions(batch)
     plain_inputs, plain_targets = ft.custom_collate_fn([tokens for _, tokens in batch])
     assert torch.equal(inputs, plain_inputs)
     for row, entry in enumerate([WITH_INPUT, NO_INPUT]):
-        kept = [t for t in targets[row].tolist() if t != -100]
-        assert tokenizer.decode(kept) == (ft.ALPACA.format_response(entry)
-                                          + "<|endoftext|>")
         prompt_length = batch[row][0]
         assert (targets[row, :prompt_length - 1] == -100).all()
         assert torch.equal(targets[row, prompt_length - 1:], plain_targets[row, prompt_length - 1:])
+        kept = [t for t in targets[row].tolist() if t != -100]
+        assert tokenizer.decode(kept) == ft.ALPACA.format_response(entry) + "<|endoftext|>"
 
 
 def test_masking_still_truncates(tokenizer):
-    dataset = ex.InstructionDatasetWithPromptLength([WITH_INPUT], tokenizer, ft.ALPACA)
-    inputs, targets = ex.collate_masking_instructions([dataset[0]], allowed_max_length=10)
-    assert inputs.shape == targets.shape == (1, 10)
-    assert (targets == -100).all()  # the first 10 targets all lie inside the prompt
+    dataset = ex.InstructionDatasetWithPromptLength([WITH_INPUT], tokenizer)
+    prompt_length, tokens = dataset[0]
+    inputs, targets = ex.collate_masking_instructions([dataset[0]],
+                                                      allowed_max_length=prompt_length + 3)
+    assert inputs.shape == targets.shape == (1, prompt_length + 3)
+    assert inputs[0].tolist() == tokens[:prompt_length + 3]
+    kept = [t for t in targets[0].tolist() if t != -100]
+    assert kept == tokens[prompt_length:prompt_length + 4]  # the first 4 response tokens
+
+
+#####################################
+# Exercise 7.4: LoRA
+#####################################
 
 
 @pytest.fixture
-def tiny_lora(tiny_cfg):
+def models(tiny_cfg):
+    """(LoRA-wrapped model, the same model unwrapped), both in eval mode."""
     torch.manual_seed(0)
-    model = GPTModel(tiny_cfg).eval()
     original = GPTModel(tiny_cfg).eval()
-    original.load_state_dict(model.state_dict())
-    ex.add_lora(model, rank=4, alpha=8)
-    return model, original
+    wrapped = GPTModel(tiny_cfg).eval()
+    wrapped.load_state_dict(original.state_dict())
+    ex.add_lora(wrapped, rank=4, alpha=8)
+    return wrapped, original
 
 
-def test_lora_starts_as_the_original_model(tiny_lora, tiny_cfg):
-    model, original = tiny_lora
-    idx = torch.randint(0, 50257, (2, 9))
-    assert torch.equal(model(idx), original(idx))
-    linears = [m for m in original.modules() if isinstance(m, nn.Linear)]
-    assert len(linears) == 6 * tiny_cfg["n_layers"] + 1  # q, k, v, out, 2 MLP; the head
-    assert ex.count_trainable(model) == sum(4 * (m.in_features + m.out_features)
-                                            for m in linears)
-
-
-def test_lora_prints_the_counts(tiny_cfg, capsys):
+def test_lora_starts_as_the_original_and_counts_its_parameters(tiny_cfg, capsys):
     torch.manual_seed(0)
-    model = GPTModel(tiny_cfg)
-    total = sum(p.numel() for p in model.parameters())
-    ex.add_lora(model, rank=16, alpha=16)
-    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora." in n)
+    original = GPTModel(tiny_cfg).eval()
+    wrapped = GPTModel(tiny_cfg).eval()
+    wrapped.load_state_dict(original.state_dict())
+    ex.add_lora(wrapped, rank=4, alpha=8)
+    idx = torch.randint(0, tiny_cfg["vocab_size"], (2, 7))
+    assert torch.equal(wrapped(idx), original(idx))
+    linears = [m for m in original.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 6 * tiny_cfg["n_layers"] + 1  # q, k, v, out, two MLP; the head
+    expected = sum(4 * (m.in_features + m.out_features) for m in linears)
+    assert ex.count_trainable(wrapped) == expected
+    total = sum(p.numel() for p in original.parameters())
     assert capsys.readouterr().out.splitlines() == [
         f"Total trainable parameters before: {total:,}",
         "Total trainable parameters after: 0",
-        f"Total trainable LoRA parameters: {lora:,}"]
+        f"Total trainable LoRA parameters: {expected:,}"]
 
 
-def test_only_lora_parameters_get_gradients(tiny_lora):
-    model, _ = tiny_lora
-    model.train()
-    inputs = torch.randint(0, 50257, (2, 9))
-    calc_loss_batch(inputs, torch.roll(inputs, -1, dims=1), model, "cpu").backward()
-    for name, param in model.named_parameters():
-        if ".lora." in name:
-            assert param.requires_grad
-            if name.endswith(".B"):
-                assert param.grad is not None and param.grad.abs().sum() > 0, name
-        else:
-            assert not param.requires_grad and param.grad is None, name
+def test_only_lora_parameters_get_gradients(models, tiny_cfg):
+    wrapped, _ = models
+    idx = torch.randint(0, tiny_cfg["vocab_size"], (2, 7))
+    calc_loss_batch(idx[:, :-1], idx[:, 1:], wrapped, "cpu").backward()
+    names = {name for name, p in wrapped.named_parameters() if p.grad is not None}
+    assert names == {name for name, _ in wrapped.named_parameters()
+                     if name.endswith((".lora.A", ".lora.B"))}
+    assert "out_head.lora.B" in names and "trf_blocks.1.ff.layers.2.lora.A" in names
+    assert all(p.requires_grad == (name in names) for name, p in wrapped.named_parameters())
 
 
-def test_merged_model_gives_the_wrapped_logits(tiny_lora, tiny_cfg):
-    model, _ = tiny_lora
+def test_merged_model_gives_the_wrapped_logits(models, tiny_cfg):
+    wrapped, _ = models
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".B"):
-                param.normal_(0, 0.05)  # as if trained
-    idx = torch.randint(0, 50257, (2, 9))
-    wrapped = model(idx)
-    merged = ex.merge_lora(model)
-    assert not any(isinstance(m, ex.LinearWithLoRA) for m in merged.modules())
+        for module in wrapped.modules():
+            if isinstance(module, ex.LoRALayer):
+                module.B.normal_(0, 0.05)  # as if trained
+    idx = torch.randint(0, tiny_cfg["vocab_size"], (2, 7))
+    expected = wrapped(idx)
+    merged = ex.merge_lora(wrapped)
     plain = GPTModel(tiny_cfg).eval()
-    plain.load_state_dict(merged.state_dict())  # strict: a plain GPTModel's keys
-    assert torch.allclose(plain(idx), wrapped, atol=1e-5)
+    plain.load_state_dict(merged.state_dict())  # strict: exactly a plain GPTModel's weights
+    assert not any(isinstance(m, ex.LinearWithLoRA) for m in merged.modules())
+    assert torch.allclose(plain(idx), expected, atol=1e-5)
+    assert not torch.allclose(plain(idx), GPTModel(tiny_cfg).eval()(idx), atol=1e-3)
 
 
-def test_experiment_names_and_changes():
-    args = ex.build_exercise_parser().parse_args([])
-    assert [ex.build_experiment([n], args).name for n in ex.EXERCISES] == [
-        "baseline", "mask-instructions", "alpaca52k", "phi3-prompt", "lora"]
+#####################################
+# The command line
+#####################################
+
+
+def test_experiments_change_what_their_exercise_needs():
+    args = parse()
+    names = {option: ex.build_experiment([option], args).name for option in ex.EXERCISES}
+    assert names == {"baseline": "baseline", "mask_instructions": "mask-instructions",
+                     "alpaca_52k": "alpaca52k", "phi3_prompt": "phi3-prompt", "lora": "lora"}
+    assert ex.build_experiment(["baseline"], args) == ft.Experiment(name="baseline")
     alpaca = ex.build_experiment(["alpaca_52k"], args)
-    assert (alpaca.batch_size, alpaca.allowed_max_length, alpaca.data_file) == (
-        4, 512, "alpaca_data.json")
-    assert alpaca.data_url == ex.ALPACA_URL
-    combined = ex.build_experiment(["lora", "alpaca_52k"], args)
-    assert combined.name == "lora-alpaca52k" and combined.prepare_model is not None
+    assert (alpaca.data_file, alpaca.data_url, alpaca.batch_size, alpaca.allowed_max_length) == (
+        "alpaca_data.json",
+        "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json", 4, 512)
+    assert ex.build_experiment(["lora"], args).finish_model is None
+    assert ex.build_experiment(["lora"], parse("--merge_lora")).finish_model is ex.merge_lora
+    combined = ex.build_experiment(ex.parse_exercises("lora, alpaca_52k,baseline"), args)
+    assert combined.name == "alpaca52k_lora"
+    assert combined.batch_size == 4 and combined.prepare_model.keywords == {"rank": 16,
+                                                                            "alpha": 16}
+    assert ex.parse_exercises("baseline") == ["baseline"]
 
 
-@pytest.mark.parametrize(("choice", "message"), [
-    ("mask_instructions,phi3_prompt", "mask_instructions cannot be combined with phi3_prompt: "
-                                      "the masking exercise is defined on the Alpaca prompt; "
-                                      "run them one at a time"),
-    ("foo", "unknown exercise 'foo'; choose from baseline, mask_instructions, alpaca_52k, "
-            "phi3_prompt, lora"),
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--exercise_solution", "lora,foo"], "unknown exercise 'foo'; choose from baseline, "
+                                          "mask_instructions, alpaca_52k, phi3_prompt, lora"),
+    (["--merge_lora"], "--merge_lora needs the lora exercise (--exercise_solution lora)"),
+    (["--exercise_solution", "lora", "--lora_rank", "0"], "--lora_rank must be at least 1, got 0"),
 ])
-def test_refused_choices(tmp_path, choice, message):
-    result = run_exercise("--exercise_solution", choice, "--test_mode", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr == f"Error: {message}\n"
+def test_bad_choices_give_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ex.run_exercises([*argv, "--test_mode", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr() == ("", f"Error: {message}\n")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_alpaca_format_file(tmp_path):
-    entries = [{"instruction": f"Say {i}.", "input": "" if i % 3 else f"n={i}",
-                "output": f"{i}"} for i in range(40)]
-    (tmp_path / "alpaca_data.json").write_text(json.dumps(entries))
-    result = run_exercise("--exercise_solution", "alpaca_52k", "--data_path", "alpaca_data.json",
-                          "--epochs", "1", "--max_new_tokens", "3", "--test_mode", cwd=tmp_path)
+def test_refused_combination_through_the_command_line(tmp_path):
+    result = run_script("--exercise_solution", "phi3_prompt,mask_instructions", "--test_mode",
+                        cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "Error: mask_instructions cannot be combined with phi3_prompt: exercises 7.1 and 7.2 are "
+        "each compared with the Alpaca-prompt baseline; run them one at a time\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_shows_usage_and_the_exercise_flags():
+    text = ex.build_exercise_parser().format_help()
+    for flag in ["--exercise_solution", "--lora_rank", "--lora_alpha", "--merge_lora",
+                 "--test_mode", "--model", "--epochs", "--batch_size"]:
+        assert flag in text
+    assert "python exercise_experiments.py --exercise_solution lora,alpaca_52k" in text
+    args = parse()
+    assert (args.exercise_solution, args.lora_rank, args.lora_alpha, args.merge_lora) == (
+        "baseline", 16, 16, False)
+
+
+#####################################
+# Whole runs in test mode
+#####################################
+
+
+def check_outputs(folder, name):
+    """Check the plot and the responses of run `name`; return the saved weights."""
+    assert (folder / f"loss-plot-{name}.pdf").read_bytes().startswith(b"%PDF")
+    responses = json.loads((folder / f"instruction-data-with-response-{name}.json").read_text())
+    assert responses and all(isinstance(e["model_response"], str) for e in responses)
+    return torch.load(folder / f"Smalltestmodel-sft-{name}.pth", weights_only=True)
+
+
+def lora_count(rank):
+    """Trainable parameters of the test model with LoRA: rank * (in + out) per linear layer."""
+    linears = [m for m in GPTModel(ft.TEST_MODE_CONFIG).modules() if isinstance(m, nn.Linear)]
+    return sum(rank * (m.in_features + m.out_features) for m in linears)
+
+
+@pytest.mark.parametrize(("option", "name"), [
+    ("baseline", "baseline"), ("mask_instructions", "mask-instructions"),
+    ("phi3_prompt", "phi3-prompt"), ("lora", "lora")])
+def test_each_experiment_end_to_end(tmp_path, instruction_data_path, option, name):
+    result = run_script("--exercise_solution", option, "--test_mode",
+                        "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path),
+                        "--epochs", "1", "--eval_iter", "1", "--max_new_tokens", "5",
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "Training set length: 10" in result.stdout  # test mode keeps 10 of the 34
-    responses = json.loads((tmp_path / "instruction-data-with-response-alpaca52k.json")
+    lines = result.stdout.splitlines()
+    assert f"Model saved as {tmp_path}/Smalltestmodel-sft-{name}.pth" in lines
+    state = check_outputs(tmp_path, name)
+    model = GPTModel(ft.TEST_MODE_CONFIG)
+    if option == "lora":  # not merged: the LoRA matrices are saved beside the frozen weights
+        assert f"Total trainable LoRA parameters: {lora_count(16):,}" in lines
+        assert "out_head.lora.B" in state
+        ex.replace_linear_with_lora(model, rank=16, alpha=16)
+    model.load_state_dict(state)  # strict: every weight present, nothing extra
+    if option == "phi3_prompt":
+        # over all 1100 entries, not only the few that test mode trains on
+        assert ("Phi-3 prompt saves 17.5 tokens per entry on average "
+                "(Alpaca 56.4, Phi-3 38.9)") in lines
+        responses = json.loads((tmp_path / "instruction-data-with-response-phi3-prompt.json")
+                               .read_text())
+        assert all("<|assistant|>:" not in e["model_response"] for e in responses)
+
+
+def test_alpaca_52k_file_with_merged_lora(tmp_path):
+    """The Alpaca path on a small Alpaca-format file, combined with LoRA saved merged."""
+    entries = [{"instruction": f"Write the number {i} in words.",
+                "input": "" if i % 2 else f"{i}", "output": f"Number {i}."} for i in range(40)]
+    entries[3]["output"] = "Three, " * 100  # longer than the test model's context: truncated
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(entries))  # found: no download
+    result = run_script("--exercise_solution", "alpaca_52k,lora", "--merge_lora",
+                        "--lora_rank", "4", "--test_mode", "--epochs", "1", "--eval_iter", "1",
+                        "--max_new_tokens", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # 40 entries split 85/10/5 are 34/4/2; test mode keeps at most 10 of each.
+    for expected in ["Training set length: 10", "Validation set length: 2", "Test set length: 4",
+                     "Warning: 1 of 10 training entries are longer than 120 tokens and will be "
+                     "truncated", f"Total trainable LoRA parameters: {lora_count(4):,}"]:
+        assert expected in result.stdout.splitlines()
+    state = check_outputs(tmp_path, "alpaca52k_lora")
+    GPTModel(ft.TEST_MODE_CONFIG).load_state_dict(state)  # merged: a plain GPTModel's weights
+    responses = json.loads((tmp_path / "instruction-data-with-response-alpaca52k_lora.json")
                            .read_text())
-    assert [e["instruction"] for e in responses] == [f"Say {i}." for i in range(34, 38)]
-    assert (tmp_path / "loss-plot-alpaca52k.pdf").exists()
-    # 40 entries split 85/10/5: 34 for training, 4 for testing, 2 for validation
-    assert ft.split_data(entries)[1] == entries[34:38]
-
-
-@pytest.mark.parametrize("choice", ["baseline", "phi3_prompt", "mask_instructions", "lora"])
-def test_each_experiment_end_to_end(tmp_path, instruction_data_path, choice):
-    extra = ["--merge_lora"] if choice == "lora" else []
-    result = run_exercise("--exercise_solution", choice, "--test_mode", "--data_path",
-                          str(instruction_data_path), "--max_new_tokens", "5",
-                          "--output_dir", str(tmp_path), *extra, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    name = ex.build_experiment([choice], ex.build_exercise_parser().parse_args([])).name
-    assert (tmp_path / f"loss-plot-{name}.pdf").read_bytes().startswith(b"%PDF")
-    responses = json.loads((tmp_path / f"instruction-data-with-response-{name}.json").read_text())
-    assert len(responses) == 10 and all("model_response" in e for e in responses)
-    state = torch.load(tmp_path / f"Smalltestmodel-sft-{name}.pth", weights_only=True)
-    GPTModel(ft.TEST_MODE_CONFIG).load_state_dict(state)  # strict, LoRA merged back
-    if choice == "phi3_prompt":
-        assert "Phi-3 prompt saves " in result.stdout
-    if choice == "lora":
-        assert "Total trainable parameters after: 0" in result.stdout
+    assert [e["instruction"] for e in responses] == [e["instruction"] for e in entries[34:38]]
