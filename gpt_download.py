@@ -1,11 +1,9 @@
-"""Download OpenAI's GPT-2 checkpoints and read them into a dict of NumPy arrays.
+"""Download OpenAI's GPT-2 checkpoints and read their weights into NumPy arrays.
 
-    settings, params = download_and_load_gpt2(model_size="355M", models_dir="gpt2")
-
-Each of the seven checkpoint files comes from OpenAI's public bucket, or from the book's backup
-mirror when the bucket fails. A file is written under a temporary name and renamed only once it
-is complete, so an interrupted download never looks finished. Files already complete are not
-downloaded again, and with no network at all the files already on disk are used.
+`download_and_load_gpt2` fetches the seven files of one model size from OpenAI's bucket, falling
+back per file to the book's backup mirror, and returns the hyperparameters and the weights in the
+nested layout that `previous_chapters.load_weights_into_gpt` expects. Files already on disk with
+the server's size are kept; without a network the files already on disk are used as they are.
 """
 
 import http.client
@@ -18,128 +16,184 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 FILENAMES = (
     "checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
     "model.ckpt.index", "model.ckpt.meta", "vocab.bpe",
 )
+TIMEOUT_S = 60
+CHUNK_SIZE = 1 << 20
 
 
 class DownloadError(RuntimeError):
-    """A checkpoint file that is missing and could not be downloaded."""
-
-
-class Unavailable(Exception):
-    """No URL provided the file; the message lists each URL tried and why it failed."""
+    """A checkpoint file is not on disk and could not be fetched: the message says what to do."""
 
 
 def download_and_load_gpt2(model_size, models_dir, base_url=BASE_URL,
-                           backup_base_url=BACKUP_BASE_URL, timeout=60):
-    """Make sure the checkpoint of `model_size` is in `models_dir/model_size`; return
-    (settings, params) as the book's loader does: settings from hparams.json, params the weights.
+                           backup_base_url=BACKUP_BASE_URL):
+    """Return (settings, params) of OpenAI's GPT-2 `model_size`, downloaded into models_dir/size.
 
-    When the files cannot be fetched but are all on disk already (no network, say), they are
-    used after a one-line warning; a missing file that cannot be fetched raises DownloadError.
+    settings is hparams.json (n_vocab, n_ctx, n_embd, n_head, n_layer); params holds the arrays
+    as `load_gpt2_params_from_tf_ckpt` lays them out. Raises ValueError for an unknown size before
+    any network access, and DownloadError when a file is missing and neither URL provides it.
     """
     if model_size not in ALLOWED_SIZES:
-        raise ValueError(f"Model size not in {ALLOWED_SIZES}: {model_size!r}")
+        raise ValueError(f"Unknown GPT-2 size {model_size!r}: choose one of "
+                         f"{', '.join(ALLOWED_SIZES)}")
     model_dir = os.path.join(models_dir, model_size)
     os.makedirs(model_dir, exist_ok=True)
-    for filename in FILENAMES:
-        try:
-            fetch_file(file_urls(model_size, filename, base_url, backup_base_url),
-                       os.path.join(model_dir, filename), timeout)
-        except Unavailable as exc:
-            missing = [f for f in FILENAMES if not os.path.exists(os.path.join(model_dir, f))]
-            if missing:
-                raise DownloadError(how_to_place_by_hand(
-                    model_dir, missing, file_urls(model_size, missing[0], base_url,
-                                                  backup_base_url), exc)) from None
-            print(f"Warning: could not download {filename} ({exc}); "
-                  f"using the files already in {model_dir}", file=sys.stderr)
-            break
+    fetch_model_files(model_dir, [f"{base_url}/{model_size}", f"{backup_base_url}/{model_size}"])
 
     with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
         settings = json.load(f)
-    params = load_gpt2_params_from_tf_ckpt(model_dir, settings)
-    return settings, params
+    ckpt_path = _import_tensorflow().train.latest_checkpoint(model_dir)
+    if ckpt_path is None:
+        raise DownloadError(f"The 'checkpoint' file in {model_dir} names no checkpoint there: "
+                            "delete it and run again to download it afresh")
+    return settings, load_gpt2_params_from_tf_ckpt(ckpt_path, settings)
 
 
-def file_urls(model_size, filename, base_url, backup_base_url):
-    """The URLs of one checkpoint file: OpenAI's bucket first, then the backup mirror."""
-    return [f"{base.rstrip('/')}/{model_size}/{filename}" for base in (base_url, backup_base_url)]
+def fetch_model_files(model_dir, base_urls):
+    """Make sure each of FILENAMES is in model_dir, fetched from the first base URL serving it.
+
+    A base URL that cannot be reached at all (refused, no DNS, timeout) is not asked again for the
+    remaining files, so a machine without network finishes at once. A file that no URL provides
+    but is already on disk is used as it is, with one warning for the whole model.
+    """
+    unreachable = {}  # base URL -> why it could not be reached
+    warned = False
+    for filename in FILENAMES:
+        destination = os.path.join(model_dir, filename)
+        failures = _fetch_from_first_working(filename, destination, base_urls, unreachable)
+        if not failures:
+            continue
+        if not os.path.exists(destination):
+            raise DownloadError(_missing_file_message(filename, model_dir, base_urls, failures))
+        if not warned:
+            tried = " nor ".join(f"{url} ({reason})" for url, reason in failures)
+            print(f"Warning: could not reach {tried}; using the files already in {model_dir}",
+                  file=sys.stderr)
+            warned = True
 
 
-def how_to_place_by_hand(model_dir, missing, urls, reason):
-    """The error message for missing files: which, where they come from, where they go."""
-    return (f"{os.path.join(model_dir, missing[0])} is missing and could not be downloaded "
-            f"({reason}). Download it from {' or '.join(urls)} (and likewise "
-            f"{', '.join(missing)}) into {model_dir}/, then run again.")
+def _fetch_from_first_working(filename, destination, base_urls, unreachable):
+    """Try `filename` at each base URL in turn; return [(url, reason)] per failure, [] on success.
 
-
-def fetch_file(urls, destination, timeout):
-    """Download `destination` from the first of `urls` that works, unless it is up to date.
-
-    Raises Unavailable when no URL provides the file.
+    Updates `unreachable` with the base URLs that could not be connected to.
     """
     failures = []
-    for url in urls:
+    for base_url in base_urls:
+        url = f"{base_url}/{filename}"
+        if base_url in unreachable:
+            failures.append((url, unreachable[base_url]))
+            continue
         try:
-            download_file(url, destination, timeout)
-            return
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            failures.append(f"{url}: {getattr(exc, 'reason', None) or exc}")
-    raise Unavailable("; ".join(failures))
+            download_file(url, destination)
+            return []
+        except (OSError, http.client.HTTPException) as exc:
+            reason = _describe(exc)
+            failures.append((url, reason))
+            if _is_unreachable(exc):
+                unreachable[base_url] = reason
+    return failures
 
 
-def download_file(url, destination, timeout):
-    """Stream `url` to `destination` via `destination + '.part'`, with a progress bar.
+def download_file(url, destination):
+    """Download `url` to `destination`, unless the local file already has the server's size.
 
-    A file already there with the size the server announces is kept as it is. The rename
-    happens only after the whole body arrived, so an interrupted download never looks finished.
+    The body goes to `destination + ".part"`, which replaces `destination` only once all the bytes
+    announced by Content-Length have arrived: an interrupted transfer never leaves a truncated file
+    under the final name for a later run to take as complete. The partial file is removed.
     """
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        size = int(response.headers.get("Content-Length", 0))
-        if os.path.exists(destination) and size and os.path.getsize(destination) == size:
-            print(f"File already exists and is up-to-date: {destination}")
-            return
-        part = destination + ".part"
-        received = 0
-        with open(part, "wb") as f, tqdm(total=size or None, unit="iB", unit_scale=True,
-                                         desc=os.path.basename(url)) as progress:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                received += len(chunk)
-                progress.update(len(chunk))
-    if size and received != size:
-        raise OSError(f"connection closed after {received} of {size} bytes")
-    os.replace(part, destination)
+    if os.path.exists(destination) and _remote_size(url) == os.path.getsize(destination):
+        print(f"File already exists and is up-to-date: {destination}")
+        return
+    partial = destination + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            expected = _content_length(response)
+            with open(partial, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True,
+                                                 unit_divisor=1024,
+                                                 desc=os.path.basename(destination)) as bar:
+                received = _copy_body(response, f, bar)
+        if expected is not None and received != expected:
+            raise OSError(f"connection closed after {received} of {expected} bytes")
+        os.replace(partial, destination)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _remote_size(url):
+    """Return the server's Content-Length for `url` (a HEAD request), or None if not given."""
+    request = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        return _content_length(response)
+
+
+def _content_length(response):
+    """Return the response's Content-Length header as an int, or None when the server omits it."""
+    length = response.headers.get("Content-Length")
+    return None if length is None else int(length)
+
+
+def _copy_body(response, f, bar):
+    """Copy the response body into the open file `f` chunk by chunk; return the bytes written."""
+    received = 0
+    while chunk := response.read(CHUNK_SIZE):
+        f.write(chunk)
+        bar.update(len(chunk))
+        received += len(chunk)
+    return received
+
+
+def _describe(exc):
+    """Return a short reason for a failed request: 'HTTP Error 404: ...', 'Connection refused'."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
+
+
+def _is_unreachable(exc):
+    """True when the server could not be talked to at all, as for every other file too."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return False
+    return isinstance(exc, (urllib.error.URLError, TimeoutError))
+
+
+def _missing_file_message(filename, model_dir, base_urls, failures):
+    """The DownloadError text: the file, each URL tried and why it failed, and the manual fix."""
+    tried = "; ".join(f"{url} ({reason})" for url, reason in failures)
+    missing = [name for name in FILENAMES if not os.path.exists(os.path.join(model_dir, name))]
+    sources = " or ".join(f"{base_url}/" for base_url in base_urls)
+    return (f"Could not download {filename}: tried {tried}. To place the files by hand, "
+            f"download {', '.join(missing)} from {sources} into {model_dir}")
+
+
+def _import_tensorflow():
+    """Import TensorFlow on first use (it takes seconds), without its start-up log lines."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
 
 
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
-    """Read every variable of the TensorFlow checkpoint in folder `ckpt_path` into the book's
-    nested dict: wte, wpe, blocks[i] (attn, ln_1, ln_2, mlp), g, b. TensorFlow stores linear
-    weights as (1, in, out); the leading 1 is dropped.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up log quiet
-    import tensorflow as tf
+    """Read OpenAI's TensorFlow checkpoint into nested dicts of NumPy arrays.
 
-    checkpoint = tf.train.latest_checkpoint(ckpt_path)
-    if checkpoint is None:
-        raise DownloadError(f"No TensorFlow checkpoint in {ckpt_path}: the 'checkpoint' file "
-                            "is missing or names no model.ckpt")
+    `model/h3/attn/c_attn/w` becomes params["blocks"][3]["attn"]["c_attn"]["w"], `model/wte`
+    params["wte"], `model/ln_f/g` params["g"]. The singleton leading dimension that OpenAI's
+    weight matrices carry ([1, d, 3d]) is squeezed away ([d, 3d]).
+    """
+    tf = _import_tensorflow()
     params = {"blocks": [{} for _ in range(settings["n_layer"])]}
-    for name, _ in tf.train.list_variables(checkpoint):
-        array = np.squeeze(tf.train.load_variable(checkpoint, name))
-        parts = name.split("/")[1:]  # drop the leading "model/"
-        target = params
-        if parts[0].startswith("h"):  # "h7/attn/c_attn/w" -> params["blocks"][7]["attn"]...
-            target = params["blocks"][int(parts[0][1:])]
-            parts = parts[1:]
-        for key in parts[:-1]:
-            target = target.setdefault(key, {})
-        target[parts[-1]] = array
-    params.update(params.pop("ln_f"))  # the final norm's g and b sit at the top level
+    for name, _ in tf.train.list_variables(ckpt_path):
+        array = np.squeeze(tf.train.load_variable(ckpt_path, name))
+        scope, *keys = name.split("/")[1:]  # "model/h3/attn/c_attn/w" -> "h3", [attn, ...]
+        node = params["blocks"][int(scope[1:])] if scope.startswith("h") else params
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1] if keys else scope] = array
     return params

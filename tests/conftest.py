@@ -5,6 +5,7 @@ from there; elsewhere tiktoken and the dataset are downloaded once, as the scrip
 """
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,11 @@ def tiny_cfg():
     """A GPT-2-shaped model small enough to run in milliseconds."""
     return {"vocab_size": 50257, "context_length": 32, "emb_dim": 16, "n_heads": 2,
             "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback URL where nothing listens: a server that is down, or no network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
