@@ -4,7 +4,8 @@
     python benchmarks/bench_finetune.py --model 355M --parts train memory
 
 generation: the first test entries of the chapter's dataset on a GPT-2 124M-shaped model with
-random weights, answered (a) one at a time recomputing the sequence every step (the book's
+random weights (which never produce the end-of-text token, so every answer is 256 tokens long),
+answered (a) one at a time recomputing the sequence every step (the book's
 loop), (b) one at a time with the KV cache, (c) in batches with the cache, as the chapter script
 does; the answers of (c) are checked against (a).
 
@@ -26,8 +27,15 @@ from functools import partial
 
 import tiktoken
 import torch
-import torch.nn.functional as F
-from common import chapter_data, gpt2_config, machine_line, real_batches, table, timed
+from common import (
+    chapter_data,
+    gpt2_config,
+    machine_line,
+    real_batches,
+    table,
+    timed,
+    training_setup,
+)
 
 from gpt_instruction_finetuning import format_input, generate_responses, make_optimizer
 from previous_chapters import (
@@ -72,35 +80,10 @@ def bench_generation(entries_count, max_new_tokens):
             ["batched answers identical to recompute", str(identical), ""]]
 
 
-def book_step(model, optimizer, inputs, targets):
-    """The book's training step: logits everywhere, cross-entropy skips -100 targets."""
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def fast_step(model, optimizer, inputs, targets):
-    """The chapter script's training step."""
-    optimizer.zero_grad()
-    loss = calc_loss_batch(inputs, targets, model, "cpu")
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
 def bench_training(size, steps):
     """Rows of the book-vs-fast training table, both paths stepping in turn on the same batches."""
     batches = real_batches(steps + 1)
-    paths = {}
-    for name, fused in [("book", False), ("fast", True)]:
-        torch.manual_seed(0)
-        model = GPTModel(gpt2_config(size, fused=fused)).train()
-        optimizer = (make_optimizer(model, 5e-5, 0.1) if fused else
-                     torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1,
-                                       foreach=False))
-        paths[name] = (model, optimizer, book_step if name == "book" else fast_step)
+    paths = {name: training_setup(size, name) for name in ("book", "fast")}
     seconds = {name: [] for name in paths}
     losses = {name: [] for name in paths}
     for inputs, targets in batches:
@@ -151,8 +134,9 @@ def main():
                         choices=["generation", "train", "memory"])
     parser.add_argument("--model", default="124M", choices=["124M", "355M"],
                         help="model shape for the train and memory parts (default: 124M)")
-    parser.add_argument("--entries", type=int, default=8, help="test entries to answer")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--entries", type=int, default=4, help="test entries to answer")
+    parser.add_argument("--max_new_tokens", type=int, default=256,
+                        help="the chapter's answer length; random weights never stop earlier")
     parser.add_argument("--steps", type=int, default=6, help="measured training steps per path")
     args = parser.parse_args()
 

@@ -9,11 +9,13 @@ from functools import partial
 from itertools import islice
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpt_instruction_finetuning as ft  # noqa: E402
+from previous_chapters import GPTModel, calc_loss_batch  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "shared", "data", "instruction-data.json")
@@ -77,3 +79,36 @@ def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def book_step(model, optimizer, inputs, targets):
+    """The book's training step: logits everywhere, cross-entropy skips -100 targets."""
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def fast_step(model, optimizer, inputs, targets):
+    """The chapter script's training step."""
+    optimizer.zero_grad()
+    loss = calc_loss_batch(inputs, targets, model, "cpu")
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def training_setup(size, path, seed=0):
+    """(model, optimizer, step function) of the "book" or the "fast" path, same initial weights.
+
+    book: the spelled-out attention, layer norm and GELU, and AdamW's per-tensor loop (PyTorch's
+    default on a CPU); fast: fused kernels and fused AdamW, as the chapter script trains.
+    """
+    torch.manual_seed(seed)
+    fast = path == "fast"
+    model = GPTModel(gpt2_config(size, fused=fast)).train()
+    if fast:
+        return model, ft.make_optimizer(model, 5e-5, 0.1), fast_step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, foreach=False)
+    return model, optimizer, book_step

@@ -21,11 +21,9 @@ from functools import partial
 import tiktoken
 import torch
 import torch.nn.functional as F
-from bench_finetune import book_step, fast_step
-from common import chapter_data, gpt2_config, machine_line, real_batches, table, timed
+from common import chapter_data, machine_line, real_batches, table, timed, training_setup
 
-from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, make_optimizer
-from previous_chapters import GPTModel
+from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 
 
 def backward_seconds(fn, x):
@@ -59,13 +57,9 @@ def part_seconds(model, inputs, targets, fast):
 def profile(size, batches, items):
     """Median seconds per part for the book and the fast path: {path: {part: seconds}}."""
     results = {}
-    for path, fused in [("book", False), ("fast", True)]:
-        torch.manual_seed(0)
-        model = GPTModel(gpt2_config(size, fused=fused)).train()
-        optimizer = (make_optimizer(model, 5e-5, 0.1) if fused else
-                     torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1,
-                                       foreach=False))
-        step = fast_step if fused else book_step
+    for path in ("book", "fast"):
+        model, optimizer, step = training_setup(size, path)
+        fused = path == "fast"
         samples = []
         for inputs, targets in batches:
             parts = part_seconds(model, inputs, targets, fused)
