@@ -319,6 +319,21 @@ class GPTModel(nn.Module):
         return self.out_head(hidden)
 
 
+def _last_position_logits(model, hidden):
+    """Next-token logits (b, vocab_size) at the last position of `hidden` (b, num_tokens, emb).
+
+    With a few rows, weight @ hidden.T is several times faster on a CPU than the usual
+    hidden @ weight.T: the BLAS library then repacks the few hidden rows rather than the whole
+    (vocab_size, emb_dim) head matrix on every generated token. Same product, same result up to
+    float rounding.
+    """
+    last = hidden[:, -1, :]  # (b, emb_dim)
+    head = model.out_head
+    if isinstance(head, nn.Linear) and head.bias is None:
+        return (head.weight @ last.T).T  # (vocab_size, b) -> (b, vocab_size)
+    return head(last)  # a wrapped head, e.g. with LoRA
+
+
 def _next_token(logits, temperature, top_k):
     """Pick the next token id (b, 1) from last-position logits (b, vocab_size)."""
     if top_k is not None:
@@ -364,7 +379,7 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
                 dropped = max(idx.shape[1] - context_size, 0)
                 window_pad = None if pad_lengths is None else (pad_lengths - dropped).clamp(min=0)
                 hidden = model.features(idx[:, -context_size:], pad_lengths=window_pad)
-            logits = model.out_head(hidden[:, -1, :])  # (b, vocab_size): only the last position
+            logits = _last_position_logits(model, hidden)  # (b, vocab_size)
             idx_next = _next_token(logits, temperature, top_k)  # (b, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished[:, None], eos_id)
