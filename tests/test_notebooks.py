@@ -31,34 +31,38 @@ def ollama_port_free():
         return sock.connect_ex(("127.0.0.1", 11434)) != 0
 
 
+def kernel_pythonpath():
+    """PYTHONPATH for the kernel: it runs in a scratch folder and imports the repo's modules."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
+def execute(name, folder):
+    """Run notebook `name` top to bottom with `folder` as the kernel's working folder."""
+    nb = nbformat.read(REPO / name, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(folder)}}).execute()
+    return nb
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """Each notebook executed with CH07_SMALL=1 in a scratch folder: (folder, {name: nb})."""
+    """The notebooks executed in order with CH07_SMALL=1 in one scratch folder:
+    (folder, {name: executed notebook})."""
     folder = tmp_path_factory.mktemp("notebooks")
-    env = {"CH07_SMALL": "1", "PYTHONPATH": str(REPO)}
+    env = {"CH07_SMALL": "1", "PYTHONPATH": kernel_pythonpath()}
     data = SHARED_DATA / "instruction-data.json"
     if data.exists():
         env["CH07_DATA"] = str(data)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        results = {}
-        for name in NOTEBOOKS:
-            nb = nbformat.read(REPO / name, as_version=4)
-            NotebookClient(nb, timeout=600, kernel_name="python3",
-                           resources={"metadata": {"path": str(folder)}}).execute()
-            results[name] = nb
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment
+        for key, value in env.items():
+            mp.setenv(key, value)
+        results = {name: execute(name, folder) for name in NOTEBOOKS}
     yield folder, results
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def all_text(nb):
+    """The text output of all code cells of `nb`."""
     return "\n".join(outputs_text(cell) for cell in nb.cells if cell.cell_type == "code")
 
 
@@ -66,6 +70,7 @@ def test_ch07_runs_in_the_small_setting(executed):
     folder, results = executed
     text = all_text(results["ch07.ipynb"])
     assert "Training set length: 935\nValidation set length: 55\nTest set length: 110" in text
+    assert text.count("same batch: True") == 2  # the notebook's draft is the script's function
     assert "torch.Size([8, 61]) torch.Size([8, 61])" in text  # the first shuffled batch
     assert "Loaded model: Small test model" in text
     assert "Training completed in " in text
@@ -90,13 +95,36 @@ def test_exercise_solutions_run_in_the_small_setting(executed):
 def test_load_finetuned_model_runs_in_the_small_setting(executed):
     folder, results = executed
     text = all_text(results["load-finetuned-model.ipynb"])
+    # ch07.ipynb ran first in the same folder and saved its tiny finetuned model there
+    assert "Loaded Smalltestmodel-sft.pth" in text
+    assert "Response: " in text
+
+
+def test_load_finetuned_model_saves_a_tiny_model_when_none_exists(tmp_path, monkeypatch):
+    """Alone in an empty folder, the small setting writes its own tiny model and answers."""
+    monkeypatch.setenv("CH07_SMALL", "1")
+    monkeypatch.setenv("PYTHONPATH", kernel_pythonpath())
+    text = all_text(execute("load-finetuned-model.ipynb", tmp_path))
+    assert "Saved a tiny random model as Smalltestmodel-sft-standalone.pth" in text
     assert "Loaded Smalltestmodel-sft-standalone.pth" in text
     assert "Response: " in text
-    assert (folder / "Smalltestmodel-sft-standalone.pth").exists()
+    assert (tmp_path / "Smalltestmodel-sft-standalone.pth").exists()
+
+
+def test_load_finetuned_model_says_what_to_run_without_a_model(tmp_path, monkeypatch):
+    """In the real setting with no saved model, the notebook names the script and runs on."""
+    monkeypatch.delenv("CH07_SMALL", raising=False)
+    monkeypatch.setenv("PYTHONPATH", kernel_pythonpath())
+    text = all_text(execute("load-finetuned-model.ipynb", tmp_path))
+    assert "Run `python gpt_instruction_finetuning.py` first" in text
+    assert "No model loaded" in text
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_outputs_come_only_from_data_cells(name):
+    """Only cells tagged real-output keep outputs; none of them uses weights, the judge or
+    the small setting's random model, and none shows a figure."""
     nb = nbformat.read(REPO / name, as_version=4)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
@@ -104,15 +132,24 @@ def test_committed_outputs_come_only_from_data_cells(name):
         tagged = REAL in cell.metadata.get("tags", [])
         if cell.outputs:
             assert tagged, f"{name} cell {i} has outputs but is not a data cell"
-        text = cell.source
         if tagged:  # data cells never touch model weights or the judge
             for marker in ("load_weights_into_gpt", "train_model_simple", "generate(",
-                           "query_model", "torch.load"):
-                assert marker not in text, f"{name} cell {i} uses {marker}"
+                           "query_model", "torch.load", "generate_responses"):
+                assert marker not in cell.source, f"{name} cell {i} uses {marker}"
+        for output in cell.outputs:
+            assert output.output_type == "stream", f"{name} cell {i} keeps a {output.output_type}"
+        text = outputs_text(cell)
+        for marker in ("Small test model", "Smalltestmodel", "tiny random model"):
+            assert marker not in text, f"{name} cell {i} shows output of the small setting"
 
 
-def test_committed_ch07_shows_the_real_split():
-    nb = nbformat.read(REPO / "ch07.ipynb", as_version=4)
-    text = all_text(nb)
-    assert "Training set length: 935\nValidation set length: 55\nTest set length: 110" in text
+def test_committed_outputs_are_the_real_setting():
+    """The stored outputs come from the chapter's dataset and GPT-2 medium's shape."""
+    text = all_text(nbformat.read(REPO / "ch07.ipynb", as_version=4))
     assert "Number of entries: 1100" in text
+    assert "Training set length: 935\nValidation set length: 55\nTest set length: 110" in text
+    assert "Train loader:\ntorch.Size([8, 61]) torch.Size([8, 61])" in text
+    assert text.count("torch.Size([8, ") == 2 * (935 // 8)  # every training batch, both tensors
+    text = all_text(nbformat.read(REPO / "exercise-solutions.ipynb", as_version=4))
+    assert "Total trainable parameters before: 406,286,336" in text  # GPT-2 medium
+    assert "Total trainable LoRA parameters: 7,898,384" in text
