@@ -85,13 +85,14 @@ class MultiHeadAttention(nn.Module):
         b, num_tokens, _ = x.shape
         return x.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, layer_cache=None, blocked=None):
+    def forward(self, x, layer_cache=None, blocked=None, segments=None):
         """Attend over `x` (b, num_tokens, d_in) and return (b, num_tokens, d_out).
 
         `layer_cache` (a `LayerKVCache`) holds the keys and values of earlier positions; the new
         ones are appended to it. `blocked` (bool, broadcastable to (b, 1, num_tokens, num_keys))
         marks the keys each query must not see; None means plain causal attention starting at
-        position 0, the training case.
+        position 0, the training case. `segments` (token counts summing to num_tokens) says that
+        `x` holds several sequences one after another: each one attends causally to itself only.
         """
         b, num_tokens, _ = x.shape
         queries = self._split_heads(self.W_query(x))  # (b, num_heads, num_tokens, head_dim)
@@ -100,24 +101,33 @@ class MultiHeadAttention(nn.Module):
         if layer_cache is not None:
             keys, values = layer_cache.append(keys, values)  # (b, num_heads, num_keys, head_dim)
 
+        if segments is None:
+            context = self._attend(queries, keys, values, blocked)
+        else:
+            parts = zip(queries.split(segments, dim=2), keys.split(segments, dim=2),
+                        values.split(segments, dim=2), strict=True)
+            context = torch.cat([self._attend(q, k, v, None) for q, k, v in parts], dim=2)
+        # context: (b, num_heads, num_tokens, head_dim)
+        context = context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context)  # (b, num_tokens, d_out)
+
+    def _attend(self, queries, keys, values, blocked):
+        """Weighted sum of `values` for each query: (b, num_heads, num_queries, head_dim)."""
         if self.fused:
-            context = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 queries, keys, values,
                 attn_mask=None if blocked is None else ~blocked,
                 dropout_p=self.dropout.p if self.training else 0.0,
                 is_causal=blocked is None,
-            )  # (b, num_heads, num_tokens, head_dim)
-        else:
-            if blocked is None:
-                blocked = self.mask[:num_tokens, :num_tokens]
-            attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_keys)
-            attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
-            attn_weights = torch.softmax(attn_scores / self.head_dim**0.5, dim=-1)
-            attn_weights = self.dropout(attn_weights)
-            context = attn_weights @ values  # (b, num_heads, num_tokens, head_dim)
-
-        context = context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context)  # (b, num_tokens, d_out)
+            )
+        num_queries, num_keys = queries.shape[2], keys.shape[2]
+        if blocked is None:
+            blocked = self.mask[:num_queries, :num_keys]
+        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_queries, num_keys)
+        attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
+        attn_weights = torch.softmax(attn_scores / self.head_dim**0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        return attn_weights @ values  # (b, num_heads, num_queries, head_dim)
 
 
 #####################################
@@ -199,8 +209,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x, layer_cache=None, blocked=None):
-        x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache, blocked))
+    def forward(self, x, layer_cache=None, blocked=None, segments=None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache, blocked, segments))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x  # (b, num_tokens, emb_dim)
 
@@ -282,6 +292,13 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
+    def _check_length(self, num_tokens):
+        """Raise ValueError when `num_tokens` positions do not fit the context length."""
+        context_length = self.pos_emb.num_embeddings
+        if num_tokens > context_length:
+            raise ValueError(f"Sequence of {num_tokens} tokens is longer than the "
+                             f"model's context length of {context_length}")
+
     def features(self, in_idx, cache=None, pad_lengths=None):
         """Return the final-normed hidden states (b, num_tokens, emb_dim) for token ids `in_idx`.
 
@@ -292,10 +309,7 @@ class GPTModel(nn.Module):
         """
         _, num_tokens = in_idx.shape
         start = 0 if cache is None else cache.length
-        context_length = self.pos_emb.num_embeddings
-        if start + num_tokens > context_length:
-            raise ValueError(f"Sequence of {start + num_tokens} tokens is longer than the "
-                             f"model's context length of {context_length}")
+        self._check_length(start + num_tokens)
         positions = torch.arange(start, start + num_tokens, device=in_idx.device)  # (num_tokens,)
         if pad_lengths is not None:
             positions = (positions[None, :] - pad_lengths[:, None]).clamp(min=0)  # (b, num_tokens)
@@ -306,17 +320,55 @@ class GPTModel(nn.Module):
             x = block(x, None if cache is None else cache.layers[i], blocked)
         return self.final_norm(x)
 
+    def packed_features(self, in_idx, lengths):
+        """Final-normed hidden states (sum(lengths), emb_dim) of the first `lengths[i]` tokens of
+        each row of `in_idx` (b, num_tokens), rows one after another.
+
+        The rows are packed into one sequence in which each row attends only to itself, so the
+        positions after a row's length cost nothing; under causal attention a position never
+        depends on later ones, so the states equal those of `features` up to float rounding.
+        With dropout on, the masks are drawn for the computed positions only, so they differ
+        from those `features` would draw.
+        """
+        b, num_tokens = in_idx.shape
+        self._check_length(num_tokens)
+        positions = torch.arange(num_tokens, device=in_idx.device).expand(b, num_tokens)
+        tokens = pack_rows(in_idx, lengths)  # (packed,)
+        x = self.tok_emb(tokens) + self.pos_emb(pack_rows(positions, lengths))  # (packed, emb)
+        x = self.drop_emb(x[None])  # (1, packed, emb_dim)
+        segments = lengths.tolist()
+        for block in self.trf_blocks:
+            x = block(x, segments=segments)
+        return self.final_norm(x[0])  # (packed, emb_dim)
+
     def forward(self, in_idx, cache=None, pad_lengths=None, keep=None):
         """Return next-token logits (b, num_tokens, vocab_size) for token ids (b, num_tokens).
 
-        `keep` (bool, (b, num_tokens)) computes the output head only where it is True and
-        returns (num_kept, vocab_size): the head is the largest matrix, and the loss needs no
-        logits at positions whose target is ignored.
+        `keep` (bool, (b, num_tokens)) returns logits only where it is True, as
+        (num_kept, vocab_size) in row-major order: that is all a loss with ignored targets
+        needs. Positions after a row's last kept one are then not computed at all (see
+        `packed_features`), and the output head, the largest matrix, runs only on kept ones.
         """
-        hidden = self.features(in_idx, cache, pad_lengths)  # (b, num_tokens, emb_dim)
-        if keep is not None:
-            hidden = hidden[keep]  # (num_kept, emb_dim)
-        return self.out_head(hidden)
+        if keep is None:
+            return self.out_head(self.features(in_idx, cache, pad_lengths))
+        if cache is not None or pad_lengths is not None:
+            raise ValueError("keep= computes whole rows from position 0, without cache or padding")
+        lengths = needed_lengths(keep)  # (b,)
+        hidden = self.packed_features(in_idx, lengths)  # (packed, emb_dim)
+        return self.out_head(hidden[pack_rows(keep, lengths)])  # (num_kept, vocab_size)
+
+
+def needed_lengths(keep):
+    """Positions each row of `keep` (bool, (b, num_tokens)) needs: one past its last True."""
+    counts = torch.arange(1, keep.shape[1] + 1, device=keep.device)  # (num_tokens,)
+    return (keep * counts).amax(dim=1)  # (b,), 0 for a row without any True
+
+
+def pack_rows(rows, lengths):
+    """The first `lengths[i]` entries of each row of `rows` (b, num_tokens), one row after
+    another: (sum(lengths),), aligned with the output of `GPTModel.packed_features`."""
+    positions = torch.arange(rows.shape[1], device=rows.device)  # (num_tokens,)
+    return rows[positions[None, :] < lengths[:, None]]
 
 
 def _last_position_logits(model, hidden):

@@ -11,9 +11,9 @@ does; the answers of (c) are checked against (a).
 
 train: the chapter's shuffled training batches (batch 8, real lengths), the same initial weights,
 stepping two models in turn: "book" (the book's spelled-out attention, layer norm and GELU, logits
-at every position, AdamW's per-tensor loop) and "fast" (fused kernels, logits only where the
-target counts, fused AdamW). Prints the median step, tokens/s, their ratio, and how far the
-first losses of the two paths lie apart.
+at every position, AdamW's per-tensor loop) and "fast" (fused kernels, each row computed only up
+to its last counted target, logits only where the target counts, fused AdamW). Prints the
+median step, tokens/s, their ratio, and how far the first losses of the two paths lie apart.
 
 memory: peak memory of 355M training steps, measured in a fresh process (CUDA: the allocator's
 peak; CPU: the process's peak resident memory).

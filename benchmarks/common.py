@@ -103,7 +103,8 @@ def training_setup(size, path, seed=0):
     """(model, optimizer, step function) of the "book" or the "fast" path, same initial weights.
 
     book: the spelled-out attention, layer norm and GELU, and AdamW's per-tensor loop (PyTorch's
-    default on a CPU); fast: fused kernels and fused AdamW, as the chapter script trains.
+    default on a CPU); fast: fused kernels, the loss through `calc_loss_batch` (rows packed up
+    to their last counted target) and fused AdamW, as the chapter script trains.
     """
     torch.manual_seed(seed)
     fast = path == "fast"

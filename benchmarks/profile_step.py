@@ -4,7 +4,8 @@
     python benchmarks/profile_step.py --sizes 124M
 
 Each part of the step is timed on its own, forward and backward, on hidden states of the
-chapter's real batch shapes (batch 8; the first batches of the shuffled training loader):
+chapter's real batch shapes (batch 8; the first batches of the shuffled training loader; for
+the fast path the rows packed up to each one's last counted target, as the model computes them):
   attention   norm1 + the attention sublayer, times the number of layers
   MLP         norm2 + the feedforward sublayer, times the number of layers
   head + loss final norm + output head + cross-entropy
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from common import chapter_data, machine_line, real_batches, table, timed, training_setup
 
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
+from previous_chapters import needed_lengths, pack_rows
 
 
 def backward_seconds(fn, x):
@@ -37,21 +39,33 @@ def part_seconds(model, inputs, targets, fast):
     """Seconds of each part of one step on this batch's shape (see the module docstring)."""
     b, t = inputs.shape
     emb = model.tok_emb.embedding_dim
-    x = torch.randn(b, t, emb, requires_grad=True)
     block = model.trf_blocks[0]
     layers = len(model.trf_blocks)
-    attention = backward_seconds(lambda h: block.att(block.norm1(h)), x) * layers
-    mlp = backward_seconds(lambda h: block.ff(block.norm2(h)), x) * layers
-    if fast:
+    if fast:  # the rows packed into one sequence, up to each row's last counted target
         keep = targets != -100
+        lengths = needed_lengths(keep)
+        segments = lengths.tolist()
+        x = torch.randn(1, sum(segments), emb, requires_grad=True)
+        packed_keep = pack_rows(keep, lengths)
+
+        def attention(h):
+            return block.att(block.norm1(h), segments=segments)
 
         def head(h):
-            return F.cross_entropy(model.out_head(model.final_norm(h)[keep]), targets[keep])
+            logits = model.out_head(model.final_norm(h[0])[packed_keep])
+            return F.cross_entropy(logits, targets[keep])
     else:
+        x = torch.randn(b, t, emb, requires_grad=True)
+
+        def attention(h):
+            return block.att(block.norm1(h))
+
         def head(h):
             logits = model.out_head(model.final_norm(h))
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    return {"attention": attention, "MLP": mlp, "head + loss": backward_seconds(head, x)}
+    return {"attention": backward_seconds(attention, x) * layers,
+            "MLP": backward_seconds(lambda h: block.ff(block.norm2(h)), x) * layers,
+            "head + loss": backward_seconds(head, x)}
 
 
 def profile(size, batches, items):

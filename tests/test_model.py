@@ -235,6 +235,52 @@ def test_model_refuses_sequences_longer_than_its_context(tiny_model):
         tiny_model(torch.zeros(1, 33, dtype=torch.long))
 
 
+def kept_positions_batch():
+    """Inputs (3, 10) and a keep mask: a masked instruction, trailing padding, a row kept whole."""
+    inputs = torch.randint(0, 50257, (3, 10), generator=torch.Generator().manual_seed(4))
+    keep = torch.zeros(3, 10, dtype=torch.bool)
+    keep[0, 3:6] = True  # instruction masked before, padding after
+    keep[1, :4] = True  # padding after position 3
+    keep[2, :] = True
+    return inputs, keep
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_keep_gives_the_full_logits_and_gradients_at_kept_positions(tiny_cfg, fused):
+    inputs, keep = kept_positions_batch()
+    torch.manual_seed(123)
+    model = GPTModel({**tiny_cfg, "fused": fused})
+    full = model(inputs)[keep]  # (17, vocab_size)
+    full.square().mean().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    kept = model(inputs, keep=keep)
+    kept.square().mean().backward()
+    assert kept.shape == (17, 50257)
+    assert torch.allclose(kept, full, atol=1e-5)
+    for (name, param), expected in zip(model.named_parameters(), full_grads, strict=True):
+        assert torch.allclose(param.grad, expected, atol=1e-6), name
+
+
+def test_keep_computes_no_position_after_a_rows_last_kept_one(tiny_model):
+    inputs, keep = kept_positions_batch()
+    seen = []
+    tiny_model.trf_blocks[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    tiny_model(inputs, keep=keep)
+    assert seen == [(1, 6 + 4 + 10, 16)]  # rows of 6, 4 and 10 positions, packed in one sequence
+    keep[:] = False
+    assert tiny_model(inputs, keep=keep).shape == (0, 50257)
+
+
+def test_keep_refuses_a_cache_and_long_sequences(tiny_model):
+    inputs, keep = kept_positions_batch()
+    with pytest.raises(ValueError, match="keep= computes whole rows from position 0"):
+        tiny_model(inputs, cache=KVCache(n_layers=2, capacity=32), keep=keep)
+    long_inputs = torch.zeros(1, 33, dtype=torch.long)
+    with pytest.raises(ValueError, match="33 tokens is longer than the model's context length"):
+        tiny_model(long_inputs, keep=torch.ones(1, 33, dtype=torch.bool))
+
+
 def test_loss_ignores_targets_of_minus_100(tiny_model):
     torch.manual_seed(0)
     inputs = torch.randint(0, 50257, (2, 6))
