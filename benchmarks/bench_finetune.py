@@ -2,21 +2,24 @@
 
     python benchmarks/bench_finetune.py                    # generation and 124M training
     python benchmarks/bench_finetune.py --model 355M --parts train memory
+    python benchmarks/bench_finetune.py --parts train memory --precision bf16 --compile  # GPU
 
-generation: the first test entries of the chapter's dataset on a GPT-2 124M-shaped model with
-random weights (which never produce the end-of-text token, so every answer is 256 tokens long),
-answered (a) one at a time recomputing the sequence every step (the book's
-loop), (b) one at a time with the KV cache, (c) in batches with the cache, as the chapter script
-does; the answers of (c) are checked against (a).
+generation (on the CPU): the first test entries of the chapter's dataset on a GPT-2 124M model
+with random weights (which never produce the end-of-text token, so every answer is 256 tokens
+long), answered (a) one at a time recomputing the sequence every step (the book's loop), (b) one
+at a time with the KV cache, (c) in batches with the cache, as the chapter script does; the
+answers of (c) are checked against (a).
 
 train: the chapter's shuffled training batches (batch 8, real lengths), the same initial weights,
 stepping two models in turn: "book" (the book's spelled-out attention, layer norm and GELU, logits
 at every position, AdamW's per-tensor loop) and "fast" (fused kernels, each row computed only up
 to its last counted target, logits only where the target counts, fused AdamW). Prints the
 median step, tokens/s, their ratio, and how far the first losses of the two paths lie apart.
+Training runs on the GPU when there is one; `--precision bf16` and `--compile` apply the chapter
+script's options of the same names to the fast path (the book path stays float32 and eager).
 
-memory: peak memory of 355M training steps, measured in a fresh process (CUDA: the allocator's
-peak; CPU: the process's peak resident memory).
+memory: peak memory of fast training steps, measured in a fresh process (CUDA: the allocator's
+peak; CPU: the process's peak resident memory), with the same options.
 """
 
 import argparse
@@ -37,10 +40,9 @@ from common import (
     training_setup,
 )
 
-from gpt_instruction_finetuning import format_input, generate_responses, make_optimizer
+from gpt_instruction_finetuning import format_input, generate_responses
 from previous_chapters import (
     GPTModel,
-    calc_loss_batch,
     generate,
     text_to_token_ids,
     token_ids_to_text,
@@ -80,10 +82,25 @@ def bench_generation(entries_count, max_new_tokens):
             ["batched answers identical to recompute", str(identical), ""]]
 
 
-def bench_training(size, steps):
+def device_name():
+    """Where the training parts run: the GPU when there is one, as the chapter script does."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fast_label(precision, compile_forward):
+    """The fast path's row name, with the options it runs under."""
+    options = [precision] if precision != "fp32" else []
+    options += ["compiled"] if compile_forward else []
+    return f"fast ({', '.join(options)})" if options else "fast"
+
+
+def bench_training(size, steps, precision="fp32", compile_forward=False):
     """Rows of the book-vs-fast training table, both paths stepping in turn on the same batches."""
     batches = real_batches(steps + 1)
-    paths = {name: training_setup(size, name) for name in ("book", "fast")}
+    device = device_name()
+    paths = {"book": training_setup(size, "book", device=device),
+             "fast": training_setup(size, "fast", device=device, precision=precision,
+                                    compile_forward=compile_forward)}
     seconds = {name: [] for name in paths}
     losses = {name: [] for name in paths}
     for inputs, targets in batches:
@@ -92,11 +109,12 @@ def bench_training(size, steps):
             seconds[name].append(elapsed)
             losses[name].append(loss)
     tokens = [inputs.numel() for inputs, _ in batches[1:]]
-    rows = [[f"GPT-2 {size}, batch 8, real lengths", "median step", "tokens/s"]]
+    rows = [[f"GPT-2 {size}, batch 8, real lengths, {device}", "median step", "tokens/s"]]
     speed = {}
     for name in paths:
         speed[name] = sum(tokens) / sum(seconds[name][1:])  # the first step warms up
-        rows.append([name, f"{statistics.median(seconds[name][1:]):.2f} s",
+        label = fast_label(precision, compile_forward) if name == "fast" else name
+        rows.append([label, f"{statistics.median(seconds[name][1:]):.2f} s",
                      f"{speed[name]:.0f}"])
     first = min(5, len(batches))
     gap = max(abs(a - b) for a, b in zip(losses["book"][:first], losses["fast"][:first],
@@ -106,26 +124,24 @@ def bench_training(size, steps):
     return rows
 
 
-def peak_memory_of_training(size, steps=2):
+def peak_memory_of_training(size, precision, compile_forward, steps=2):
     """Run in a fresh process: peak memory (bytes, label) of `steps` fast training steps."""
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPTModel(gpt2_config(size)).to(device).train()
-    optimizer = make_optimizer(model, 5e-5, 0.1)
+    device = device_name()
+    model, optimizer, step = training_setup(size, "fast", device=device, precision=precision,
+                                            compile_forward=compile_forward)
     for inputs, targets in real_batches(steps):
-        optimizer.zero_grad()
-        calc_loss_batch(inputs, targets, model, device).backward()
-        optimizer.step()
+        step(model, optimizer, inputs, targets)
     if device == "cuda":
         return torch.cuda.max_memory_allocated(), "CUDA allocator peak"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU peak resident memory"
 
 
-def bench_memory(size):
+def bench_memory(size, precision="fp32", compile_forward=False):
     """Rows of the memory table."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        peak, label = pool.apply(peak_memory_of_training, (size,))
-    return [[f"GPT-2 {size} training step, batch 8", "peak memory"],
+        peak, label = pool.apply(peak_memory_of_training, (size, precision, compile_forward))
+    name = fast_label(precision, compile_forward)
+    return [[f"GPT-2 {size} training step, batch 8, {name}", "peak memory"],
             [label, f"{peak / 2**30:.2f} GiB"]]
 
 
@@ -141,6 +157,11 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=256,
                         help="the chapter's answer length; random weights never stop earlier")
     parser.add_argument("--steps", type=int, default=6, help="measured training steps per path")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the fast path's training precision (bf16: autocast, for GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the fast path's forward pass; it recompiles for the first "
+                             "batch shapes, so give it more --steps")
     args = parser.parse_args()
 
     print(machine_line())
@@ -148,10 +169,10 @@ def main():
         rows = bench_generation(args.entries, args.max_new_tokens)
         print(table(rows[0], rows[1:]))
     if "train" in args.parts:
-        rows = bench_training(args.model, args.steps)
+        rows = bench_training(args.model, args.steps, args.precision, args.compile)
         print(table(rows[0], rows[1:]))
     if "memory" in args.parts:
-        rows = bench_memory(args.model)
+        rows = bench_memory(args.model, args.precision, args.compile)
         print(table(rows[0], rows[1:]))
 
 

@@ -83,6 +83,8 @@ def table(header, rows):
 
 def book_step(model, optimizer, inputs, targets):
     """The book's training step: logits everywhere, cross-entropy skips -100 targets."""
+    device = model.out_head.weight.device
+    inputs, targets = inputs.to(device), targets.to(device)
     optimizer.zero_grad()
     loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
     loss.backward()
@@ -93,23 +95,26 @@ def book_step(model, optimizer, inputs, targets):
 def fast_step(model, optimizer, inputs, targets):
     """The chapter script's training step."""
     optimizer.zero_grad()
-    loss = calc_loss_batch(inputs, targets, model, "cpu")
+    loss = calc_loss_batch(inputs, targets, model, model.out_head.weight.device)
     loss.backward()
     optimizer.step()
     return loss.item()
 
 
-def training_setup(size, path, seed=0):
+def training_setup(size, path, seed=0, device="cpu", precision="fp32", compile_forward=False):
     """(model, optimizer, step function) of the "book" or the "fast" path, same initial weights.
 
     book: the spelled-out attention, layer norm and GELU, and AdamW's per-tensor loop (PyTorch's
     default on a CPU); fast: fused kernels, the loss through `calc_loss_batch` (rows packed up
-    to their last counted target) and fused AdamW, as the chapter script trains.
+    to their last counted target) and fused AdamW, as the chapter script trains, with its
+    `--precision` and `--compile` options. The book path is always float32 and eager.
     """
     torch.manual_seed(seed)
     fast = path == "fast"
-    model = GPTModel(gpt2_config(size, fused=fast)).train()
+    model = GPTModel(gpt2_config(size, fused=fast)).to(device).train()
     if fast:
+        if precision != "fp32" or compile_forward:
+            ft.speed_up_forward(model, torch.device(device), precision, compile_forward)
         return model, ft.make_optimizer(model, 5e-5, 0.1), fast_step
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, foreach=False)
     return model, optimizer, book_step

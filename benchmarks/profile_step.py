@@ -1,4 +1,4 @@
-"""Where a training step's time goes, for the GPT-2 124M and 355M shapes on this machine.
+"""Where a training step's time goes, for the GPT-2 124M and 355M shapes on the CPU.
 
     python benchmarks/profile_step.py                 # 124M and 355M, book and fast paths
     python benchmarks/profile_step.py --sizes 124M
