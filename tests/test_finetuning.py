@@ -12,7 +12,13 @@ import pytest
 import torch
 
 import gpt_instruction_finetuning as ft
-from previous_chapters import GPTModel, generate, text_to_token_ids, token_ids_to_text
+from previous_chapters import (
+    GPTModel,
+    calc_loss_batch,
+    generate,
+    text_to_token_ids,
+    token_ids_to_text,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,4 +278,23 @@ def test_bf16_forward_trains_close_to_float32_and_generation_stays_float32(tiny_
     assert torch.allclose(logits, reference(inputs), atol=0.1)
     assert not torch.equal(logits, reference(inputs))  # it did run in bfloat16
     assert model.features(inputs).dtype == torch.float32
+    assert set(model.state_dict()) == set(reference.state_dict())
+
+
+def test_compiled_forward_gives_the_eager_logits_and_gradients(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    reference = GPTModel(tiny_cfg)
+    reference.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    ft.speed_up_forward(model, torch.device("cpu"), "fp32", compile_forward=True)
+    inputs = torch.randint(0, 50257, (2, 10))
+    targets = torch.randint(0, 50257, (2, 10))
+    targets[1, 6:] = -100
+    calc_loss_batch(inputs, targets, model, "cpu").backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    calc_loss_batch(inputs, targets, reference, "cpu").backward()
+    assert torch.allclose(model(inputs), reference(inputs), atol=1e-5)
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(param.grad, ref.grad, atol=1e-5), name
     assert set(model.state_dict()) == set(reference.state_dict())
