@@ -446,8 +446,11 @@ def speed_up_forward(model, device, precision, compile_forward):
     """Run the model's forward pass, which training and the loss use, in bf16 and/or compiled.
 
     Generation calls the model's parts directly, so it stays in float32 and eager mode. Logits
-    come back as float32, so the loss is computed at full precision.
+    come back as float32, so the loss is computed at full precision. With fp32 and no compiling
+    the model is left as it is.
     """
+    if precision == "fp32" and not compile_forward:
+        return
     forward = model.forward
     if precision == "bf16":
         float32_forward = forward
@@ -557,8 +560,7 @@ def run(args, experiment=None):
         raw_model, config, model_name = load_model(args, device)
     if experiment.prepare_model is not None:
         raw_model = experiment.prepare_model(raw_model).to(device)
-    if args.precision != "fp32" or args.compile:
-        speed_up_forward(raw_model, device, args.precision, args.compile)
+    speed_up_forward(raw_model, device, args.precision, args.compile)
     model = raw_model
     if dist.is_initialized():  # gradients are averaged over the processes after each backward
         model = DistributedDataParallel(

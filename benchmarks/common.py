@@ -113,8 +113,7 @@ def training_setup(size, path, seed=0, device="cpu", precision="fp32", compile_f
     fast = path == "fast"
     model = GPTModel(gpt2_config(size, fused=fast)).to(device).train()
     if fast:
-        if precision != "fp32" or compile_forward:
-            ft.speed_up_forward(model, torch.device(device), precision, compile_forward)
+        ft.speed_up_forward(model, torch.device(device), precision, compile_forward)
         return model, ft.make_optimizer(model, 5e-5, 0.1), fast_step
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, foreach=False)
     return model, optimizer, book_step

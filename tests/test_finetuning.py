@@ -298,3 +298,10 @@ def test_compiled_forward_gives_the_eager_logits_and_gradients(tiny_cfg):
     for (name, param), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(param.grad, ref.grad, atol=1e-5), name
     assert set(model.state_dict()) == set(reference.state_dict())
+
+
+def test_float32_eager_forward_is_left_as_it_is(tiny_cfg):
+    model = GPTModel(tiny_cfg)
+    ft.speed_up_forward(model, torch.device("cpu"), "fp32", compile_forward=False)
+    assert "forward" not in vars(model)
+    assert model.forward.__func__ is GPTModel.forward
