@@ -602,11 +602,28 @@ def run(args, experiment=None):
               "Run the same command with --resume to continue.")
         raise SystemExit(130) from None
     print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
-    if rank == 0:
-        save_results(args, experiment, raw_model, config, tokenizer, test_data, paths,
-                     train_losses, val_losses, tokens_seen)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group(rank)
+    save_results(args, experiment, raw_model, config, tokenizer, test_data, paths,
+                 train_losses, val_losses, tokens_seen)
+
+
+def leave_process_group(rank):
+    """End the distributed part after training; only rank 0 goes on to generate and save.
+
+    The ranks meet at a barrier and close the group together, so none of them waits through
+    rank 0's generation (a long wait would hit the group's timeout). The other ranks then end
+    with `os._exit`: gloo's worker threads may still be releasing the last gradient all-reduce,
+    which needs the GIL, and a thread that asks for it while Python shuts down aborts the whole
+    process ("terminate called without an active exception"). Those ranks have nothing left to
+    write, and skipping the shutdown leaves no such thread behind.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def save_results(args, experiment, model, config, tokenizer, test_data, paths,
