@@ -603,7 +603,7 @@ def run(args, experiment=None):
         raise SystemExit(130) from None
     print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
     if dist.is_initialized():
-        leave_process_group(rank)
+        leave_process_group(rank)  # ranks other than 0 end here
     save_results(args, experiment, raw_model, config, tokenizer, test_data, paths,
                  train_losses, val_losses, tokens_seen)
 
