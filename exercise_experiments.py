@@ -33,6 +33,7 @@ from gpt_instruction_finetuning import (
     main,
     token_ids,
 )
+from instruction_data import Phi3Prompt
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 
@@ -40,25 +41,6 @@ ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/a
 #####################################
 # Exercise 7.1: the Phi-3 prompt template
 #####################################
-
-
-class Phi3Prompt:
-    """The prompt template of Microsoft's Phi-3: no preamble, so fewer tokens per entry."""
-
-    name = "phi3"
-
-    def format_input(self, entry):
-        """Return the prompt for `entry`: the user tag, instruction, and input when there is one."""
-        input_text = f"\n{entry['input']}" if entry["input"] else ""
-        return f"<|user|>\n{entry['instruction']}{input_text}"
-
-    def format_response(self, entry):
-        """Return what training appends to the prompt: the assistant tag and the output."""
-        return f"\n<|assistant|>:\n{entry['output']}"
-
-    def extract_response(self, generated_text, input_text):
-        """Return the model's answer from `generated_text`: prompt and assistant tag removed."""
-        return generated_text[len(input_text):].replace("<|assistant|>:", "").strip()
 
 
 def mean_entry_tokens(data, tokenizer, prompt_style):

@@ -9,7 +9,6 @@ plot, generates a response for every test entry, and saves the responses and the
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -29,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from gpt_download import DownloadError, download_and_load_gpt2
+from instruction_data import ALPACA, DataError, format_input, load_json_entries  # noqa: F401
 from previous_chapters import (
     GPTModel,
-    atomic_write,
     calc_loss_loader,
     generate_batch,
     load_weights_into_gpt,
@@ -40,6 +39,7 @@ from previous_chapters import (
     token_ids_to_text,
     train_model_simple,
 )
+from script_utils import atomic_write, save_json
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
             "01_main-chapter-code/instruction-data.json")
@@ -61,46 +61,9 @@ TEST_MODE_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0
                     "qkv_bias": False, "emb_dim": 12, "n_layers": 1, "n_heads": 2}
 
 
-class DataError(ValueError):
-    """Input that cannot be used (a data file, a checkpoint, a setting); the message names the
-    file, entry and field."""
-
-
 #####################################
 # 7.2 Preparing the dataset
 #####################################
-
-
-class AlpacaPrompt:
-    """The chapter's Alpaca-style prompt template: one job, turn an entry into text and back."""
-
-    name = "alpaca"
-    preamble = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-    )
-
-    def format_input(self, entry):
-        """Return the prompt for `entry`: preamble, instruction, and the input when there is one."""
-        instruction_text = f"{self.preamble}\n\n### Instruction:\n{entry['instruction']}"
-        input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
-        return instruction_text + input_text
-
-    def format_response(self, entry):
-        """Return what training appends to the prompt: the response header and the output."""
-        return f"\n\n### Response:\n{entry['output']}"
-
-    def extract_response(self, generated_text, input_text):
-        """Return the model's answer from `generated_text`: prompt and response header removed."""
-        return generated_text[len(input_text):].replace("### Response:", "").strip()
-
-
-ALPACA = AlpacaPrompt()
-
-
-def format_input(entry):
-    """Return the chapter's Alpaca-style prompt for one dataset entry (the book's function)."""
-    return ALPACA.format_input(entry)
 
 
 def download_and_load_file(file_path, url):
@@ -117,32 +80,6 @@ def download_and_load_file(file_path, url):
         with atomic_write(file_path, "w") as f:
             f.write(text)
     return load_json_entries(file_path)
-
-
-def load_json_entries(file_path, fields=("instruction", "input", "output")):
-    """Read a JSON list of entries and check that each has string values for `fields`."""
-    try:
-        with open(file_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{file_path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{file_path}: not valid JSON ({exc})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{file_path}: expected a JSON list of entries, "
-                        f"got {type(data).__name__}")
-    if not data:
-        raise DataError(f"{file_path}: the dataset is empty")
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise DataError(f"{file_path}: entry {i} is not an object")
-        for field in fields:
-            if field not in entry:
-                raise DataError(f"{file_path}: entry {i} has no '{field}' field")
-            if not isinstance(entry[field], str):
-                raise DataError(f"{file_path}: entry {i} field '{field}' must be a string, "
-                                f"got {type(entry[field]).__name__}")
-    return data
 
 
 def split_data(data, file_path="dataset"):
@@ -475,12 +412,6 @@ def make_optimizer(model, lr, weight_decay):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:  # no fused AdamW for this device
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def save_json(data, path):
-    """Write `data` as indented JSON, atomically."""
-    with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=4)
 
 
 def save_checkpoint(path, model, optimizer, state):

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 from tqdm import tqdm
 
-from gpt_instruction_finetuning import DataError, format_input, load_json_entries
-from previous_chapters import atomic_write
+from instruction_data import DataError, format_input, load_json_entries
+from script_utils import atomic_write
 
 OLLAMA_URL = "http://localhost:11434/api/chat"
 OPENAI_URL = "http://localhost:8000/v1/chat/completions"

@@ -16,11 +16,13 @@ from itertools import islice
 
 import matplotlib.pyplot as plt
 import numpy as np
+import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
+from torch.utils.data import DataLoader, Dataset
 
 #####################################
 # Chapter 2: text <-> token ids
@@ -39,18 +41,49 @@ def token_ids_to_text(token_ids, tokenizer):
     return tokenizer.decode(flat.tolist())
 
 
+class GPTDatasetV1(Dataset):
+    """Chapter 2's pretraining samples: windows of `max_length` tokens, `stride` tokens apart.
+
+    Each item is (input_ids, target_ids), both (max_length,), the targets shifted by one token.
+    """
+
+    def __init__(self, txt, tokenizer, max_length, stride):
+        token_ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+        self.input_ids = []
+        self.target_ids = []
+        for start in range(0, len(token_ids) - max_length, stride):
+            window = token_ids[start:start + max_length + 1]  # one more for the last target
+            self.input_ids.append(torch.tensor(window[:-1]))
+            self.target_ids.append(torch.tensor(window[1:]))
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, idx):
+        return self.input_ids[idx], self.target_ids[idx]
+
+
+def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
+                         drop_last=True, num_workers=0):
+    """A DataLoader of `GPTDatasetV1` windows over `txt`, tokenized with GPT-2's encoding."""
+    tokenizer = tiktoken.get_encoding("gpt2")
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers)
+
+
 #####################################
 # Chapter 3: causal multi-head attention
 #####################################
 
 
-def _drop_saved_mask(module, state_dict, prefix, *args):
-    """Ignore the causal mask that the book's code stored in its checkpoints.
+def _fill_missing_mask(module, state_dict, prefix, *args):
+    """Let a state dict without the causal mask load with `strict=True`.
 
-    The mask is rebuilt from `context_length`, so it is not saved here; dropping it on load lets
-    a `.pth` written by the book's code load into this model with `strict=True`.
+    The book's attention saves its mask in the state dict, and so does this one, so `.pth` files
+    load both ways; files written before the mask was saved get the module's own mask.
     """
-    state_dict.pop(prefix + "mask", None)
+    state_dict.setdefault(prefix + "mask", module.mask)
 
 
 class MultiHeadAttention(nn.Module):
@@ -75,10 +108,11 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        # True above the diagonal: a token must not see the tokens after it.
+        # True above the diagonal: a token must not see the tokens after it. Saved in the state
+        # dict as the book's is (its 1.0/0.0 floats load into these booleans and back).
         causal = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
-        self.register_buffer("mask", causal, persistent=False)
-        self.register_load_state_dict_pre_hook(_drop_saved_mask)
+        self.register_buffer("mask", causal)
+        self.register_load_state_dict_pre_hook(_fill_missing_mask)
 
     def _split_heads(self, x):
         """(b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)."""
@@ -369,6 +403,21 @@ def pack_rows(rows, lengths):
     another: (sum(lengths),), aligned with the output of `GPTModel.packed_features`."""
     positions = torch.arange(rows.shape[1], device=rows.device)  # (num_tokens,)
     return rows[positions[None, :] < lengths[:, None]]
+
+
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    """Chapter 4's greedy loop: append `max_new_tokens` most likely next tokens to `idx` (b, n).
+
+    Every step runs the model over the last `context_size` tokens again; `generate` below gives
+    the same tokens with a key/value cache.
+    """
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]  # (b, min(num_tokens, context_size))
+        with torch.no_grad():
+            logits = model(idx_cond)  # (b, num_tokens, vocab_size)
+        idx_next = torch.argmax(logits[:, -1, :], dim=-1, keepdim=True)  # (b, 1)
+        idx = torch.cat((idx, idx_next), dim=1)  # (b, num_tokens + 1)
+    return idx
 
 
 def _last_position_logits(model, hidden):

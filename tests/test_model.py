@@ -107,17 +107,30 @@ def test_fused_kernels_and_spelled_out_math_agree(tiny_cfg):
     assert torch.allclose(fast(idx), slow(idx), atol=1e-5)
 
 
-def test_state_dict_with_the_books_saved_mask_loads(tiny_cfg):
+def test_state_dict_saves_the_causal_mask_as_the_book_does(tiny_cfg):
     torch.manual_seed(0)
     model = GPTModel(tiny_cfg)
     state = model.state_dict()
-    assert not any(k.endswith(".mask") for k in state)
     n = tiny_cfg["context_length"]
-    for i in range(tiny_cfg["n_layers"]):  # the book registered the mask as a saved buffer
-        state[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(n, n), diagonal=1)
+    masks = [k for k in state if k.endswith(".mask")]
+    assert masks == [f"trf_blocks.{i}.att.mask" for i in range(tiny_cfg["n_layers"])]
+    book_mask = torch.triu(torch.ones(n, n), diagonal=1)
+    for key in masks:  # the book registered the mask as a float 0/1 buffer
+        assert torch.equal(state[key].float(), book_mask)
+        state[key] = book_mask
     fresh = GPTModel(tiny_cfg)
     fresh.load_state_dict(state, strict=True)
     assert torch.equal(fresh.out_head.weight, model.out_head.weight)
+    assert torch.equal(fresh.trf_blocks[0].att.mask.float(), book_mask)
+
+
+def test_state_dict_without_masks_still_loads(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".mask")}
+    fresh = GPTModel(tiny_cfg)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.trf_blocks[0].att.mask, model.trf_blocks[0].att.mask)
 
 
 def test_attention_is_causal(tiny_cfg):
