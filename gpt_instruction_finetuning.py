@@ -5,31 +5,44 @@
     torchrun --nproc_per_node=4 gpt_instruction_finetuning.py --model 774M   # several GPUs
 
 It loads the dataset, splits it 85/10/5, batches it, finetunes the pretrained model, saves the loss
-plot, generates a response for every test entry, and saves the responses and the weights.
+plot, generates a response for every test entry, and saves the responses and the weights (with a
+JSON file beside them that says how to rebuild and prompt the model).
+
+The sections follow the chapter: 7.2 dataset, 7.3 batches, 7.4 data loaders, 7.5 pretrained
+model, 7.6 finetuning, 7.7 responses and saving. The command line and the run's plumbing come
+after them; torchrun and resuming live in training_extras.py.
 """
 
 import argparse
+import json
 import os
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import tiktoken
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gpt_download import DownloadError, download_and_load_gpt2
-from instruction_data import ALPACA, DataError, format_input, load_json_entries  # noqa: F401
+from instruction_data import (  # noqa: F401  (format_input: the book's name, imported from here)
+    ALPACA,
+    PROMPT_STYLES,
+    DataError,
+    format_input,
+    load_json_entries,
+)
 from previous_chapters import (
+    IGNORE_INDEX,
     GPTModel,
     calc_loss_loader,
     generate_batch,
@@ -39,7 +52,17 @@ from previous_chapters import (
     token_ids_to_text,
     train_model_simple,
 )
-from script_utils import atomic_write, save_json
+from script_utils import atomic_write, fail, save_json
+from training_extras import (
+    ChapterTraining,
+    ShardedShuffleSampler,
+    init_distributed,
+    leave_process_group,
+    load_checkpoint,
+    main_process_first,
+    read_pth,
+    save_checkpoint,
+)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
             "01_main-chapter-code/instruction-data.json")
@@ -62,8 +85,11 @@ TEST_MODE_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0
 
 
 #####################################
-# 7.2 Preparing the dataset
+# 7.2 Preparing a dataset for supervised instruction finetuning
 #####################################
+
+# The prompt styles (the chapter's Alpaca template, `format_input`) live in instruction_data.py,
+# which the judge script imports too without loading PyTorch.
 
 
 def download_and_load_file(file_path, url):
@@ -118,8 +144,8 @@ class InstructionDataset(Dataset):
         return len(self.data)
 
 
-def custom_collate_fn(batch, pad_token_id=END_OF_TEXT, ignore_index=-100, allowed_max_length=None,
-                      device="cpu"):
+def custom_collate_fn(batch, pad_token_id=END_OF_TEXT, ignore_index=IGNORE_INDEX,
+                      allowed_max_length=None, device="cpu"):
     """Turn a list of token id lists into (inputs, targets) tensors of shape (b, longest).
 
     Each sequence gets one end-of-text token, then padding to the batch's longest sequence + 1.
@@ -145,7 +171,7 @@ def custom_collate_fn(batch, pad_token_id=END_OF_TEXT, ignore_index=-100, allowe
 
 
 #####################################
-# The run: what an experiment may change, with the chapter's choices as defaults
+# 7.4 Creating data loaders for an instruction dataset
 #####################################
 
 
@@ -154,7 +180,8 @@ class Experiment:
     """The choices a finetuning run is made of; the defaults are the chapter's.
 
     The exercises change one or two of these: the prompt style, the dataset class and collate
-    function, the dataset, the batch size and length limit, or the model (LoRA).
+    function, the dataset, the batch size and length limit, or the model (LoRA). `settings`
+    holds an exercise's own values that the checkpoint and the saved model must record.
     """
 
     name: str = "standalone"
@@ -168,146 +195,20 @@ class Experiment:
     inspect_data: object = None  # (data, tokenizer) -> None, prints facts about the dataset
     prepare_model: object = None  # model -> model, after the pretrained weights are loaded
     finish_model: object = None  # model -> model, before the weights are saved
-
-
-def build_parser(description=__doc__):
-    """The command-line flags, with the chapter's values as defaults."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="355M", choices=list(MODEL_CONFIGS),
-                        help="GPT-2 size to finetune (default: 355M, gpt2-medium)")
-    parser.add_argument("--models_dir", default="gpt2",
-                        help="folder that holds (or receives) OpenAI's checkpoints (default: gpt2)")
-    parser.add_argument("--data_path", default=None,
-                        help="JSON list of instruction/input/output entries (default: the "
-                             "chapter's dataset, downloaded to the working folder when missing)")
-    parser.add_argument("--output_dir", default=".",
-                        help="where the plot, responses, weights and checkpoint go (default: .)")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs (default: 2)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="training batch size (default: 8; 4 for the Alpaca 52k exercise)")
-    parser.add_argument("--lr", type=float, default=5e-5,
-                        help="AdamW learning rate (default: 5e-5)")
-    parser.add_argument("--weight_decay", type=float, default=0.1,
-                        help="AdamW weight decay (default: 0.1)")
-    parser.add_argument("--seed", type=int, default=123,
-                        help="seed for shuffling and initialization (default: 123)")
-    parser.add_argument("--eval_freq", type=int, default=5,
-                        help="evaluate every this many steps (default: 5)")
-    parser.add_argument("--eval_iter", type=int, default=5,
-                        help="batches per loss estimate (default: 5)")
-    parser.add_argument("--max_new_tokens", type=int, default=256,
-                        help="longest response generated for a test entry (default: 256)")
-    parser.add_argument("--gen_batch_size", type=int, default=8,
-                        help="test entries answered at once (default: 8); answers are the same "
-                             "as one at a time")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, mps, or auto: cuda, then mps, then cpu (default: auto)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="bf16 runs the training forward pass in bfloat16 autocast, for "
-                             "GPUs with bf16 units (default: fp32)")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the training forward pass with torch.compile (CUDA; "
-                             "the first steps are slow while it compiles)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint that an interrupted run left")
-    parser.add_argument("--test_mode", action="store_true",
-                        help="a tiny random model on 10/10/10 entries: the whole pipeline in "
-                             "seconds, no download")
-    return parser
-
-
-def print_versions():
-    """Print the versions of the packages the chapter uses, then a separator line."""
-    for package in ("matplotlib", "tiktoken", "torch", "tqdm", "tensorflow"):
-        found = "not installed"
-        for name in (package, f"{package}-cpu"):  # tensorflow-cpu provides tensorflow on Linux
-            try:
-                found = version(name)
-                break
-            except PackageNotFoundError:
-                continue
-        print(f"{package} version: {found}")
-    print(50 * "-")
-
-
-def pick_device(name):
-    """Return the torch device for `name`; 'auto' prefers cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def init_distributed(device_name):
-    """Join the process group when torchrun started this process; return (device, rank, world).
-
-    A plain `python` run has no process group: rank 0 of a world of 1. Under torchrun, GPUs
-    talk through nccl (one GPU per process) and CPUs through gloo.
-    """
-    if "WORLD_SIZE" not in os.environ:
-        return pick_device(device_name), 0, 1
-    if torch.cuda.is_available() and device_name in ("auto", "cuda"):
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-@contextmanager
-def main_process_first(rank, world_size):
-    """Let rank 0 run the block (downloads) before the other ranks, which then find the files."""
-    if world_size > 1 and rank != 0:
-        dist.barrier()
-    yield
-    if world_size > 1 and rank == 0:
-        dist.barrier()
-
-
-class ShardedShuffleSampler(Sampler):
-    """The chapter's shuffled order, dealt out over the ranks of a distributed run.
-
-    Every rank draws the same permutation, from the global random state as the chapter's
-    shuffling loader does, keeps only whole global batches (the chapter drops the last partial
-    one), and takes every `world_size`-th index from `rank` on. With per-rank batches of
-    `global_batch_size // world_size`, rank r's k-th batch is its share of the k-th batch of a
-    single process; with one process the batches are exactly the chapter's.
-    """
-
-    def __init__(self, dataset_len, global_batch_size, rank, world_size):
-        self.dataset_len = dataset_len
-        self.usable = dataset_len // global_batch_size * global_batch_size
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self):
-        seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        order = torch.randperm(self.dataset_len, generator=generator).tolist()
-        yield from order[:self.usable][self.rank::self.world_size]
-
-    def __len__(self):
-        return self.usable // self.world_size
+    settings: dict = field(default_factory=dict)
 
 
 def build_loaders(train_data, val_data, tokenizer, device, batch_size, experiment,
                   rank=0, world_size=1):
     """Training (shuffled, last partial batch dropped) and validation (in order) loaders.
 
-    In a distributed run `batch_size` is the global batch: each rank loads its share.
+    Under torchrun `batch_size` is the global batch: each rank loads its share.
     """
     collate = partial(experiment.collate_fn, device=device,
                       allowed_max_length=experiment.allowed_max_length)
     train_dataset = experiment.dataset_class(train_data, tokenizer, experiment.prompt_style)
     warn_if_truncated(train_dataset, experiment.allowed_max_length, "training")
-    if dist.is_available() and dist.is_initialized():
+    if world_size > 1:
         sampler = ShardedShuffleSampler(len(train_dataset), batch_size, rank, world_size)
         train_loader = DataLoader(train_dataset, batch_size=batch_size // world_size,
                                   sampler=sampler, collate_fn=collate, drop_last=True,
@@ -334,6 +235,11 @@ def token_ids(item):
     return item[1] if isinstance(item, tuple) else item
 
 
+#####################################
+# 7.5 Loading a pretrained LLM
+#####################################
+
+
 def model_config(args):
     """Return (config, model name) of the model to finetune, known before loading any weights."""
     if args.test_mode:
@@ -345,14 +251,85 @@ def model_config(args):
 def load_model(args, device):
     """Return (model, config, model name): pretrained GPT-2, or a tiny random one in test mode."""
     config, model_name = model_config(args)
-    if args.test_mode:
-        model = GPTModel(config)
-    else:
-        _, params = download_and_load_gpt2(model_size=args.model, models_dir=args.models_dir)
-        model = GPTModel(config)
+    model = GPTModel(config)
+    if not args.test_mode:
+        if args.weights == "safetensors":
+            from gpt_download import download_and_load_gpt2_safetensors as download
+        else:
+            download = download_and_load_gpt2
+        _, params = download(model_size=args.model, models_dir=args.models_dir)
         load_weights_into_gpt(model, params)
     model.eval()
     return model.to(device), config, model_name
+
+
+#####################################
+# 7.6 Finetuning the LLM on instruction data
+#####################################
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over the trainable parameters, in its fused form where the device has one.
+
+    The fused kernel updates every parameter in one pass instead of a Python loop of small
+    operations per tensor: the same update up to float rounding, in a fraction of the time.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # no fused AdamW for this device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def speed_up_forward(model, device, precision, compile_forward):
+    """Run the model's forward pass, which training and the loss use, in bf16 and/or compiled.
+
+    Generation calls the model's parts directly, so it stays in float32 and eager mode. Logits
+    come back as float32, so the loss is computed at full precision. With fp32 and no compiling
+    the model is left as it is.
+    """
+    if precision == "fp32" and not compile_forward:
+        return
+    forward = model.forward
+    if precision == "bf16":
+        float32_forward = forward
+
+        def forward(*args, **kwargs):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return float32_forward(*args, **kwargs).float()
+
+    if compile_forward:
+        forward = torch.compile(forward)
+    model.forward = forward
+
+
+def print_initial_losses(model, train_loader, val_loader, device):
+    """The chapter's check before training: the loss on 5 training and 5 validation batches."""
+    print("Initial losses")
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
+    print("   Training loss:", train_loss)
+    print("   Validation loss:", val_loss)
+
+
+def finetune(model, train_loader, val_loader, optimizer, device, args, start_context, tokenizer,
+             hooks):
+    """The chapter's call of `train_model_simple`, timed; returns the loss curves."""
+    start_time = time.time()
+    torch.manual_seed(args.seed)
+    with hooks:
+        curves = train_model_simple(
+            model, train_loader, val_loader, optimizer, device,
+            num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+            start_context=start_context, tokenizer=tokenizer, hooks=hooks)
+    print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
+    return curves
+
+
+#####################################
+# 7.7 Extracting and saving responses
+#####################################
 
 
 def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens, batch_size,
@@ -379,187 +356,114 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             for entry, response in zip(test_data, responses, strict=True)]
 
 
-def speed_up_forward(model, device, precision, compile_forward):
-    """Run the model's forward pass, which training and the loss use, in bf16 and/or compiled.
+def model_info_path(model_path):
+    """The JSON beside a saved model: gpt2-medium355M-sft.pth -> gpt2-medium355M-sft.json."""
+    return os.path.splitext(model_path)[0] + ".json"
 
-    Generation calls the model's parts directly, so it stays in float32 and eager mode. Logits
-    come back as float32, so the loss is computed at full precision. With fp32 and no compiling
-    the model is left as it is.
+
+def save_finetuned_model(model, path, info):
+    """Save the weights as the book does (a plain state dict) and `info` as JSON beside them.
+
+    `info` says how to rebuild and prompt the model: at least its "config" and "prompt_style".
     """
-    if precision == "fp32" and not compile_forward:
-        return
-    forward = model.forward
-    if precision == "bf16":
-        float32_forward = forward
-
-        def forward(*args, **kwargs):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return float32_forward(*args, **kwargs).float()
-
-    if compile_forward:
-        forward = torch.compile(forward)
-    model.forward = forward
-
-
-def make_optimizer(model, lr, weight_decay):
-    """AdamW over the trainable parameters, in its fused form where the device has one.
-
-    The fused kernel updates every parameter in one pass instead of a Python loop of small
-    operations per tensor: the same update up to float rounding, in a fraction of the time.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # no fused AdamW for this device
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def save_checkpoint(path, model, optimizer, state):
-    """Save what resuming needs: weights, optimizer moments, progress and random states."""
     with atomic_write(path) as f:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "state": state}, f)
+        torch.save(model.state_dict(), f)
+    save_json(info, model_info_path(path))
 
 
-def load_checkpoint(path, model, optimizer):
-    """Restore model and optimizer from `path`; return the training state to resume with."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def infer_config(state_dict):
+    """The GPTModel config of a bare state dict, read off its shapes (for .pth files without a
+    JSON beside them, such as the book's)."""
+    emb_dim = state_dict["tok_emb.weight"].shape[1]
+    heads = {size["emb_dim"]: size["n_heads"] for _, size in MODEL_CONFIGS.values()}
+    heads[TEST_MODE_CONFIG["emb_dim"]] = TEST_MODE_CONFIG["n_heads"]
+    if emb_dim not in heads:
+        raise KeyError(f"no GPT-2 size has an embedding of {emb_dim}")
+    return {
+        "vocab_size": state_dict["tok_emb.weight"].shape[0],
+        "context_length": state_dict["pos_emb.weight"].shape[0],
+        "emb_dim": emb_dim,
+        "n_heads": heads[emb_dim],
+        "n_layers": len({k.split(".")[1] for k in state_dict if k.startswith("trf_blocks.")}),
+        "drop_rate": 0.0,
+        "qkv_bias": any(k.endswith("W_query.bias") or k.endswith("W_query.linear.bias")
+                        for k in state_dict),
+    }
+
+
+def load_finetuned_model(path, device="cpu"):
+    """Rebuild a saved finetuned model; return (model in eval mode, info, prompt style).
+
+    `info` is the JSON saved beside the weights. Without one (a .pth from the book), the config
+    is read off the weights' shapes and the prompt is the chapter's Alpaca style. Raises
+    DataError naming the file when it is missing, damaged or does not fit.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found; finetune first (python "
+                        "gpt_instruction_finetuning.py) or give the path of a saved .pth")
+    state_dict = read_pth(path, "finetune again or copy the file anew")
+    info_path = model_info_path(path)
     try:
-        model.load_state_dict(checkpoint["model"])
+        if os.path.exists(info_path):
+            info = load_model_info(info_path)
+        else:
+            info = {"config": infer_config(state_dict), "prompt_style": ALPACA.name}
+    except (KeyError, AttributeError, IndexError) as exc:
+        raise DataError(f"{path}: not a GPT-2 state dict ({exc})") from None
+    model = GPTModel(info["config"])
+    if any(k.endswith(".lora.A") for k in state_dict):  # saved without --merge_lora
+        from exercise_experiments import replace_linear_with_lora
+
+        replace_linear_with_lora(model, info["settings"]["--lora_rank"],
+                                 info["settings"]["--lora_alpha"])
+    try:
+        model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise DataError(f"{path}: the checkpoint does not fit this model (was it saved with "
-                        f"another --model?): {str(exc).splitlines()[0]}") from None
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    return checkpoint["state"]
+        raise DataError(f"{path}: the weights do not fit the model described by {info_path} "
+                        f"({str(exc).splitlines()[0]}); save them again") from None
+    return model.to(device).eval(), info, PROMPT_STYLES[info["prompt_style"]]
+
+
+def load_model_info(info_path):
+    """Read and check the JSON saved beside a finetuned model."""
+    info = load_json_object(info_path)
+    if not isinstance(info.get("config"), dict) or info.get("prompt_style") not in PROMPT_STYLES:
+        raise DataError(f"{info_path}: needs a 'config' object and a 'prompt_style' of "
+                        f"{', '.join(PROMPT_STYLES)}; delete it to load the weights with the "
+                        "chapter's defaults")
+    return info
+
+
+def load_json_object(path):
+    """Read a JSON object from `path`; DataError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return value
 
 
 def output_paths(output_dir, experiment, model_name):
     """The files a run writes, named after the experiment as the book names them."""
     stem = re.sub(r"[ ()]", "", model_name)  # "gpt2-medium (355M)" -> "gpt2-medium355M"
+    model = os.path.join(output_dir, f"{stem}-sft-{experiment.name}.pth")
     return {
         "plot": os.path.join(output_dir, f"loss-plot-{experiment.name}.pdf"),
         "responses": os.path.join(output_dir,
                                   f"instruction-data-with-response-{experiment.name}.json"),
-        "model": os.path.join(output_dir, f"{stem}-sft-{experiment.name}.pth"),
+        "model": model,
+        "model_info": model_info_path(model),
         "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{experiment.name}.pth"),
     }
 
 
-def run(args, experiment=None):
-    """Finetune and evaluate as the chapter does, with what `experiment` changes."""
-    experiment = experiment or Experiment()
-    device, rank, world_size = init_distributed(args.device)
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
-    print_versions()
-
-    data_path = args.data_path or experiment.data_file
-    with main_process_first(rank, world_size):
-        if args.data_path:
-            data = load_json_entries(data_path)
-        else:
-            data = download_and_load_file(data_path, experiment.data_url)
-    train_data, test_data, val_data = split_data(data, data_path)
-    if args.test_mode:  # a very small subset, to run the whole pipeline in seconds
-        train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
-    batch_size = args.batch_size or experiment.batch_size
-    if len(train_data) < batch_size:
-        raise DataError(f"{data_path}: {len(train_data)} training entries are fewer than one "
-                        f"batch of {batch_size}")
-    if batch_size % world_size:
-        raise DataError(f"--batch_size {batch_size} is the global batch: it must be a multiple "
-                        f"of the {world_size} processes")
-    print("Training set length:", len(train_data))
-    print("Validation set length:", len(val_data))
-    print("Test set length:", len(test_data))
-    print(50 * "-")
-
-    tokenizer = tiktoken.get_encoding("gpt2")
-    if experiment.inspect_data is not None:
-        experiment.inspect_data(data, tokenizer)
-    print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
-    print(50 * "-")
-
-    context_length = model_config(args)[0]["context_length"]
-    if experiment.allowed_max_length > context_length:  # the test model's context is short
-        experiment = replace(experiment, allowed_max_length=context_length)
-    torch.manual_seed(args.seed)
-    train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device, batch_size,
-                                             experiment, rank, world_size)
-
-    with main_process_first(rank, world_size):
-        raw_model, config, model_name = load_model(args, device)
-    if experiment.prepare_model is not None:
-        raw_model = experiment.prepare_model(raw_model).to(device)
-    speed_up_forward(raw_model, device, args.precision, args.compile)
-    model = raw_model
-    if dist.is_initialized():  # gradients are averaged over the processes after each backward
-        model = DistributedDataParallel(
-            raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)  # the only buffers are constant causal masks
-    print("Loaded model:", model_name)
-    print(50 * "-")
-    paths = output_paths(args.output_dir, experiment, model_name)
-
-    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
-    resume_state = None
-    if args.resume and os.path.exists(paths["checkpoint"]):
-        resume_state = load_checkpoint(paths["checkpoint"], raw_model, optimizer)
-        print(f"Resuming from {paths['checkpoint']}: epoch {resume_state['epoch'] + 1}, "
-              f"{resume_state['global_step'] + 1} steps done")
-    else:
-        if args.resume:
-            print(f"No checkpoint at {paths['checkpoint']}; starting from the beginning")
-        print("Initial losses")
-        with torch.no_grad():
-            train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
-            val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
-        print("   Training loss:", train_loss)
-        print("   Validation loss:", val_loss)
-
-    start_time = time.time()
-    torch.manual_seed(args.seed)
-    try:
-        train_losses, val_losses, tokens_seen = train_model_simple(
-            model, train_loader, val_loader, optimizer, device,
-            num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
-            start_context=experiment.prompt_style.format_input(val_data[0]), tokenizer=tokenizer,
-            resume_state=resume_state,
-            save_checkpoint=(partial(save_checkpoint, paths["checkpoint"], raw_model, optimizer)
-                             if rank == 0 else None),
-        )
-    except KeyboardInterrupt:
-        print(f"\nTraining interrupted; progress saved to {paths['checkpoint']}. "
-              "Run the same command with --resume to continue.")
-        raise SystemExit(130) from None
-    print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
-    if dist.is_initialized():
-        leave_process_group(rank)  # ranks other than 0 end here
-    save_results(args, experiment, raw_model, config, tokenizer, test_data, paths,
-                 train_losses, val_losses, tokens_seen)
-
-
-def leave_process_group(rank):
-    """End the distributed part after training; only rank 0 goes on to generate and save.
-
-    The ranks meet at a barrier and close the group together, so none of them waits through
-    rank 0's generation (a long wait would hit the group's timeout). The other ranks then end
-    with `os._exit`: gloo's worker threads may still be releasing the last gradient all-reduce,
-    which needs the GIL, and a thread that asks for it while Python shuts down aborts the whole
-    process ("terminate called without an active exception"). Those ranks have nothing left to
-    write, and skipping the shutdown leaves no such thread behind.
-    """
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def save_results(args, experiment, model, config, tokenizer, test_data, paths,
-                 train_losses, val_losses, tokens_seen):
-    """Save the loss plot, the test set responses and the finetuned weights."""
+def save_results(args, experiment, model, config, model_name, tokenizer, test_data, paths,
+                 curves, settings):
+    """Save the loss plot, the test set responses, and the finetuned weights with their JSON."""
+    train_losses, val_losses, tokens_seen = curves
     epochs_tensor = torch.linspace(0, args.epochs, len(train_losses))
     plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, save_path=paths["plot"])
     print(50 * "-")
@@ -573,19 +477,326 @@ def save_results(args, experiment, model, config, tokenizer, test_data, paths,
 
     if experiment.finish_model is not None:
         model = experiment.finish_model(model)
-    with atomic_write(paths["model"]) as f:
-        torch.save(model.state_dict(), f)
+    info = {
+        "model_name": model_name, "config": config,
+        "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
+        "epochs": args.epochs, "seed": args.seed,
+        "tokens_seen": tokens_seen[-1] if tokens_seen else 0,
+        "train_loss": train_losses[-1] if train_losses else None,
+        "val_loss": val_losses[-1] if val_losses else None,
+        "settings": settings,
+    }
+    save_finetuned_model(model, paths["model"], info)
     print(f"Model saved as {paths['model']}")
 
 
+#####################################
+# The run: the sections above in order
+#####################################
+
+
+def run(args, experiment=None):
+    """Finetune and evaluate as the chapter does, with what `experiment` changes.
+
+    Ctrl-C during training saves a checkpoint and exits 130.
+    """
+    experiment = experiment or Experiment()
+    device, rank, world_size = init_distributed(args.device)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+    print_versions()
+
+    data, data_path = load_data(args, experiment, rank, world_size)
+    train_data, test_data, val_data = split_for_run(data, data_path, args, experiment,
+                                                    world_size)
+    tokenizer = tiktoken.get_encoding("gpt2")
+    if experiment.inspect_data is not None:
+        experiment.inspect_data(data, tokenizer)
+    print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
+    print(50 * "-")
+
+    experiment = fit_to_context(experiment, model_config(args)[0]["context_length"])
+    torch.manual_seed(args.seed)
+    train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device,
+                                             batch_size(args, experiment), experiment,
+                                             rank, world_size)
+
+    with main_process_first(rank, world_size):
+        raw_model, config, model_name = load_model(args, device)
+    model = prepare_for_training(raw_model, experiment, args, device)
+    print("Loaded model:", model_name)
+    print(50 * "-")
+
+    paths = output_paths(args.output_dir, experiment, model_name)
+    settings = run_settings(args, experiment, model_name, train_data, world_size)
+    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
+    resume_progress = resume_or_start(args, paths, raw_model, optimizer, settings)
+    if resume_progress is None:
+        print_initial_losses(model, train_loader, val_loader, device)
+
+    save = partial(save_checkpoint, paths["checkpoint"], raw_model, optimizer,
+                   settings=settings) if rank == 0 else None
+    hooks = ChapterTraining(args.epochs, device, save, resume_progress)
+    start_context = experiment.prompt_style.format_input(val_data[0])
+    try:
+        with saving_failures_reported(paths["checkpoint"], "the last finished epoch"):
+            curves = finetune(model, train_loader, val_loader, optimizer, device, args,
+                              start_context, tokenizer, hooks)
+    except KeyboardInterrupt:
+        print(f"\nTraining interrupted; progress saved to {paths['checkpoint']}. "
+              "Run the same command with --resume to continue.")
+        raise SystemExit(130) from None
+    if world_size > 1:
+        leave_process_group(rank)  # ranks other than 0 end here
+    with saving_failures_reported(paths["checkpoint"], "the trained weights"):
+        save_results(args, experiment, raw_model, config, model_name, tokenizer, test_data,
+                     paths, curves, settings)
+
+
+def load_data(args, experiment, rank, world_size):
+    """The dataset's entries and where they came from: --data_path, or the experiment's file
+    (downloaded by rank 0 when missing)."""
+    data_path = args.data_path or experiment.data_file
+    with main_process_first(rank, world_size):
+        if args.data_path:
+            return load_json_entries(data_path), data_path
+        return download_and_load_file(data_path, experiment.data_url), data_path
+
+
+def split_for_run(data, data_path, args, experiment, world_size):
+    """The chapter's 85/10/5 split (10 entries each in test mode), checked against the batch
+    size, with the sizes printed."""
+    train_data, test_data, val_data = split_data(data, data_path)
+    if args.test_mode:  # a very small subset, to run the whole pipeline in seconds
+        train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
+    size = batch_size(args, experiment)
+    if len(train_data) < size:
+        raise DataError(f"{data_path}: {len(train_data)} training entries are fewer than one "
+                        f"batch of {size}")
+    if size % world_size:
+        raise DataError(f"--batch_size {size} is the global batch: it must be a multiple "
+                        f"of the {world_size} processes")
+    print("Training set length:", len(train_data))
+    print("Validation set length:", len(val_data))
+    print("Test set length:", len(test_data))
+    print(50 * "-")
+    return train_data, test_data, val_data
+
+
+def batch_size(args, experiment):
+    """--batch_size, or the experiment's (8 in the chapter, 4 for Alpaca 52k)."""
+    return args.batch_size or experiment.batch_size
+
+
+def fit_to_context(experiment, context_length):
+    """The experiment with its length limit cut to the model's context (the test model's is
+    short)."""
+    if experiment.allowed_max_length > context_length:
+        return replace(experiment, allowed_max_length=context_length)
+    return experiment
+
+
+def prepare_for_training(model, experiment, args, device):
+    """Apply the experiment's model change (LoRA), bf16/compile, and DDP under torchrun; return
+    the model the training loop calls."""
+    if experiment.prepare_model is not None:
+        model = experiment.prepare_model(model).to(device)
+    speed_up_forward(model, device, args.precision, args.compile)
+    if not torch.distributed.is_initialized():
+        return model
+    # Gradients are averaged over the processes after each backward.
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False)  # the only buffers are constant causal masks
+
+
+def run_settings(args, experiment, model_name, train_data, world_size):
+    """What a checkpoint's training depended on: resuming with anything else would mix runs."""
+    return {"--model": model_name, "--seed": args.seed, "--lr": args.lr,
+            "--weight_decay": args.weight_decay,
+            "--batch_size": batch_size(args, experiment), "--precision": args.precision,
+            "training entries": len(train_data), "experiment": experiment.name,
+            **experiment.settings}
+
+
+def resume_or_start(args, paths, model, optimizer, settings):
+    """With --resume and a checkpoint on disk, restore it and return its progress; else None."""
+    checkpoint = paths["checkpoint"]
+    if args.resume and os.path.exists(checkpoint):
+        progress = load_checkpoint(checkpoint, model, optimizer, settings)
+        print(f"Resuming from {checkpoint}: epoch {progress['epoch'] + 1}, "
+              f"{progress['global_step'] + 1} steps done")
+        return progress
+    if args.resume:
+        print(f"No checkpoint at {checkpoint}; starting from the beginning")
+    return None
+
+
+@contextmanager
+def saving_failures_reported(checkpoint, what_is_kept):
+    """Turn a failed write into one line that says where the finished work is kept."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" {exc.filename}" if exc.filename else ""
+        fail(f"could not write{where} ({reason}); {what_is_kept} are saved in {checkpoint}: "
+             "fix this, then run the same command with --resume", code=1)
+
+
+#####################################
+# The command line
+#####################################
+
+
+def build_parser(description=__doc__):
+    """The command-line flags, with the chapter's values as defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="355M", choices=list(MODEL_CONFIGS),
+                        help="GPT-2 size to finetune (355M is gpt2-medium)")
+    parser.add_argument("--models_dir", default="gpt2",
+                        help="folder that holds (or receives) OpenAI's checkpoints")
+    parser.add_argument("--weights", default="tf", choices=["tf", "safetensors"],
+                        help="read OpenAI's TensorFlow checkpoint (the chapter's way), or the "
+                             "same weights as model.safetensors, which needs no TensorFlow")
+    parser.add_argument("--data_path", default=None,
+                        help="JSON list of instruction/input/output entries (default: the "
+                             "chapter's dataset, downloaded to the working folder when missing)")
+    parser.add_argument("--output_dir", default=".",
+                        help="where the plot, responses, weights and checkpoint go")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="training batch size (default: 8; 4 for the Alpaca 52k exercise)")
+    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    parser.add_argument("--seed", type=int, default=123,
+                        help="seed for shuffling and initialization")
+    parser.add_argument("--eval_freq", type=int, default=5, help="evaluate every this many steps")
+    parser.add_argument("--eval_iter", type=int, default=5, help="batches per loss estimate")
+    parser.add_argument("--max_new_tokens", type=int, default=256,
+                        help="longest response generated for a test entry")
+    parser.add_argument("--gen_batch_size", type=int, default=8,
+                        help="test entries answered at once; the answers are the same as one "
+                             "at a time")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16 runs the training forward pass in bfloat16 autocast, for "
+                             "GPUs with bf16 units")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training forward pass with torch.compile (CUDA; "
+                             "the first steps are slow while it compiles)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint that an interrupted run left")
+    parser.add_argument("--test_mode", action="store_true",
+                        help="a tiny random model on 10/10/10 entries: the whole pipeline in "
+                             "seconds, no download")
+    return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """--help keeps the usage examples' line breaks and shows each flag's default."""
+
+
+def check_args(args):
+    """Refuse flag values that cannot work, before anything is downloaded or loaded.
+
+    Raises DataError naming the flag and its value. Replaces `args.device` with the device.
+    """
+    for name in ("epochs", "batch_size", "gen_batch_size", "eval_freq", "eval_iter"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DataError(f"--{name} must be at least 1, got {value}")
+    if not args.lr > 0:
+        raise DataError(f"--lr must be above 0, got {args.lr}")
+    if not args.weight_decay >= 0:
+        raise DataError(f"--weight_decay must not be negative, got {args.weight_decay}")
+    if args.max_new_tokens < 0:
+        raise DataError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
+    args.device = pick_device(args.device)
+    check_paths(args)
+
+
+def pick_device(name):
+    """Return the torch device for `name`; 'auto' prefers cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DataError(f"--device {name}: not a device; use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine; "
+                        "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                        "CUDA device(s); use --device cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"--device {name}: MPS is not available on this machine; "
+                        "use --device cpu")
+    return device
+
+
+def check_paths(args):
+    """Refuse a data file, output folder or models folder that cannot be used, before training.
+
+    The output folder is created when missing and must take a file.
+    """
+    if args.data_path is not None:
+        if not os.path.exists(args.data_path):
+            raise DataError(f"{args.data_path}: file not found (--data_path)")
+        if not os.path.isfile(args.data_path):
+            raise DataError(f"--data_path {args.data_path}: is a folder, not a JSON file")
+    if os.path.exists(args.models_dir) and not os.path.isdir(args.models_dir):
+        raise DataError(f"--models_dir {args.models_dir}: is a file, not a folder; "
+                        "pass another folder with --models_dir")
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(output_dir):
+    """Create `output_dir` when missing and check that a file can be written in it."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise DataError(f"--output_dir {output_dir}: is a file, not a folder; "
+                        "pass another folder with --output_dir")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as exc:
+        raise DataError(f"--output_dir {output_dir}: cannot write there "
+                        f"({exc.strerror or exc}); pass another folder with --output_dir"
+                        ) from None
+
+
+def print_versions():
+    """Print the versions of the packages the chapter uses, then a separator line."""
+    for package in ("matplotlib", "tiktoken", "torch", "tqdm", "tensorflow"):
+        found = "not installed"
+        for name in (package, f"{package}-cpu"):  # tensorflow-cpu provides tensorflow on Linux
+            try:
+                found = version(name)
+                break
+            except PackageNotFoundError:
+                continue
+        print(f"{package} version: {found}")
+    print(50 * "-")
+
+
 def main(argv=None, experiment=None, parser=None):
-    """Parse flags and run; bad input ends with one 'Error:' line and exit code 2."""
+    """Parse and check the flags, then run; bad input ends with one 'Error:' line and exit 2."""
     args = (parser or build_parser()).parse_args(argv)
     try:
+        check_args(args)
         run(args, experiment)
     except (DataError, DownloadError) as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(exc)
 
 
 if __name__ == "__main__":

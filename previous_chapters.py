@@ -9,20 +9,17 @@ instead of the whole sequence, and it can generate for several left-padded promp
 """
 
 import os
-import signal
-import tempfile
-from contextlib import contextmanager
-from itertools import islice
 
 import matplotlib.pyplot as plt
 import numpy as np
 import tiktoken
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
 from torch.utils.data import DataLoader, Dataset
+
+from script_utils import atomic_write
 
 #####################################
 # Chapter 2: text <-> token ids
@@ -517,61 +514,19 @@ def generate_batch(model, prompts, max_new_tokens, context_size, eos_id=None, pa
 #####################################
 
 
+IGNORE_INDEX = -100  # target value that the loss skips (padding, and masked prompts)
+
+
 def calc_loss_batch(input_batch, target_batch, model, device):
-    """Mean cross-entropy of the next-token predictions; targets of -100 are ignored.
+    """Mean cross-entropy of the next-token predictions; IGNORE_INDEX targets are skipped.
 
     Logits are computed only at the positions whose target counts, which gives the same loss as
     cross-entropy over all positions with ignore_index=-100, for less work.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    keep = target_batch != -100  # (b, num_tokens)
+    keep = target_batch != IGNORE_INDEX  # (b, num_tokens)
     logits = model(input_batch, keep=keep)  # (num_kept, vocab_size)
     return F.cross_entropy(logits, target_batch[keep])
-
-
-def calc_loss_batch_distributed(input_batch, target_batch, model, device):
-    """One rank's part of a global batch's mean loss under DistributedDataParallel.
-
-    Ranks hold different numbers of counted targets (their padding differs), so a plain mean per
-    rank would weigh tokens unequally. Each rank sums its token losses and divides by the global
-    count, times the number of ranks because DDP averages gradients over ranks: the result is
-    the gradient of the global batch's mean loss, as one process would compute it.
-    """
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    keep = target_batch != -100  # (b_local, num_tokens)
-    logits = model(input_batch, keep=keep)  # (num_kept, vocab_size)
-    loss_sum = F.cross_entropy(logits, target_batch[keep], reduction="sum")
-    count = keep.sum()
-    dist.all_reduce(count)  # counted targets over all ranks
-    return loss_sum * dist.get_world_size() / count
-
-
-def _distributed():
-    """True in a run of several processes started by torchrun."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _is_main_process():
-    """True in a single-process run, and on rank 0 of a distributed one."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _mean_across_ranks(value, device):
-    """Average a Python float over all ranks (unchanged in a single process)."""
-    if not _distributed():
-        return value
-    tensor = torch.tensor(value, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
-
-
-def _any_rank(flag, device):
-    """True when `flag` is True on any rank, so all ranks take the same decision."""
-    if not _distributed():
-        return flag
-    tensor = torch.tensor(int(flag), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
@@ -607,133 +562,73 @@ def generate_and_print_sample(model, tokenizer, device, start_context, max_new_t
     model.train()
 
 
-@contextmanager
-def _sigint_deferred():
-    """Let Ctrl-C finish the current training step: yield a flag that a first Ctrl-C sets.
+class TrainingHooks:
+    """The points where `train_model_simple` can be extended; these defaults are the book's loop.
 
-    A second Ctrl-C interrupts at once, as usual. Outside the main thread nothing changes.
+    The chapter script passes a subclass (training_extras.py) that resumes interrupted runs,
+    stops cleanly on Ctrl-C, trains under torchrun and shows a progress bar.
     """
-    flag = {"stop": False}
-    try:
-        previous = signal.getsignal(signal.SIGINT)
 
-        def handler(signum, frame):
-            flag["stop"] = True
-            signal.signal(signal.SIGINT, previous)
+    def start(self):
+        """The progress to start from: a fresh run's counters and empty loss curves."""
+        return {"epoch": 0, "global_step": -1, "tokens_seen": 0,
+                "train_losses": [], "val_losses": [], "track_tokens_seen": []}
 
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    def epoch_batches(self, train_loader, progress):
+        """The (input_batch, target_batch) pairs of one epoch."""
+        return train_loader
 
+    def batch_loss(self, input_batch, target_batch, model, device):
+        """The loss to backpropagate for one batch."""
+        return calc_loss_batch(input_batch, target_batch, model, device)
 
-def _rng_states():
-    """The random number generator states that decide shuffling and dropout."""
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    def batch_tokens(self, input_batch):
+        """Tokens one step trains on, padding included, for the 'tokens seen' curve."""
+        return input_batch.numel()
 
+    def evaluate(self, model, train_loader, val_loader, device, eval_iter):
+        """(train_loss, val_loss) for the loss curves."""
+        return evaluate_model(model, train_loader, val_loader, device, eval_iter)
 
-def _set_rng_states(states):
-    """Restore states saved by `_rng_states`."""
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    def step_done(self, progress):
+        """Called after every optimizer step."""
+
+    def epoch_done(self, model, tokenizer, device, start_context, progress):
+        """Called after every epoch: print a sample of what the model writes now."""
+        generate_and_print_sample(model, tokenizer, device, start_context)
 
 
 def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
-                       eval_freq, eval_iter, start_context, tokenizer,
-                       resume_state=None, save_checkpoint=None):
+                       eval_freq, eval_iter, start_context, tokenizer, hooks=None):
     """Train for `num_epochs`, evaluating every `eval_freq` steps; return the loss curves.
 
-    Returns (train_losses, val_losses, tokens_seen), one entry per evaluation. After each epoch
-    it prints a greedy sample continuing `start_context`.
-
-    Stopping and resuming: `save_checkpoint(state)`, when given, is called at each epoch end and
-    when Ctrl-C stops training (after the running step completes; KeyboardInterrupt is raised
-    afterwards). `state` records progress and the random number generator states; passing it
-    back as `resume_state`, with the model and optimizer restored to the same moment, continues
-    the run so that it ends with the same weights as an uninterrupted one.
-
-    Under torchrun, `model` is wrapped in DistributedDataParallel and `train_loader` yields each
-    rank's share of the global batches: the loss is weighted as one process would weigh it,
-    training losses are averaged over ranks, and only rank 0 generates the samples.
+    Returns (train_losses, val_losses, track_tokens_seen), one entry per evaluation, and prints
+    a greedy sample continuing `start_context` after each epoch. `hooks` (a TrainingHooks)
+    extends the loop; without it this is the book's loop.
     """
-    batch_loss = calc_loss_batch_distributed if _distributed() else calc_loss_batch
-    state = resume_state or {
-        "epoch": 0, "batches_done": 0, "global_step": -1, "tokens_seen": 0,
-        "train_losses": [], "val_losses": [], "track_tokens_seen": [],
-        "epoch_rng": None, "rng": None,
-    }
-    with _sigint_deferred() as interrupt:
-        for epoch in range(state["epoch"], num_epochs):
-            model.train()
-            resuming_mid_epoch = state["batches_done"] > 0
-            if resuming_mid_epoch:
-                _set_rng_states(state["epoch_rng"])  # replay this epoch's shuffle
-            elif state["rng"] is not None:
-                _set_rng_states(state["rng"])
-            state["epoch_rng"] = _rng_states()
-            batches = iter(train_loader)
-            if resuming_mid_epoch:
-                for _ in islice(batches, state["batches_done"]):  # skip the finished batches
-                    pass
-                _set_rng_states(state["rng"])
-            for input_batch, target_batch in batches:
-                optimizer.zero_grad()
-                loss = batch_loss(input_batch, target_batch, model, device)
-                loss.backward()
-                optimizer.step()
-                state["tokens_seen"] += input_batch.numel()
-                state["global_step"] += 1
-                state["batches_done"] += 1
-                if state["global_step"] % eval_freq == 0:
-                    train_loss, val_loss = evaluate_model(
-                        model, train_loader, val_loader, device, eval_iter)
-                    train_loss = _mean_across_ranks(train_loss, device)  # each rank's own share
-                    state["train_losses"].append(train_loss)
-                    state["val_losses"].append(val_loss)
-                    state["track_tokens_seen"].append(state["tokens_seen"])
-                    print(f"Ep {epoch+1} (Step {state['global_step']:06d}): "
-                          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-                if _any_rank(interrupt["stop"], device):
-                    state["rng"] = _rng_states()
-                    if save_checkpoint is not None:
-                        save_checkpoint(state)
-                    raise KeyboardInterrupt
-            if _is_main_process():
-                generate_and_print_sample(getattr(model, "module", model),  # DDP wraps it
-                                          tokenizer, device, start_context)
-            state.update(epoch=epoch + 1, batches_done=0, rng=_rng_states())
-            if save_checkpoint is not None:
-                save_checkpoint(state)
-    return state["train_losses"], state["val_losses"], state["track_tokens_seen"]
-
-
-@contextmanager
-def atomic_write(path, mode="wb"):
-    """Open a temporary file beside `path` and move it onto `path` only if writing succeeds.
-
-    An existing file at `path` is never left half-written: a crash leaves the old file intact.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)  # mkstemp makes the file private; give it the mode open() would
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    hooks = hooks or TrainingHooks()
+    progress = hooks.start()  # the book's counters; a resumed run starts from saved ones
+    for epoch in range(progress["epoch"], num_epochs):
+        model.train()
+        for input_batch, target_batch in hooks.epoch_batches(train_loader, progress):
+            optimizer.zero_grad()
+            loss = hooks.batch_loss(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            progress["tokens_seen"] += hooks.batch_tokens(input_batch)
+            progress["global_step"] += 1
+            if progress["global_step"] % eval_freq == 0:
+                train_loss, val_loss = hooks.evaluate(model, train_loader, val_loader, device,
+                                                      eval_iter)
+                progress["train_losses"].append(train_loss)
+                progress["val_losses"].append(val_loss)
+                progress["track_tokens_seen"].append(progress["tokens_seen"])
+                print(f"Ep {epoch+1} (Step {progress['global_step']:06d}): "
+                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+            hooks.step_done(progress)
+        progress["epoch"] = epoch + 1
+        hooks.epoch_done(model, tokenizer, device, start_context, progress)
+    return progress["train_losses"], progress["val_losses"], progress["track_tokens_seen"]
 
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path=None):

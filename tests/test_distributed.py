@@ -1,5 +1,6 @@
 """torchrun: sharded batches, the same weights as one process, outputs written once."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from gpt_instruction_finetuning import ShardedShuffleSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILE = "Smalltestmodel-sft-standalone.pth"
+INFO_FILE = "Smalltestmodel-sft-standalone.json"
 
 
 def test_shards_of_the_global_batches_match_the_chapters_batches():
@@ -53,20 +55,25 @@ def finetune(tmp_path, name, nproc, instruction_data_path):
 def single_process(tmp_path_factory, instruction_data_path):
     tmp_path = tmp_path_factory.mktemp("single")
     out, _ = finetune(tmp_path, "single", 0, instruction_data_path)
-    return torch.load(out / MODEL_FILE, weights_only=True)
+    return (torch.load(out / MODEL_FILE, weights_only=True),
+            json.loads((out / INFO_FILE).read_text()))
 
 
 def test_two_gloo_processes_give_the_single_process_weights(tmp_path, single_process,
                                                              instruction_data_path):
     out, stdout = finetune(tmp_path, "two", 2, instruction_data_path)
     weights = torch.load(out / MODEL_FILE, weights_only=True)
-    for name, tensor in single_process.items():
+    single_weights, single_info = single_process
+    for name, tensor in single_weights.items():
         assert torch.allclose(weights[name], tensor, atol=1e-6, rtol=0), name
+    info = json.loads((out / INFO_FILE).read_text())
+    # the tokens seen are the global batches' tokens, as one process counts them
+    assert info["tokens_seen"] == single_info["tokens_seen"] > 0
     assert stdout.count("Training set length: 10") == 1  # only rank 0 prints
     assert "Device: cpu x 2 processes" in stdout
     assert stdout.count("Model saved as") == 1
     assert sorted(p.name for p in out.iterdir()) == [
-        MODEL_FILE, "checkpoint-Smalltestmodel-standalone.pth",
+        INFO_FILE, MODEL_FILE, "checkpoint-Smalltestmodel-standalone.pth",
         "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf"]
 
 
@@ -74,5 +81,5 @@ def test_torchrun_with_one_process_keeps_the_chapters_shuffling(tmp_path, single
                                                                instruction_data_path):
     out, _ = finetune(tmp_path, "one", 1, instruction_data_path)
     weights = torch.load(out / MODEL_FILE, weights_only=True)
-    for name, tensor in single_process.items():
+    for name, tensor in single_process[0].items():
         assert torch.equal(weights[name], tensor), name

@@ -133,8 +133,25 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
     model.load_state_dict(state)  # strict: every weight present, nothing extra
     assert (tmp_path / "loss-plot-standalone.pdf").read_bytes().startswith(b"%PDF")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "Smalltestmodel-sft-standalone.pth", "checkpoint-Smalltestmodel-standalone.pth",
+        "Smalltestmodel-sft-standalone.json", "Smalltestmodel-sft-standalone.pth",
+        "checkpoint-Smalltestmodel-standalone.pth",
         "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf"]
+
+    info = json.loads((tmp_path / "Smalltestmodel-sft-standalone.json").read_text())
+    progress = [line for line in lines if line.startswith("Ep ")]
+    assert info == {
+        "model_name": "Small test model", "config": ft.TEST_MODE_CONFIG,
+        "prompt_style": "alpaca", "experiment": "standalone", "epochs": 2, "seed": 123,
+        "tokens_seen": info["tokens_seen"],
+        "train_loss": info["train_loss"], "val_loss": info["val_loss"],
+        "settings": {"--model": "Small test model", "--seed": 123, "--lr": 5e-5,
+                     "--weight_decay": 0.1, "--batch_size": 8, "--precision": "fp32",
+                     "training entries": 10, "experiment": "standalone"},
+    }
+    assert f"Train loss {info['train_loss']:.3f}, Val loss {info['val_loss']:.3f}" \
+        in progress[-1]
+    # 10 entries, batches of 8: one step per epoch, 8 rows padded to the longest (at most 120)
+    assert info["tokens_seen"] % 8 == 0 and 2 * 8 * 20 < info["tokens_seen"] <= 2 * 8 * 120
 
 
 def test_resume_after_an_epoch_gives_the_uninterrupted_weights(tmp_path, instruction_data_path):
@@ -201,7 +218,8 @@ def test_missing_data_file_and_too_few_for_a_batch(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ft.main(["--data_path", str(tmp_path / "nope.json")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"Error: {tmp_path}/nope.json: file not found\n"
+    assert capsys.readouterr().err == (
+        f"Error: {tmp_path}/nope.json: file not found (--data_path)\n")
     path = tmp_path / "data.json"
     path.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 10))
     with pytest.raises(SystemExit):

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from previous_chapters import GPTModel, atomic_write, plot_losses, train_model_simple
+from previous_chapters import GPTModel, plot_losses, train_model_simple
+from script_utils import atomic_write
+from training_extras import ChapterTraining
 
 
 def make_run(cfg, seed=123):
@@ -24,10 +26,17 @@ def make_run(cfg, seed=123):
     return model, optimizer, train_loader, val_loader
 
 
-def train(model, optimizer, train_loader, val_loader, tokenizer, **kwargs):
+def train(model, optimizer, train_loader, val_loader, tokenizer, hooks=None):
     return train_model_simple(model, train_loader, val_loader, optimizer, "cpu", num_epochs=2,
                               eval_freq=3, eval_iter=1, start_context="Hello",
-                              tokenizer=tokenizer, **kwargs)
+                              tokenizer=tokenizer, hooks=hooks)
+
+
+def resumable_train(model, optimizer, train_loader, val_loader, tokenizer, save_checkpoint=None,
+                    resume_progress=None):
+    """`train` with the chapter script's hooks: checkpoints, Ctrl-C, resuming."""
+    with ChapterTraining(2, "cpu", save_checkpoint, resume_progress) as hooks:
+        return train(model, optimizer, train_loader, val_loader, tokenizer, hooks)
 
 
 def test_training_prints_progress_and_returns_curves(tiny_cfg, tokenizer, capsys):
@@ -76,16 +85,16 @@ def test_ctrl_c_then_resume_ends_with_the_same_weights(tiny_cfg, tokenizer, stop
 
     optimizer.step = step_then_ctrl_c
     with pytest.raises(KeyboardInterrupt):
-        train(model, optimizer, train_loader, val_loader, tokenizer,
-              save_checkpoint=save_checkpoint)
+        resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
+                        save_checkpoint=save_checkpoint)
     assert saved["state"]["global_step"] == stop_at_step - 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     model, optimizer, train_loader, val_loader = make_run(cfg, seed=999)  # a new process
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    resumed = train(model, optimizer, train_loader, val_loader, tokenizer,
-                    resume_state=saved["state"])
+    resumed = resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
+                              resume_progress=saved["state"])
 
     assert resumed == reference
     for name, tensor in model.state_dict().items():
@@ -100,8 +109,8 @@ def test_epoch_end_checkpoints_resume_exactly(tiny_cfg, tokenizer):
 
     model, optimizer, train_loader, val_loader = make_run(cfg)
     checkpoints = []
-    train(model, optimizer, train_loader, val_loader, tokenizer,
-          save_checkpoint=lambda state: checkpoints.append(
+    resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
+                    save_checkpoint=lambda state: checkpoints.append(
               (copy.deepcopy(state), copy.deepcopy(model.state_dict()),
                copy.deepcopy(optimizer.state_dict()))))
     assert [c[0]["epoch"] for c in checkpoints] == [1, 2]
@@ -110,8 +119,8 @@ def test_epoch_end_checkpoints_resume_exactly(tiny_cfg, tokenizer):
     model, optimizer, train_loader, val_loader = make_run(cfg, seed=5)
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)
-    assert train(model, optimizer, train_loader, val_loader, tokenizer,
-                 resume_state=state) == reference
+    assert resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
+                           resume_progress=state) == reference
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reference_weights[name]), name
 
