@@ -15,7 +15,6 @@ gpt2-medium355M-sft-lora.pth; a combination joins the names with "_" (alpaca52k_
 """
 
 import math
-import sys
 from dataclasses import replace
 from functools import partial
 
@@ -25,7 +24,6 @@ import torch.nn as nn
 from gpt_instruction_finetuning import (
     ALPACA,
     END_OF_TEXT,
-    DataError,
     Experiment,
     InstructionDataset,
     build_parser,
@@ -34,6 +32,8 @@ from gpt_instruction_finetuning import (
     token_ids,
 )
 from instruction_data import Phi3Prompt
+from previous_chapters import IGNORE_INDEX
+from script_utils import fail
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 
@@ -85,7 +85,7 @@ class InstructionDatasetWithPromptLength(InstructionDataset):
         return self.prompt_lengths[index], self.encoded_texts[index]
 
 
-def collate_masking_instructions(batch, pad_token_id=END_OF_TEXT, ignore_index=-100,
+def collate_masking_instructions(batch, pad_token_id=END_OF_TEXT, ignore_index=IGNORE_INDEX,
                                  allowed_max_length=None, device="cpu"):
     """The chapter's batch of (prompt_length, token_ids) items, with the prompt's targets ignored.
 
@@ -210,7 +210,8 @@ def lora(experiment, args):
     """Exercise 7.4: train LoRA matrices only; with --merge_lora, save them folded in."""
     return replace(experiment, prepare_model=partial(add_lora, rank=args.lora_rank,
                                                      alpha=args.lora_alpha),
-                   finish_model=merge_lora if args.merge_lora else None)
+                   finish_model=merge_lora if args.merge_lora else None,
+                   settings={"--lora_rank": args.lora_rank, "--lora_alpha": args.lora_alpha})
 
 
 EXERCISES = {  # option -> (name in the output files, change to the experiment)
@@ -225,17 +226,16 @@ EXERCISES = {  # option -> (name in the output files, change to the experiment)
 def parse_exercises(value):
     """The options in a comma-separated --exercise_solution value, in the order of EXERCISES.
 
-    baseline adds nothing to other exercises. Raises DataError for an unknown option and for
-    mask_instructions with phi3_prompt.
+    baseline adds nothing to other exercises. An unknown option, or mask_instructions with
+    phi3_prompt, ends the program with one 'Error:' line.
     """
     names = [part.strip() for part in value.split(",")]
     unknown = [name for name in names if name not in EXERCISES]
     if unknown:
-        raise DataError(f"unknown exercise '{unknown[0]}'; choose from {', '.join(EXERCISES)}")
+        fail(f"unknown exercise '{unknown[0]}'; choose from {', '.join(EXERCISES)}")
     if {"mask_instructions", "phi3_prompt"} <= set(names):
-        raise DataError("mask_instructions cannot be combined with phi3_prompt: exercises 7.1 "
-                        "and 7.2 are each compared with the Alpaca-prompt baseline; run them "
-                        "one at a time")
+        fail("mask_instructions cannot be combined with phi3_prompt: exercises 7.1 and 7.2 are "
+             "each compared with the Alpaca-prompt baseline; run them one at a time")
     return [name for name in EXERCISES if name in names and name != "baseline"] or ["baseline"]
 
 
@@ -250,9 +250,11 @@ def build_experiment(names, args):
 def check_lora_flags(names, args):
     """Refuse LoRA settings that cannot work, before anything is loaded."""
     if args.merge_lora and "lora" not in names:
-        raise DataError("--merge_lora needs the lora exercise (--exercise_solution lora)")
+        fail("--merge_lora needs the lora exercise (--exercise_solution lora)")
     if args.lora_rank < 1:
-        raise DataError(f"--lora_rank must be at least 1, got {args.lora_rank}")
+        fail(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    if not args.lora_alpha > 0:  # also refuses nan
+        fail(f"--lora_alpha must be above 0, got {args.lora_alpha}")
 
 
 def build_exercise_parser():
@@ -272,17 +274,13 @@ def build_exercise_parser():
 
 
 def run_exercises(argv=None):
-    """Parse the flags, build the experiment, and run it with the main script's main()."""
+    """Parse the flags, check the exercises' own, and run the experiment with the main script's
+    main(), which checks the shared flags before anything is loaded."""
     parser = build_exercise_parser()
     args = parser.parse_args(argv)
-    try:
-        names = parse_exercises(args.exercise_solution)
-        check_lora_flags(names, args)
-        experiment = build_experiment(names, args)
-    except DataError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    main(argv, experiment, parser)
+    names = parse_exercises(args.exercise_solution)
+    check_lora_flags(names, args)
+    main(argv, build_experiment(names, args), parser)
 
 
 if __name__ == "__main__":

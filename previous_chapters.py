@@ -1,11 +1,15 @@
 """The GPT-2 model and the helpers of chapters 2 to 5 that chapter 7 builds on.
 
-Chapter 2: text <-> token ids. Chapter 3: causal multi-head attention. Chapter 4: the GPT model
-and text generation. Chapter 5: the loss, the training loop, the loss plot, and loading OpenAI's
-pretrained weights.
+Chapter 2: text <-> token ids, and the sliding-window pretraining data loader. Chapter 3: causal
+multi-head attention. Chapter 4: the GPT model and text generation. Chapter 5: the loss, the
+training loop, the loss plot, and loading OpenAI's pretrained weights. Every public name of the
+book's chapter-7 `previous_chapters.py` is here with the book's signature, and a `.pth` file
+saved by either loads into the other's GPTModel.
 
 Beyond the book, `generate` keeps a key/value cache so that each new token costs one position
-instead of the whole sequence, and it can generate for several left-padded prompts at once.
+instead of the whole sequence, and it can generate for several left-padded prompts at once; the
+loss computes the output head only where a target counts; and `train_model_simple` takes
+optional `hooks`, through which the chapter script adds resuming, Ctrl-C and torchrun.
 """
 
 import os
@@ -206,6 +210,12 @@ class GELU(nn.Module):
         ))
 
 
+def uses_fused_kernels(cfg):
+    """The config's optional "fused" key (default True): one PyTorch kernel each for attention,
+    layer norm and GELU, or False for the book's spelled-out math."""
+    return cfg.get("fused", True)
+
+
 class FeedForward(nn.Module):
     """Position-wise MLP: expand to 4x the embedding size, GELU, project back."""
 
@@ -213,7 +223,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            GELU(fused=cfg.get("fused", True)),
+            GELU(fused=uses_fused_kernels(cfg)),
             nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
         )
 
@@ -233,11 +243,11 @@ class TransformerBlock(nn.Module):
             num_heads=cfg["n_heads"],
             dropout=cfg["drop_rate"],
             qkv_bias=cfg["qkv_bias"],
-            fused=cfg.get("fused", True),
+            fused=uses_fused_kernels(cfg),
         )
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
-        self.norm2 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
+        self.norm1 = LayerNorm(cfg["emb_dim"], fused=uses_fused_kernels(cfg))
+        self.norm2 = LayerNorm(cfg["emb_dim"], fused=uses_fused_kernels(cfg))
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x, layer_cache=None, blocked=None, segments=None):
@@ -320,7 +330,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused", True))
+        self.final_norm = LayerNorm(cfg["emb_dim"], fused=uses_fused_kernels(cfg))
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
     def _check_length(self, num_tokens):

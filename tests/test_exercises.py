@@ -254,6 +254,14 @@ def test_each_experiment_end_to_end(tmp_path, instruction_data_path, option, nam
         assert "out_head.lora.B" in state
         ex.replace_linear_with_lora(model, rank=16, alpha=16)
     model.load_state_dict(state)  # strict: every weight present, nothing extra
+    loaded, info, prompt_style = ft.load_finetuned_model(
+        str(tmp_path / f"Smalltestmodel-sft-{name}.pth"))  # rebuilt from the JSON beside it
+    assert (info["experiment"], prompt_style.name) == (
+        name, "phi3" if option == "phi3_prompt" else "alpaca")
+    idx = torch.randint(0, 50257, (1, 6))
+    assert torch.equal(loaded(idx), model.eval()(idx))
+    if option == "lora":
+        assert (info["settings"]["--lora_rank"], info["settings"]["--lora_alpha"]) == (16, 16)
     if option == "phi3_prompt":
         # over all 1100 entries, not only the few that test mode trains on
         assert ("Phi-3 prompt saves 17.5 tokens per entry on average "

@@ -3,6 +3,7 @@
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -118,6 +119,9 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
                      f"Model saved as {tmp_path}/Smalltestmodel-sft-standalone.pth"]:
         assert expected in lines
     assert any(line.startswith("Ep 1 (Step 000000): Train loss ") for line in lines)
+    bar = re.split(r"[\r\n]", result.stderr)  # the bar's redraws on stderr
+    assert any(re.match(r"Training: 100%.*\| 2/2 \[\d\d:\d\d<00:00", part) for part in bar)
+    assert "Training:" not in result.stdout
     assert any(line.startswith("Training completed in ") and line.endswith(" minutes.")
                for line in lines)
 
@@ -323,3 +327,62 @@ def test_float32_eager_forward_is_left_as_it_is(tiny_cfg):
     ft.speed_up_forward(model, torch.device("cpu"), "fp32", compile_forward=False)
     assert "forward" not in vars(model)
     assert model.forward.__func__ is GPTModel.forward
+
+
+def saved_tiny_model(tmp_path, cfg, info=None):
+    """Save a random GPTModel as a finetuned model (with `info` as its JSON when given)."""
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    path = tmp_path / "model.pth"
+    if info is None:
+        torch.save(model.state_dict(), path)
+    else:
+        ft.save_finetuned_model(model, str(path), info)
+    return model, str(path)
+
+
+def test_finetuned_model_loads_with_its_json(tmp_path):
+    cfg = {**ft.BASE_CONFIG, **ft.MODEL_CONFIGS["124M"][1], "n_layers": 1}
+    model, path = saved_tiny_model(tmp_path, cfg, {"config": cfg, "prompt_style": "phi3"})
+    assert json.loads((tmp_path / "model.json").read_text()) == {
+        "config": cfg, "prompt_style": "phi3"}
+    loaded, info, prompt_style = ft.load_finetuned_model(path)
+    assert info["config"] == cfg and prompt_style.name == "phi3"
+    assert not loaded.training
+    idx = torch.randint(0, 50257, (1, 7))
+    assert torch.equal(loaded(idx), model(idx))
+
+
+def test_bare_pth_loads_with_config_read_off_its_shapes(tmp_path):
+    model, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG)
+    loaded, info, prompt_style = ft.load_finetuned_model(path)
+    assert info == {"config": ft.TEST_MODE_CONFIG, "prompt_style": "alpaca"}
+    assert prompt_style is ft.ALPACA
+    idx = torch.randint(0, 50257, (2, 5))
+    assert torch.equal(loaded(idx), model(idx))
+
+
+def test_finetuned_model_that_cannot_load_is_one_clear_error(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(ft.DataError, match=f"^{missing}: file not found; finetune first"):
+        ft.load_finetuned_model(str(missing))
+
+    _, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])  # a copy cut short
+    with pytest.raises(ft.DataError, match=f"^{path}: damaged or not a PyTorch weight file "
+                                           r"\(.*\); finetune again or copy the file anew$"):
+        ft.load_finetuned_model(path)
+
+    _, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG,
+                               {"config": {**ft.TEST_MODE_CONFIG, "emb_dim": 16},
+                                "prompt_style": "alpaca"})
+    with pytest.raises(ft.DataError, match=f"^{path}: the weights do not fit the model "
+                                           f"described by {tmp_path}/model.json"):
+        ft.load_finetuned_model(path)
+
+    (tmp_path / "model.json").write_text('{"config": {}, "prompt_style": "chatml"}')
+    with pytest.raises(ft.DataError, match="model.json: needs a 'config' object and a "
+                                           "'prompt_style' of alpaca, phi3; delete it"):
+        ft.load_finetuned_model(path)

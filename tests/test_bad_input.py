@@ -1,0 +1,367 @@
+"""Bad flags, paths and files end before any work with one 'Error:' line; nothing finished is lost.
+
+Flags are refused right after parsing (nothing printed, nothing downloaded or loaded), paths
+before training, damaged or mismatched checkpoints before they are used. A write that fails
+after training exits 1 and leaves a checkpoint that --resume finishes from without training.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+import exercise_experiments as ex
+import gpt_instruction_finetuning as ft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKPOINT = "checkpoint-Smalltestmodel-standalone.pth"
+OUTPUTS = ["Smalltestmodel-sft-standalone.json", "Smalltestmodel-sft-standalone.pth",
+           "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf"]
+
+
+#####################################
+# Helpers
+#####################################
+
+
+def run_in_process(entry_point, argv, capsys):
+    """Call a script's entry point with `argv`; return (exit code, stdout, stderr)."""
+    try:
+        entry_point(argv)
+        code = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_script(*args, cwd):
+    """Run gpt_instruction_finetuning.py as a user would; return the completed process."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "gpt_instruction_finetuning.py"),
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_error(err, *parts, values=()):
+    """Assert that `err` is one 'Error:' line (besides progress bars) holding every substring in
+    `parts` and every word in `values`."""
+    assert "Traceback" not in err, err
+    rest = re.sub(r"\r[^\r\n]*\n?", "", err)  # progress bars: tqdm redraws them after \r
+    assert rest.endswith("\n") and rest.count("\n") == 1 and "\r" not in rest, err
+    line = rest[:-1]
+    assert line.startswith("Error: "), line
+    for part in parts:
+        assert part in line, (part, line)
+    words = {word.rstrip(".") for word in re.findall(r"[\w.+-]+", line)}
+    for value in values:
+        assert value in words, (value, line)
+
+
+def files(folder):
+    """The files under `folder`, as sorted relative paths: what a run left behind."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def assert_no_temporary_files(folder):
+    assert not list(folder.rglob(".tmp-*")), files(folder)
+
+
+def ran_training(out):
+    """True when the run printed a training step line."""
+    return any(line.startswith("Ep ") for line in out.splitlines())
+
+
+def no_download():
+    """Make reaching the GPT-2 download fail the test: checks must come before it."""
+    return mock.patch.object(ft, "download_and_load_gpt2",
+                             side_effect=AssertionError("the download was reached"))
+
+
+def quick_run_flags(data_path):
+    """Flags of a test-mode run that takes a few seconds."""
+    return ["--test_mode", "--data_path", str(data_path), "--epochs", "1", "--eval_iter", "1",
+            "--max_new_tokens", "5"]
+
+
+@pytest.fixture
+def common(instruction_data_path):
+    return quick_run_flags(instruction_data_path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, instruction_data_path):
+    """The folder of one finished test-mode run with the `common` flags."""
+    folder = tmp_path_factory.mktemp("finished")
+    ft.main([*quick_run_flags(instruction_data_path), "--output_dir", str(folder)])
+    return folder
+
+
+#####################################
+# Flags: refused right after parsing
+#####################################
+
+
+FLAG_CASES = [
+    (["--epochs", "0"], "--epochs", "0"),
+    (["--epochs", "-1"], "--epochs", "-1"),
+    (["--batch_size", "0"], "--batch_size", "0"),
+    (["--gen_batch_size", "0"], "--gen_batch_size", "0"),
+    (["--eval_freq", "0"], "--eval_freq", "0"),
+    (["--eval_iter", "0"], "--eval_iter", "0"),
+    (["--lr", "0.0"], "--lr", "0.0"),
+    (["--lr", "-0.5"], "--lr", "-0.5"),
+    (["--weight_decay", "-0.1"], "--weight_decay", "-0.1"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens", "-1"),
+    (["--device", "tpu"], "--device", "tpu"),
+]
+
+
+@pytest.mark.parametrize(("flags", "flag", "value"), FLAG_CASES,
+                         ids=[" ".join(case[0]) for case in FLAG_CASES])
+def test_bad_flag_is_refused_before_anything_runs(tmp_path, capsys, instruction_data_path,
+                                                  flags, flag, value):
+    argv = ["--model", "124M", "--models_dir", str(tmp_path / "gpt2"),
+            "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path / "out"),
+            *flags]
+    with no_download():
+        code, out, err = run_in_process(ft.main, argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert_error(err, flag, values=[value])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_without_cuda_names_the_cpu(tmp_path, capsys, instruction_data_path):
+    argv = ["--model", "124M", "--models_dir", str(tmp_path / "gpt2"), "--device", "cuda",
+            "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path / "out")]
+    with no_download(), mock.patch("torch.cuda.is_available", return_value=False):
+        code, out, err = run_in_process(ft.main, argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert_error(err, "--device cuda", "--device cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_eval_freq_through_the_command_line(tmp_path, instruction_data_path):
+    result = run_script("--test_mode", "--data_path", str(instruction_data_path),
+                        "--eval_freq", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert_error(result.stderr, "--eval_freq", values=["0"])
+    assert list(tmp_path.iterdir()) == []
+
+
+#####################################
+# Paths: refused before training
+#####################################
+
+
+def test_missing_data_file(tmp_path, capsys, common):
+    missing = tmp_path / "nope.json"
+    code, out, err = run_in_process(
+        ft.main, [*common, "--data_path", str(missing), "--output_dir", str(tmp_path / "out")],
+        capsys)
+    assert code == 2
+    assert_error(err, "--data_path", str(missing))
+    assert not ran_training(out)
+    assert files(tmp_path) == []
+
+
+def test_data_path_that_is_a_folder(tmp_path, capsys, common):
+    folder = tmp_path / "data.json"
+    folder.mkdir()
+    code, out, err = run_in_process(
+        ft.main, [*common, "--data_path", str(folder), "--output_dir", str(tmp_path / "out")],
+        capsys)
+    assert code == 2
+    assert_error(err, "--data_path", str(folder))
+    assert not ran_training(out)
+    assert files(tmp_path) == []
+
+
+def test_output_dir_that_is_a_file_is_refused_before_training(tmp_path, capsys, common):
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("not a folder")
+    code, out, err = run_in_process(ft.main, [*common, "--output_dir", str(in_the_way)], capsys)
+    assert code == 2
+    assert_error(err, "--output_dir", str(in_the_way))
+    assert not ran_training(out)
+    assert files(tmp_path) == ["results"]
+    assert in_the_way.read_text() == "not a folder"
+
+
+def test_output_dir_under_a_file_is_refused_before_training(tmp_path, capsys, common):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    code, out, err = run_in_process(ft.main, [*common, "--output_dir", str(blocker / "out")],
+                                    capsys)
+    assert code == 2
+    assert_error(err, "--output_dir", str(blocker))
+    assert not ran_training(out)
+    assert files(tmp_path) == ["blocker"]
+
+
+def test_output_dir_that_is_a_file_through_the_command_line(tmp_path, instruction_data_path):
+    (tmp_path / "results").write_text("not a folder")
+    result = run_script("--test_mode", "--data_path", str(instruction_data_path),
+                        "--output_dir", "results", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_error(result.stderr, "--output_dir", "results")
+    assert not ran_training(result.stdout)
+    assert files(tmp_path) == ["results"]
+    assert (tmp_path / "results").read_text() == "not a folder"
+
+
+def test_models_dir_that_is_a_file(tmp_path, capsys, instruction_data_path):
+    models_dir = tmp_path / "gpt2"
+    models_dir.write_text("not a folder")
+    argv = ["--model", "124M", "--models_dir", str(models_dir),
+            "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path / "out")]
+    with no_download():
+        code, out, err = run_in_process(ft.main, argv, capsys)
+    assert code == 2
+    assert_error(err, "--models_dir", str(models_dir))
+    assert not ran_training(out)
+    assert files(tmp_path) == ["gpt2"]
+
+
+#####################################
+# --resume: damaged, foreign or mismatched checkpoints
+#####################################
+
+
+def damaged_checkpoints(finished):
+    """name -> bytes of a file at the checkpoint's place that cannot be resumed from."""
+    whole = (finished / CHECKPOINT).read_bytes()
+    return {
+        "empty": b"",
+        "cut short": whole[:len(whole) // 2],
+        "random bytes": random.Random(0).randbytes(4096),
+        "a JSON file": json.dumps([{"instruction": "a", "input": "", "output": "b"}]).encode(),
+        "finetuned weights": (finished / "Smalltestmodel-sft-standalone.pth").read_bytes(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["empty", "cut short", "random bytes", "a JSON file",
+                                  "finetuned weights"])
+def test_damaged_or_foreign_checkpoint(tmp_path, capsys, common, finished_run, kind):
+    content = damaged_checkpoints(finished_run)[kind]
+    checkpoint = tmp_path / CHECKPOINT
+    checkpoint.write_bytes(content)
+    code, out, err = run_in_process(
+        ft.main, [*common, "--output_dir", str(tmp_path), "--resume"], capsys)
+    assert code == 2
+    assert_error(err, str(checkpoint), "--resume")
+    assert not ran_training(out)
+    assert files(tmp_path) == [CHECKPOINT]
+    assert checkpoint.read_bytes() == content  # left for the user to delete
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--lr", "1e-4"), ("--seed", "7"),
+                                             ("--batch_size", "4")])
+def test_checkpoint_of_other_settings(tmp_path, capsys, common, finished_run, flag, value):
+    checkpoint = tmp_path / CHECKPOINT
+    shutil.copyfile(finished_run / CHECKPOINT, checkpoint)
+    content = checkpoint.read_bytes()
+    code, out, err = run_in_process(
+        ft.main, [*common, flag, value, "--output_dir", str(tmp_path), "--resume"], capsys)
+    assert code == 2
+    assert_error(err, str(checkpoint), "--resume", flag)
+    assert not ran_training(out)
+    assert files(tmp_path) == [CHECKPOINT]
+    assert checkpoint.read_bytes() == content
+
+
+#####################################
+# Nothing finished is lost
+#####################################
+
+
+def test_finished_run_keeps_its_checkpoint_beside_the_outputs(finished_run):
+    assert files(finished_run) == sorted([CHECKPOINT, *OUTPUTS])
+
+
+def test_failed_write_after_training_leaves_a_checkpoint_to_resume(tmp_path, capsys, common,
+                                                                   finished_run):
+    argv = [*common, "--output_dir", str(tmp_path)]
+    with mock.patch("gpt_instruction_finetuning.save_json",
+                    side_effect=OSError(28, "No space left on device")):
+        code, out, err = run_in_process(ft.main, argv, capsys)
+    assert ran_training(out)
+    assert code == 1
+    assert_error(err, str(tmp_path / CHECKPOINT), "--resume")
+    assert (tmp_path / CHECKPOINT).is_file()
+    assert not (tmp_path / "instruction-data-with-response-standalone.json").exists()
+    assert_no_temporary_files(tmp_path)
+
+    code, out, err = run_in_process(ft.main, [*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert not ran_training(out)
+    assert files(tmp_path) == sorted([CHECKPOINT, *OUTPUTS])
+    weights = "Smalltestmodel-sft-standalone.pth"
+    expected = torch.load(finished_run / weights, weights_only=True)
+    got = torch.load(tmp_path / weights, weights_only=True)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    responses = "instruction-data-with-response-standalone.json"
+    assert (json.loads((tmp_path / responses).read_text())
+            == json.loads((finished_run / responses).read_text()))
+
+
+#####################################
+# exercise_experiments.py
+#####################################
+
+
+EXERCISE_CASES = [
+    (["--exercise_solution", "lora", "--lora_rank", "0"],
+     "--lora_rank must be at least 1, got 0"),
+    (["--exercise_solution", "lora", "--lora_alpha", "0"],
+     "--lora_alpha must be above 0, got 0.0"),
+    (["--exercise_solution", "lora", "--lora_alpha", "-1.5"],
+     "--lora_alpha must be above 0, got -1.5"),
+    (["--merge_lora"], "--merge_lora needs the lora exercise (--exercise_solution lora)"),
+    (["--exercise_solution", "lora,foo"],
+     "unknown exercise 'foo'; choose from baseline, mask_instructions, alpaca_52k, phi3_prompt, "
+     "lora"),
+    (["--exercise_solution", "mask_instructions,phi3_prompt"],
+     "mask_instructions cannot be combined with phi3_prompt: exercises 7.1 and 7.2 are each "
+     "compared with the Alpaca-prompt baseline; run them one at a time"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), EXERCISE_CASES,
+                         ids=[" ".join(case[0]) for case in EXERCISE_CASES])
+def test_bad_exercise_flag_is_refused_before_anything_runs(tmp_path, capsys,
+                                                           instruction_data_path, flags, message):
+    argv = ["--model", "124M", "--models_dir", str(tmp_path / "gpt2"),
+            "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path / "out"),
+            *flags]
+    with no_download():
+        code, out, err = run_in_process(ex.run_exercises, argv, capsys)
+    assert code == 2
+    assert (out, err) == ("", f"Error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("flags", "flag", "value"), [
+    (["--exercise_solution", "lora", "--eval_freq", "0"], "--eval_freq", "0"),
+    (["--exercise_solution", "alpaca_52k", "--batch_size", "0"], "--batch_size", "0"),
+])
+def test_shared_flags_are_checked_for_the_exercises_too(tmp_path, capsys, instruction_data_path,
+                                                        flags, flag, value):
+    argv = ["--model", "124M", "--models_dir", str(tmp_path / "gpt2"),
+            "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path / "out"),
+            *flags]
+    with no_download():
+        code, out, err = run_in_process(ex.run_exercises, argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert_error(err, flag, values=[value])
+    assert list(tmp_path.iterdir()) == []
