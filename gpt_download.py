@@ -1,13 +1,19 @@
 """Download OpenAI's GPT-2 checkpoints and read their weights into NumPy arrays.
 
 `download_and_load_gpt2` fetches the seven files of one model size from OpenAI's bucket, falling
-back per file to the book's backup mirror, and returns the hyperparameters and the weights in the
-nested layout that `previous_chapters.load_weights_into_gpt` expects. Files already on disk with
-the server's size are kept; without a network the files already on disk are used as they are.
+back per file to the book's backup mirror, and reads them with TensorFlow.
+`download_and_load_gpt2_safetensors` fetches the same weights as the single `model.safetensors`
+of Hugging Face's `openai-community` copy and reads them memory-mapped, without TensorFlow. Both
+return the hyperparameters and the weights in the nested layout that
+`previous_chapters.load_weights_into_gpt` expects. Files already on disk with the server's size
+are kept; without a network the files already on disk are used as they are. A file on disk that
+is cut short, damaged or of another model size ends in a one-line DownloadError naming it.
 """
 
+import contextlib
 import http.client
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -18,17 +24,39 @@ from tqdm import tqdm
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
-ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
+HF_BASE_URL = "https://huggingface.co/openai-community"
+HF_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+SAFETENSORS_FILENAME = "model.safetensors"
+GPT2_SETTINGS = {  # hparams.json of each of OpenAI's sizes
+    "124M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12},
+    "355M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24},
+    "774M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1280, "n_head": 20, "n_layer": 36},
+    "1558M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1600, "n_head": 25, "n_layer": 48},
+}
+ALLOWED_SIZES = tuple(GPT2_SETTINGS)
+DATA_FILENAME = "model.ckpt.data-00000-of-00001"
 FILENAMES = (
-    "checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
-    "model.ckpt.index", "model.ckpt.meta", "vocab.bpe",
+    "checkpoint", "encoder.json", "hparams.json", DATA_FILENAME, "model.ckpt.index",
+    "model.ckpt.meta", "vocab.bpe",
 )
+TF_NAMES = {"wte": "model/wte", "wpe": "model/wpe", "g": "model/ln_f/g", "b": "model/ln_f/b"}
+HF_NAMES = {"wte": "wte.weight", "wpe": "wpe.weight", "g": "ln_f.weight", "b": "ln_f.bias"}
 TIMEOUT_S = 60
 CHUNK_SIZE = 1 << 20
 
 
 class DownloadError(RuntimeError):
-    """A checkpoint file is not on disk and could not be fetched: the message says what to do."""
+    """A checkpoint file is missing or unusable and could not be fetched: the message names it and
+    says what to do."""
+
+
+class DamagedFileError(DownloadError):
+    """A model file on disk cannot be read as the requested model: cut short, damaged, or of
+    another size. `path` names the file, so callers can add where a good copy comes from."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path} {problem}")
+        self.path = path
 
 
 def download_and_load_gpt2(model_size, models_dir, base_url=BASE_URL,
@@ -37,26 +65,85 @@ def download_and_load_gpt2(model_size, models_dir, base_url=BASE_URL,
 
     settings is hparams.json (n_vocab, n_ctx, n_embd, n_head, n_layer); params holds the arrays
     as `load_gpt2_params_from_tf_ckpt` lays them out. Raises ValueError for an unknown size before
-    any network access, and DownloadError when a file is missing and neither URL provides it.
+    any network access, and DownloadError when a file is missing and neither URL provides it, or
+    when a file on disk is damaged or belongs to another size.
     """
-    if model_size not in ALLOWED_SIZES:
+    expected = gpt2_settings(model_size)
+    model_dir = _model_dir(models_dir, model_size)
+    base_urls = [f"{base_url}/{model_size}", f"{backup_base_url}/{model_size}"]
+    fetch_model_files(model_dir, base_urls)
+    with _explain_damaged_file(model_dir, base_urls):
+        settings = _read_hparams(os.path.join(model_dir, "hparams.json"), expected, model_size)
+        ckpt_path = _import_tensorflow().train.latest_checkpoint(model_dir)
+        if ckpt_path is None:
+            raise DownloadError(f"The 'checkpoint' file in {model_dir} names no checkpoint there: "
+                                "delete it and run again to download it afresh")
+        return settings, load_gpt2_params_from_tf_ckpt(ckpt_path, settings)
+
+
+def download_and_load_gpt2_safetensors(model_size, models_dir, base_url=HF_BASE_URL):
+    """Return (settings, params) of GPT-2 `model_size` from Hugging Face's `model.safetensors`.
+
+    The file of `openai-community/<gpt2|gpt2-medium|gpt2-large|gpt2-xl>` goes to
+    models_dir/size/model.safetensors with the same care as `download_and_load_gpt2`'s files.
+    settings and params are as `download_and_load_gpt2` returns them; TensorFlow is not needed.
+    Raises ValueError for an unknown size, DownloadError as `download_and_load_gpt2` does.
+    """
+    settings = gpt2_settings(model_size)
+    model_dir = _model_dir(models_dir, model_size)
+    base_urls = [f"{base_url}/{HF_REPOS[model_size]}/resolve/main"]
+    fetch_model_files(model_dir, base_urls, (SAFETENSORS_FILENAME,))
+    with _explain_damaged_file(model_dir, base_urls):
+        path = os.path.join(model_dir, SAFETENSORS_FILENAME)
+        return settings, load_gpt2_params_from_safetensors(path, settings)
+
+
+def gpt2_settings(model_size):
+    """A copy of hparams.json of OpenAI's `model_size`; ValueError naming the sizes if unknown."""
+    if model_size not in GPT2_SETTINGS:
         raise ValueError(f"Unknown GPT-2 size {model_size!r}: choose one of "
                          f"{', '.join(ALLOWED_SIZES)}")
+    return dict(GPT2_SETTINGS[model_size])
+
+
+def _model_dir(models_dir, model_size):
+    """Create and return models_dir/model_size."""
     model_dir = os.path.join(models_dir, model_size)
     os.makedirs(model_dir, exist_ok=True)
-    fetch_model_files(model_dir, [f"{base_url}/{model_size}", f"{backup_base_url}/{model_size}"])
-
-    with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
-        settings = json.load(f)
-    ckpt_path = _import_tensorflow().train.latest_checkpoint(model_dir)
-    if ckpt_path is None:
-        raise DownloadError(f"The 'checkpoint' file in {model_dir} names no checkpoint there: "
-                            "delete it and run again to download it afresh")
-    return settings, load_gpt2_params_from_tf_ckpt(ckpt_path, settings)
+    return model_dir
 
 
-def fetch_model_files(model_dir, base_urls):
-    """Make sure each of FILENAMES is in model_dir, fetched from the first base URL serving it.
+@contextlib.contextmanager
+def _explain_damaged_file(model_dir, base_urls):
+    """Turn a DamagedFileError into a DownloadError that also says where a good copy comes from.
+
+    Online, a file whose size differs from the server's has already been fetched again; what is
+    left is a file that could not be replaced, typically for want of a network.
+    """
+    try:
+        yield
+    except DamagedFileError as exc:
+        name = os.path.basename(exc.path)
+        sources = " or ".join(f"{base_url}/{name}" for base_url in base_urls)
+        raise DownloadError(f"{exc}. Delete it and run again with a network to download it "
+                            f"afresh, or download it by hand from {sources} into {model_dir}"
+                            ) from None
+
+
+def _read_hparams(path, expected, model_size):
+    """Read hparams.json, refusing one that is not JSON or does not describe `model_size`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedFileError(path, f"is damaged ({exc})") from None
+    if not isinstance(settings, dict) or any(settings.get(k) != v for k, v in expected.items()):
+        raise DamagedFileError(path, f"describes {settings}, not GPT-2 {model_size}: {expected}")
+    return settings
+
+
+def fetch_model_files(model_dir, base_urls, filenames=FILENAMES):
+    """Make sure each of `filenames` is in model_dir, fetched from the first base URL serving it.
 
     A base URL that cannot be reached at all (refused, no DNS, timeout) is not asked again for the
     remaining files, so a machine without network finishes at once. A file that no URL provides
@@ -64,13 +151,14 @@ def fetch_model_files(model_dir, base_urls):
     """
     unreachable = {}  # base URL -> why it could not be reached
     warned = False
-    for filename in FILENAMES:
+    for filename in filenames:
         destination = os.path.join(model_dir, filename)
         failures = _fetch_from_first_working(filename, destination, base_urls, unreachable)
         if not failures:
             continue
         if not os.path.exists(destination):
-            raise DownloadError(_missing_file_message(filename, model_dir, base_urls, failures))
+            raise DownloadError(_missing_file_message(filename, model_dir, base_urls, failures,
+                                                      filenames))
         if not warned:
             tried = " nor ".join(f"{url} ({reason})" for url, reason in failures)
             print(f"Warning: could not reach {tried}; using the files already in {model_dir}",
@@ -163,10 +251,10 @@ def _is_unreachable(exc):
     return isinstance(exc, (urllib.error.URLError, TimeoutError))
 
 
-def _missing_file_message(filename, model_dir, base_urls, failures):
+def _missing_file_message(filename, model_dir, base_urls, failures, filenames):
     """The DownloadError text: the file, each URL tried and why it failed, and the manual fix."""
     tried = "; ".join(f"{url} ({reason})" for url, reason in failures)
-    missing = [name for name in FILENAMES if not os.path.exists(os.path.join(model_dir, name))]
+    missing = [name for name in filenames if not os.path.exists(os.path.join(model_dir, name))]
     sources = " or ".join(f"{base_url}/" for base_url in base_urls)
     return (f"Could not download {filename}: tried {tried}. To place the files by hand, "
             f"download {', '.join(missing)} from {sources} into {model_dir}")
@@ -185,15 +273,176 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
 
     `model/h3/attn/c_attn/w` becomes params["blocks"][3]["attn"]["c_attn"]["w"], `model/wte`
     params["wte"], `model/ln_f/g` params["g"]. The singleton leading dimension that OpenAI's
-    weight matrices carry ([1, d, 3d]) is squeezed away ([d, 3d]).
+    weight matrices carry ([1, d, 3d]) is squeezed away ([d, 3d]). Raises DamagedFileError when
+    the files cannot be read or their shapes do not fit `settings`.
     """
     tf = _import_tensorflow()
-    params = {"blocks": [{} for _ in range(settings["n_layer"])]}
-    for name, _ in tf.train.list_variables(ckpt_path):
-        array = np.squeeze(tf.train.load_variable(ckpt_path, name))
-        scope, *keys = name.split("/")[1:]  # "model/h3/attn/c_attn/w" -> "h3", [attn, ...]
-        node = params["blocks"][int(scope[1:])] if scope.startswith("h") else params
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1] if keys else scope] = array
+    unreadable = (tf.errors.OpError, IndexError)  # IndexError: "Read less bytes than requested"
+    with _reading(ckpt_path + ".index", unreadable):
+        listed = {name: tuple(n for n in shape if n != 1)
+                  for name, shape in tf.train.list_variables(ckpt_path)}
+    data_path = os.path.join(os.path.dirname(ckpt_path), DATA_FILENAME)
+    keys = _match_tensors(data_path, listed, {_tf_name(key): key for key in
+                                              _expected_shapes(settings)}, settings)
+    with _reading(data_path, unreadable):
+        arrays = {key: np.squeeze(tf.train.load_variable(ckpt_path, name))
+                  for name, key in keys.items()}
+    return _nest(arrays, settings["n_layer"])
+
+
+def load_gpt2_params_from_safetensors(path, settings):
+    """Read a GPT-2 `model.safetensors` into the layout of `load_gpt2_params_from_tf_ckpt`.
+
+    Accepts Hugging Face's names with or without the `transformer.` prefix that `save_pretrained`
+    writes, and skips the causal-mask buffers (`h.<i>.attn.bias`, `h.<i>.attn.masked_bias`) and
+    the output head tied to `wte`. Its `[in, out]` Conv1D weights are OpenAI's layout already.
+    The arrays are copy-on-write views of the memory-mapped file: nothing is read until used,
+    and only what is read occupies memory, as file pages the system can drop again. Raises
+    DamagedFileError when the file is cut short, damaged or does not fit `settings`.
+    """
+    header, data_start = _read_safetensors_header(path)
+    entries = {}
+    for name, entry in header.items():
+        short = name.removeprefix("transformer.")
+        if not _is_skipped(short):
+            entries[short] = entry
+    keys = _match_tensors(path, {name: tuple(e["shape"]) for name, e in entries.items()},
+                          {_hf_name(key): key for key in _expected_shapes(settings)}, settings)
+    raw = np.memmap(path, dtype=np.uint8, mode="c")
+    return _nest({key: _tensor_view(path, raw, data_start, name, entries[name])
+                  for name, key in keys.items()}, settings["n_layer"])
+
+
+@contextlib.contextmanager
+def _reading(path, errors):
+    """Report one of `errors` raised while reading `path` as a DamagedFileError naming it."""
+    try:
+        yield
+    except errors as exc:
+        raise DamagedFileError(path, f"cannot be read ({_describe(exc)}): it is cut short or "
+                                     "damaged") from None
+
+
+def _expected_shapes(settings):
+    """{key: shape} of every GPT-2 weight; a key is its path in params, e.g. ("blocks", 0, "ln_1",
+    "g"), or ("wte",)."""
+    d = settings["n_embd"]
+    per_block = {("ln_1", "g"): (d,), ("ln_1", "b"): (d,),
+                 ("attn", "c_attn", "w"): (d, 3 * d), ("attn", "c_attn", "b"): (3 * d,),
+                 ("attn", "c_proj", "w"): (d, d), ("attn", "c_proj", "b"): (d,),
+                 ("ln_2", "g"): (d,), ("ln_2", "b"): (d,),
+                 ("mlp", "c_fc", "w"): (d, 4 * d), ("mlp", "c_fc", "b"): (4 * d,),
+                 ("mlp", "c_proj", "w"): (4 * d, d), ("mlp", "c_proj", "b"): (d,)}
+    shapes = {("wte",): (settings["n_vocab"], d), ("wpe",): (settings["n_ctx"], d),
+              ("g",): (d,), ("b",): (d,)}
+    for i in range(settings["n_layer"]):
+        shapes.update({("blocks", i, *key): shape for key, shape in per_block.items()})
+    return shapes
+
+
+def _tf_name(key):
+    """OpenAI's variable name of a params key: ("blocks", 3, "attn", "c_attn", "w") ->
+    "model/h3/attn/c_attn/w", ("g",) -> "model/ln_f/g"."""
+    if key[0] == "blocks":
+        return "/".join(("model", f"h{key[1]}", *key[2:]))
+    return TF_NAMES[key[0]]
+
+
+def _hf_name(key):
+    """Hugging Face's tensor name of a params key: ("blocks", 3, "ln_1", "g") ->
+    "h.3.ln_1.weight", ("b",) -> "ln_f.bias"."""
+    if key[0] == "blocks":
+        return ".".join(("h", str(key[1]), *key[2:-1], "bias" if key[-1] == "b" else "weight"))
+    return HF_NAMES[key[0]]
+
+
+def _is_skipped(name):
+    """True for the tensors of a Hugging Face file that are not weights to load: the causal-mask
+    buffers and `lm_head.weight`, which GPT-2 ties to `wte`."""
+    parts = name.split(".")
+    return name == "lm_head.weight" or (
+        len(parts) == 4 and parts[0] == "h" and parts[2] == "attn"
+        and parts[3] in ("bias", "masked_bias"))
+
+
+def _match_tensors(path, found, names, settings):
+    """Return `names` ({name: key}), the tensors `settings` requires, after checking that `found`,
+    the {name: shape} of the file `path`, holds exactly them in their shapes."""
+    problem = _first_misfit(found, names, _expected_shapes(settings))
+    if problem:
+        model = ", ".join(f"{k}={settings[k]}" for k in ("n_layer", "n_embd", "n_vocab", "n_ctx"))
+        raise DamagedFileError(path, f"does not fit the requested GPT-2 ({model}): it {problem}; "
+                                     "it is another model size's file, or damaged")
+    return names
+
+
+def _first_misfit(found, names, expected):
+    """What is first wrong with `found` ({name: shape}) against `names` ({name: key}) and
+    `expected` ({key: shape}), as words ("lacks h.3.ln_1.weight"); None when nothing is."""
+    for name, key in names.items():
+        if name not in found:
+            return f"lacks {name}"
+        if found[name] != expected[key]:
+            return f"holds {name} of shape {list(found[name])}, not {list(expected[key])}"
+    extra = sorted(found.keys() - names.keys())
+    return f"holds {extra[0]}, which that model has not" if extra else None
+
+
+def _read_safetensors_header(path):
+    """Return (header, data_start): the JSON header of a safetensors file without `__metadata__`,
+    and the offset its tensor data begins at. The file starts with the header's length (8 bytes,
+    little-endian) and the header; each entry is {"dtype", "shape", "data_offsets": [begin, end]}.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else size
+        if 8 + header_size > size:
+            raise DamagedFileError(path, f"is cut short or not a safetensors file: its header "
+                                         f"needs {8 + header_size} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DamagedFileError(path, f"has a damaged header ({exc})") from None
+    if not isinstance(header, dict):
+        raise DamagedFileError(path, "has a damaged header (not a JSON object)")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if not _is_tensor_entry(entry):
+            raise DamagedFileError(path, f"has a damaged header (entry {name}: {entry})")
+    return header, 8 + header_size
+
+
+def _is_tensor_entry(entry):
+    """True for a well-formed header entry: a dtype name, a shape, and two data offsets."""
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(n, int) for n in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+            and all(isinstance(n, int) for n in entry["data_offsets"]))
+
+
+def _tensor_view(path, raw, data_start, name, entry):
+    """The float32 array `entry` describes, as a view of `raw` (the whole file, memory-mapped)."""
+    if entry["dtype"] != "F32":
+        raise DamagedFileError(path, f"stores {name} as {entry['dtype']}: only float32 (F32) "
+                                     "files, as Hugging Face's GPT-2, are read")
+    begin, end = (data_start + offset for offset in entry["data_offsets"])
+    if end - begin != 4 * math.prod(entry["shape"]):
+        raise DamagedFileError(path, f"has a damaged header: {name} spans {end - begin} bytes")
+    if end > raw.size:
+        raise DamagedFileError(path, f"is cut short: {name} ends at byte {end}, the file has "
+                                     f"{raw.size} bytes")
+    return raw[begin:end].view("<f4").reshape(entry["shape"])
+
+
+def _nest(arrays, n_layer):
+    """Nested params from {key: array}: ("blocks", 3, "attn", "c_attn", "w") goes to
+    params["blocks"][3]["attn"]["c_attn"]["w"], ("wte",) to params["wte"]."""
+    params = {"blocks": [{} for _ in range(n_layer)]}
+    for key, array in arrays.items():
+        node, path = (params["blocks"][key[1]], key[2:]) if key[0] == "blocks" else (params, key)
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = array
     return params

@@ -33,7 +33,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gpt_download import DownloadError, download_and_load_gpt2
+from gpt_download import (
+    DownloadError,
+    download_and_load_gpt2,
+    download_and_load_gpt2_safetensors,
+)
 from instruction_data import (  # noqa: F401  (format_input: the book's name, imported from here)
     ALPACA,
     PROMPT_STYLES,
@@ -253,10 +257,8 @@ def load_model(args, device):
     config, model_name = model_config(args)
     model = GPTModel(config)
     if not args.test_mode:
-        if args.weights == "safetensors":
-            from gpt_download import download_and_load_gpt2_safetensors as download
-        else:
-            download = download_and_load_gpt2
+        download = (download_and_load_gpt2_safetensors if args.weights == "safetensors"
+                    else download_and_load_gpt2)
         _, params = download(model_size=args.model, models_dir=args.models_dir)
         load_weights_into_gpt(model, params)
     model.eval()

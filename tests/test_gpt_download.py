@@ -1,14 +1,19 @@
-"""gpt_download.py against loopback servers holding a tiny checkpoint in OpenAI's exact layout."""
+"""gpt_download.py against loopback servers holding tiny checkpoints in OpenAI's exact layout
+(TensorFlow) and in Hugging Face's (`model.safetensors`), the same weights in both."""
 
 import errno
 import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,14 +21,32 @@ import pytest
 import gpt_download
 from gpt_download import (
     FILENAMES,
+    DamagedFileError,
     DownloadError,
     download_and_load_gpt2,
+    download_and_load_gpt2_safetensors,
+    load_gpt2_params_from_safetensors,
     load_gpt2_params_from_tf_ckpt,
 )
 
 SETTINGS = {"n_vocab": 100, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
 DATA_FILE = "model.ckpt.data-00000-of-00001"
+ST_FILE = "model.safetensors"
+ST_PATH = f"/gpt2/resolve/main/{ST_FILE}"  # where Hugging Face serves 124M's, below the base URL
 REFUSED = f"([Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)})"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def tiny_124m(monkeypatch):
+    """The served checkpoints are tiny: let them stand for GPT-2 124M."""
+    monkeypatch.setitem(gpt_download.GPT2_SETTINGS, "124M", SETTINGS)
+
+
+@pytest.fixture
+def no_tensorflow(monkeypatch):
+    """Make `import tensorflow` fail, as where it is not installed."""
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
 
 
 def tiny_gpt2_arrays(settings, seed=0):
@@ -94,20 +117,40 @@ class LoggingHandler(http.server.SimpleHTTPRequestHandler):
         """Keep the test output clean."""
 
 
+class RedirectingHandler(LoggingHandler):
+    """Answers `<repo>/resolve/main/<file>` with a redirect to `/cdn/<repo>/<file>`, as Hugging
+    Face sends its large files to a content delivery network."""
+
+    def send_head(self):
+        parts = self.path.strip("/").split("/")
+        if len(parts) != 4 or parts[1:3] != ["resolve", "main"]:
+            return super().send_head()
+        self.send_response(302)
+        self.send_header("Location", f"/cdn/{parts[0]}/{parts[3]}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return None
+
+
 class DroppingHandler(LoggingHandler):
-    """Announces the full size of the data file but sends only half of it, then hangs up."""
+    """Announces the full size of the weights file but sends only half of it, then hangs up."""
 
     def do_GET(self):
-        if not self.path.endswith(DATA_FILE):
+        path = self.translate_path(self.path)
+        if not (path.endswith((DATA_FILE, ST_FILE)) and os.path.isfile(path)):
             return super().do_GET()
         self.server.requests.append(("GET", self.path))
-        with open(self.translate_path(self.path), "rb") as f:
+        with open(path, "rb") as f:
             body = f.read()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body[: len(body) // 2])
         self.close_connection = True
+
+
+class DroppingHubHandler(DroppingHandler, RedirectingHandler):
+    """Redirects as Hugging Face does, then drops the weights file half-way."""
 
 
 @pytest.fixture
@@ -180,16 +223,10 @@ def test_download_and_load_every_tensor(tmp_path, served_root, serve, closed_por
     assert server.requests == [("GET", f"/124M/{name}") for name in FILENAMES]
 
 
-def test_logits_match_transformers_gpt2(served_root):
+def transformers_gpt2(params):
+    """transformers' GPT-2 (eval mode) holding `params`, in OpenAI's layout, for SETTINGS."""
     import torch
     import transformers
-
-    from previous_chapters import GPTModel, load_weights_into_gpt
-
-    params = load_gpt2_params_from_tf_ckpt(str(served_root / "124M" / "model.ckpt"), SETTINGS)
-    gpt = GPTModel({"vocab_size": 100, "context_length": 16, "emb_dim": 8, "n_heads": 2,
-                    "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
-    load_weights_into_gpt(gpt, params)
 
     config = transformers.GPT2Config(
         vocab_size=100, n_positions=16, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
@@ -210,13 +247,32 @@ def test_logits_match_transformers_gpt2(served_root):
             state[f"transformer.h.{i}.{name}.weight"] = leaf["w"]  # Conv1D: [in, out] like TF
             state[f"transformer.h.{i}.{name}.bias"] = leaf["b"]
     hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    return hf.eval()
 
-    gpt.eval()
-    hf.eval()
-    token_ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79], [0, 99, 1, 98, 2, 97, 4, 50]])
+
+TOKEN_IDS = [[3, 14, 15, 92, 65, 35, 89, 79], [0, 99, 1, 98, 2, 97, 4, 50]]
+
+
+def gpt_logits(params):
+    """The logits for TOKEN_IDS of the chapter's GPTModel loaded with `params`."""
+    import torch
+
+    from previous_chapters import GPTModel, load_weights_into_gpt
+
+    gpt = GPTModel({"vocab_size": 100, "context_length": 16, "emb_dim": 8, "n_heads": 2,
+                    "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
+    load_weights_into_gpt(gpt, params)
     with torch.no_grad():
-        ours = gpt(token_ids)
-        theirs = hf(token_ids).logits
+        return gpt.eval()(torch.tensor(TOKEN_IDS))
+
+
+def test_logits_match_transformers_gpt2(served_root):
+    import torch
+
+    params = load_gpt2_params_from_tf_ckpt(str(served_root / "124M" / "model.ckpt"), SETTINGS)
+    with torch.no_grad():
+        theirs = transformers_gpt2(params)(torch.tensor(TOKEN_IDS)).logits
+    ours = gpt_logits(params)
     assert ours.shape == (2, 8, 100)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
@@ -395,3 +451,364 @@ def test_checkpoint_file_naming_no_checkpoint_is_reported(tmp_path, served_root,
     assert str(exc_info.value) == (
         f"The 'checkpoint' file in {tmp_path / '124M'} names no checkpoint there: "
         "delete it and run again to download it afresh")
+
+
+# --- model.safetensors: Hugging Face's copy of the same weights, read without TensorFlow ---
+
+
+def hf_tensors(arrays, prefix=""):
+    """OpenAI-named arrays under Hugging Face's names, after `prefix`: `model/h0/attn/c_attn/w`
+    becomes `h.0.attn.c_attn.weight` without its leading 1, `model/ln_f/g` `ln_f.weight`."""
+    leaf = {"w": "weight", "g": "weight", "b": "bias"}
+    tensors = {}
+    for name, array in arrays.items():
+        scope, *rest = name.split("/")[1:]
+        if not rest:
+            tensors[f"{prefix}{scope}.weight"] = array
+            continue
+        module = f"h.{scope[1:]}" if scope.startswith("h") else scope
+        tensors[prefix + ".".join([module, *rest[:-1], leaf[rest[-1]]])] = (
+            array[0] if rest[-1] == "w" else array)
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    """Write {name: array} as a safetensors file with the `safetensors` package."""
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(a) for name, a in tensors.items()}, str(path))
+
+
+@pytest.fixture(scope="session")
+def hf_root(tmp_path_factory):
+    """A folder as RedirectingHandler serves Hugging Face: cdn/gpt2/model.safetensors, written by
+    transformers' `save_pretrained` from the weights of `served_root`'s TF checkpoint."""
+    saved = tmp_path_factory.mktemp("saved")
+    transformers_gpt2(expected_params()).save_pretrained(str(saved))
+    root = tmp_path_factory.mktemp("hub")
+    (root / "cdn" / "gpt2").mkdir(parents=True)
+    shutil.copy(saved / ST_FILE, root / "cdn" / "gpt2" / ST_FILE)
+    return root
+
+
+def test_safetensors_gives_the_tf_checkpoints_params_and_logits(tmp_path, served_root, hf_root,
+                                                                  serve, monkeypatch):
+    import torch
+
+    tf_params = load_gpt2_params_from_tf_ckpt(str(served_root / "124M" / "model.ckpt"), SETTINGS)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    url, server = serve(hf_root, RedirectingHandler)
+    settings, params = download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
+
+    assert settings == SETTINGS
+    assert_same_params(params, tf_params)
+    assert isinstance(params["blocks"][1]["mlp"]["c_fc"]["w"], np.memmap)
+    ours = gpt_logits(params)
+    torch.testing.assert_close(ours, gpt_logits(tf_params), atol=0, rtol=0)
+    with torch.no_grad():
+        theirs = transformers_gpt2(tf_params)(torch.tensor(TOKEN_IDS)).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert os.listdir(tmp_path / "124M") == [ST_FILE]
+    served = hf_root / "cdn" / "gpt2" / ST_FILE
+    assert (tmp_path / "124M" / ST_FILE).read_bytes() == served.read_bytes()
+    assert server.requests == [("GET", ST_PATH), ("GET", f"/cdn/gpt2/{ST_FILE}")]
+
+
+def test_safetensors_path_runs_where_tensorflow_cannot_be_imported(tmp_path, hf_root, serve):
+    url, _ = serve(hf_root, RedirectingHandler)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "tensorflow.py").write_text("raise ImportError('TensorFlow is not installed')\n")
+    script = "\n".join([
+        "import json, sys",
+        "import torch",
+        "import gpt_download",
+        "from previous_chapters import GPTModel, load_weights_into_gpt",
+        f"gpt_download.GPT2_SETTINGS['124M'] = {SETTINGS!r}",
+        "settings, params = gpt_download.download_and_load_gpt2_safetensors(",
+        f"    '124M', {str(tmp_path / 'models')!r}, base_url={url!r})",
+        "gpt = GPTModel({'vocab_size': 100, 'context_length': 16, 'emb_dim': 8, 'n_heads': 2,",
+        "                'n_layers': 2, 'drop_rate': 0.0, 'qkv_bias': True}).eval()",
+        "load_weights_into_gpt(gpt, params)",
+        "with torch.no_grad():",
+        f"    logits = gpt(torch.tensor({TOKEN_IDS!r}))",
+        "tf_modules = [name for name in sys.modules if name.startswith('tensorflow')]",
+        "print(json.dumps({'settings': settings, 'logits': logits.tolist(),",
+        "                  'tf_modules': tf_modules}))",
+    ])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["settings"] == SETTINGS
+    assert report["tf_modules"] == []  # nothing even tried: the shim would have failed the run
+    np.testing.assert_allclose(report["logits"], gpt_logits(expected_params()).numpy(),
+                               atol=1e-6, rtol=0)
+
+
+def with_mask_buffers(tensors):
+    """`tensors` plus the causal-mask buffers that some GPT-2 files carry in every layer."""
+    mask = np.tril(np.ones((1, 1, SETTINGS["n_ctx"], SETTINGS["n_ctx"]), np.float32))
+    buffers = {}
+    for i in range(SETTINGS["n_layer"]):
+        buffers[f"h.{i}.attn.bias"] = mask
+        buffers[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    return {**tensors, **buffers}
+
+
+@pytest.mark.parametrize("variant", ["plain names", "transformer. prefix", "mask buffers"])
+def test_safetensors_name_variants_give_the_same_params(tmp_path, variant, no_tensorflow):
+    arrays = tiny_gpt2_arrays(SETTINGS)
+    tensors = {
+        "plain names": lambda: hf_tensors(arrays),
+        "transformer. prefix": lambda: {**hf_tensors(arrays, "transformer."),
+                                        "lm_head.weight": arrays["model/wte"].copy()},
+        "mask buffers": lambda: with_mask_buffers(hf_tensors(arrays)),
+    }[variant]()
+    write_safetensors(tmp_path / ST_FILE, tensors)
+    assert_same_params(load_gpt2_params_from_safetensors(tmp_path / ST_FILE, SETTINGS),
+                       expected_params())
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"n_layer": 3}, "holds h.2.attn.c_attn.bias, which that model has not"),
+    ({"n_layer": 1}, "lacks h.1.ln_1.weight"),
+    ({"n_embd": 16}, "holds wte.weight of shape [100, 16], not [100, 8]"),
+], ids=["more layers", "fewer layers", "wider"])
+def test_safetensors_of_another_shape_is_refused(tmp_path, change, problem, no_tensorflow):
+    write_safetensors(tmp_path / ST_FILE, hf_tensors(tiny_gpt2_arrays({**SETTINGS, **change})))
+    with pytest.raises(DamagedFileError) as exc_info:
+        load_gpt2_params_from_safetensors(str(tmp_path / ST_FILE), SETTINGS)
+    assert str(exc_info.value) == (
+        f"{tmp_path / ST_FILE} does not fit the requested GPT-2 (n_layer=2, n_embd=8, "
+        f"n_vocab=100, n_ctx=16): it {problem}; it is another model size's file, or damaged")
+
+
+def test_safetensors_in_half_precision_is_refused(tmp_path, no_tensorflow):
+    tensors = {name: a.astype(np.float16)
+               for name, a in hf_tensors(tiny_gpt2_arrays(SETTINGS)).items()}
+    write_safetensors(tmp_path / ST_FILE, tensors)
+    with pytest.raises(DamagedFileError, match=r"stores wte.weight as F16: only float32 \(F32\)"):
+        load_gpt2_params_from_safetensors(str(tmp_path / ST_FILE), SETTINGS)
+
+
+def test_smaller_models_file_in_the_355m_folder_is_refused_offline(tmp_path, closed_port, capsys,
+                                                                   no_tensorflow):
+    model_dir = tmp_path / "355M"
+    model_dir.mkdir()
+    write_safetensors(model_dir / ST_FILE, hf_tensors(tiny_gpt2_arrays(SETTINGS)))
+    with pytest.raises(DownloadError) as exc_info:
+        download_and_load_gpt2_safetensors("355M", str(tmp_path), base_url=closed_port)
+    assert str(exc_info.value) == (
+        f"{model_dir / ST_FILE} does not fit the requested GPT-2 (n_layer=24, n_embd=1024, "
+        "n_vocab=50257, n_ctx=1024): it holds wte.weight of shape [100, 8], not [50257, 1024]; "
+        "it is another model size's file, or damaged. Delete it and run again with a network to "
+        "download it afresh, or download it by hand from "
+        f"{closed_port}/gpt2-medium/resolve/main/{ST_FILE} into {model_dir}")
+    assert capsys.readouterr().err.startswith("Warning: could not reach")
+
+
+def test_safetensors_offline_uses_the_file_already_there(tmp_path, hf_root, serve, closed_port,
+                                                         capsys, no_tensorflow):
+    url, _ = serve(hf_root, RedirectingHandler)
+    download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
+    capsys.readouterr()
+
+    settings, params = download_and_load_gpt2_safetensors("124M", str(tmp_path),
+                                                          base_url=closed_port)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"Warning: could not reach {closed_port}{ST_PATH} {REFUSED}; "
+        f"using the files already in {os.path.join(str(tmp_path), '124M')}\n")
+    assert settings == SETTINGS
+    assert_same_params(params, expected_params())
+
+
+def test_safetensors_second_call_skips_the_up_to_date_file(tmp_path, hf_root, serve, capsys,
+                                                           no_tensorflow):
+    url, server = serve(hf_root, RedirectingHandler)
+    download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
+    server.requests.clear()
+    capsys.readouterr()
+
+    _, params = download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
+    assert capsys.readouterr().out == (
+        f"File already exists and is up-to-date: {os.path.join(str(tmp_path), '124M', ST_FILE)}\n")
+    assert server.requests[0] == ("HEAD", ST_PATH)  # the redirect is followed for the size only
+    assert ("GET", ST_PATH) not in server.requests
+    assert_same_params(params, expected_params())
+
+
+def test_safetensors_interrupted_download_leaves_no_file_and_recovers(tmp_path, hf_root, serve,
+                                                                      no_tensorflow):
+    dropping_url, _ = serve(hf_root, DroppingHubHandler)
+    model_dir = tmp_path / "124M"
+    with pytest.raises(DownloadError) as exc_info:
+        download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=dropping_url)
+    size = (hf_root / "cdn" / "gpt2" / ST_FILE).stat().st_size
+    assert str(exc_info.value) == (
+        f"Could not download {ST_FILE}: tried {dropping_url}{ST_PATH} (connection closed "
+        f"after {size // 2} of {size} bytes). To place the files by hand, download {ST_FILE} "
+        f"from {dropping_url}/gpt2/resolve/main/ into {model_dir}")
+    assert os.listdir(model_dir) == []
+
+    url, _ = serve(hf_root, RedirectingHandler)
+    _, params = download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
+    assert_same_params(params, expected_params())
+    assert os.listdir(model_dir) == [ST_FILE]
+
+
+def test_safetensors_unknown_size_is_refused_before_any_request(tmp_path, hf_root, serve):
+    url, server = serve(hf_root, RedirectingHandler)
+    with pytest.raises(ValueError, match=r"'500M': choose one of 124M, 355M, 774M, 1558M$"):
+        download_and_load_gpt2_safetensors("500M", str(tmp_path), base_url=url)
+    assert server.requests == []
+
+
+# --- files on disk cut short or of another size (an interrupted manual copy), no network ---
+
+
+def copy_of(served_dir, destination):
+    """A copy of a served model folder, as a manual copy would leave it."""
+    shutil.copytree(served_dir, destination)
+    return destination
+
+
+def cut_short(path, size=None):
+    """Keep only the first `size` bytes of `path` (by default half of them)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if size is None else size])
+
+
+def test_truncated_tf_data_file_offline_names_it(tmp_path, served_root, closed_port):
+    model_dir = copy_of(served_root / "124M", tmp_path / "124M")
+    cut_short(model_dir / DATA_FILE)
+    with pytest.raises(DownloadError) as exc_info:
+        download_and_load_gpt2("124M", str(tmp_path), base_url=closed_port,
+                               backup_base_url=closed_port + "/backup")
+    assert str(exc_info.value) == (
+        f"{model_dir / DATA_FILE} cannot be read (Read less bytes than requested): it is cut "
+        "short or damaged. Delete it and run again with a network to download it afresh, or "
+        f"download it by hand from {closed_port}/124M/{DATA_FILE} or "
+        f"{closed_port}/backup/124M/{DATA_FILE} into {model_dir}")
+
+
+def test_truncated_tf_index_file_offline_names_it(tmp_path, served_root, closed_port):
+    model_dir = copy_of(served_root / "124M", tmp_path / "124M")
+    cut_short(model_dir / "model.ckpt.index")
+    index_url = re.escape(f"{closed_port}/124M/model.ckpt.index")
+    with pytest.raises(DownloadError, match=(
+            rf"^{re.escape(str(model_dir / 'model.ckpt.index'))} cannot be read \(.+\): it is "
+            rf"cut short or damaged\. Delete it .* from {index_url} or {index_url} into")):
+        download_and_load_gpt2("124M", str(tmp_path), base_url=closed_port,
+                               backup_base_url=closed_port)
+
+
+ANOTHER_SIZE = {**SETTINGS, "n_layer": 24}
+
+
+@pytest.mark.parametrize("text, problem", [
+    (json.dumps(ANOTHER_SIZE), f"describes {ANOTHER_SIZE}, not GPT-2 124M: {SETTINGS}. Delete it"),
+    ('{"n_vocab": 100, "n_ctx"', "is damaged (Expecting ':' delimiter"),
+], ids=["another size", "not JSON"])
+def test_hparams_of_another_size_or_damaged_offline_is_named(tmp_path, served_root, closed_port,
+                                                             text, problem):
+    model_dir = copy_of(served_root / "124M", tmp_path / "124M")
+    (model_dir / "hparams.json").write_text(text)
+    with pytest.raises(DownloadError) as exc_info:
+        download_and_load_gpt2("124M", str(tmp_path), base_url=closed_port,
+                               backup_base_url=closed_port)
+    assert str(exc_info.value).startswith(f"{model_dir / 'hparams.json'} ")
+    assert problem in str(exc_info.value)
+    assert str(exc_info.value).endswith(
+        f"download it by hand from {closed_port}/124M/hparams.json or "
+        f"{closed_port}/124M/hparams.json into {model_dir}")
+
+
+def test_tf_checkpoint_of_another_shape_is_refused(served_root):
+    with pytest.raises(DamagedFileError) as exc_info:
+        load_gpt2_params_from_tf_ckpt(str(served_root / "124M" / "model.ckpt"),
+                                      {**SETTINGS, "n_layer": 3})
+    assert str(exc_info.value) == (
+        f"{served_root / '124M' / DATA_FILE} does not fit the requested GPT-2 (n_layer=3, "
+        "n_embd=8, n_vocab=100, n_ctx=16): it lacks model/h2/ln_1/g; it is another model "
+        "size's file, or damaged")
+
+
+@pytest.mark.parametrize("size", [100, None], ids=["in the header", "in the data"])
+def test_truncated_safetensors_offline_names_it(tmp_path, hf_root, closed_port, size,
+                                                no_tensorflow):
+    model_dir = copy_of(hf_root / "cdn" / "gpt2", tmp_path / "124M")
+    cut_short(model_dir / ST_FILE, size)
+    with pytest.raises(DownloadError) as exc_info:
+        download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=closed_port)
+    message = str(exc_info.value)
+    left = (model_dir / ST_FILE).stat().st_size
+    assert message.startswith(f"{model_dir / ST_FILE} is cut short")
+    assert f"the file has {left}" in message
+    assert message.endswith(
+        ". Delete it and run again with a network to download it afresh, or download it by "
+        f"hand from {closed_port}{ST_PATH} into {model_dir}")
+
+
+@pytest.mark.parametrize("weights", ["tf", "safetensors"])
+def test_truncated_file_is_fetched_again_online(tmp_path, served_root, hf_root, serve,
+                                                closed_port, weights):
+    if weights == "tf":
+        model_dir = copy_of(served_root / "124M", tmp_path / "124M")
+        name, (url, server) = DATA_FILE, serve(served_root)
+        cut_short(model_dir / name)
+        _, params = download_and_load_gpt2("124M", str(tmp_path), base_url=url,
+                                           backup_base_url=closed_port)
+        assert get_paths(server) == [f"/124M/{name}"]
+    else:
+        model_dir = copy_of(hf_root / "cdn" / "gpt2", tmp_path / "124M")
+        name, (url, server) = ST_FILE, serve(hf_root, RedirectingHandler)
+        cut_short(model_dir / name)
+        _, params = download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
+        assert ("GET", f"/cdn/gpt2/{name}") in server.requests
+    assert_same_params(params, expected_params())
+
+
+# --- the main script's --weights flag: the same model from either file ---
+
+
+def test_main_script_gives_the_same_initial_losses_from_either_file(tmp_path, closed_port,
+                                                                     monkeypatch, capsys):
+    import gpt_instruction_finetuning as ft
+
+    settings = {"n_vocab": 50257, "n_ctx": 256, "n_embd": 8, "n_head": 2, "n_layer": 1}
+    arrays = tiny_gpt2_arrays(settings)
+    models_dir = tmp_path / "gpt2"
+    (models_dir / "124M").mkdir(parents=True)
+    write_tf1_checkpoint(str(models_dir / "124M"), arrays)
+    (models_dir / "124M" / "hparams.json").write_text(json.dumps(settings))
+    for name in ("encoder.json", "vocab.bpe"):
+        (models_dir / "124M" / name).write_text("not read")
+    write_safetensors(models_dir / "124M" / ST_FILE, hf_tensors(arrays))
+    monkeypatch.setitem(gpt_download.GPT2_SETTINGS, "124M", settings)
+    monkeypatch.setitem(ft.MODEL_CONFIGS, "124M",
+                        ("gpt2-small (124M)", {"emb_dim": 8, "n_layers": 1, "n_heads": 2}))
+    monkeypatch.setitem(ft.BASE_CONFIG, "context_length", 256)
+    monkeypatch.setattr(ft, "download_and_load_gpt2", functools.partial(
+        download_and_load_gpt2, base_url=closed_port, backup_base_url=closed_port))
+    monkeypatch.setattr(ft, "download_and_load_gpt2_safetensors", functools.partial(
+        download_and_load_gpt2_safetensors, base_url=closed_port))
+    data = [{"instruction": f"Add {i} and 1.", "input": "", "output": f"{i + 1}"}
+            for i in range(20)]
+    (tmp_path / "data.json").write_text(json.dumps(data))
+
+    def initial_losses(weights):
+        ft.main(["--model", "124M", "--weights", weights, "--models_dir", str(models_dir),
+                 "--data_path", str(tmp_path / "data.json"), "--epochs", "1",
+                 "--max_new_tokens", "1", "--output_dir", str(tmp_path / weights)])
+        lines = capsys.readouterr().out.splitlines()
+        start = lines.index("Initial losses")
+        return lines[start + 1:start + 3]
+
+    from_tf = initial_losses("tf")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # as where it is not installed
+    assert initial_losses("safetensors") == from_tf
+    assert from_tf[0].startswith("   Training loss: ")
