@@ -698,7 +698,13 @@ def build_parser(description=__doc__):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
                     argparse.RawDescriptionHelpFormatter):
-    """--help keeps the usage examples' line breaks and shows each flag's default."""
+    """--help keeps the usage examples' line breaks and shows each flag's default; switches
+    (default off) and flags whose help explains their default show none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_args(args):

@@ -281,8 +281,13 @@ def test_help_explains_every_flag():
     text = ft.build_parser().format_help()
     for flag in ["--model", "--models_dir", "--data_path", "--output_dir", "--epochs",
                  "--batch_size", "--lr", "--weight_decay", "--seed", "--eval_freq", "--eval_iter",
-                 "--max_new_tokens", "--gen_batch_size", "--device", "--resume", "--test_mode"]:
+                 "--max_new_tokens", "--gen_batch_size", "--device", "--resume", "--test_mode",
+                 "--weights"]:
         assert flag in text
+    flat = " ".join(text.split())  # argparse wraps the lines
+    for default in ["(default: 355M)", "(default: 5e-05)", "(default: tf)", "(default: auto)"]:
+        assert flat.count(default) == 1, default
+    assert "default: None" not in flat and "default: False" not in flat
     args = ft.build_parser().parse_args([])
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
             args.eval_iter, args.max_new_tokens) == ("355M", 2, 5e-5, 0.1, 123, 5, 5, 256)
