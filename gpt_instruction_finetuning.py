@@ -155,7 +155,9 @@ def custom_collate_fn(batch, pad_token_id=END_OF_TEXT, ignore_index=IGNORE_INDEX
     Each sequence gets one end-of-text token, then padding to the batch's longest sequence + 1.
     Targets are the inputs shifted by one; padding targets after the end-of-text one become
     `ignore_index`, so the loss learns to end the answer but not the padding. Sequences are cut
-    to `allowed_max_length` when given.
+    to `allowed_max_length` when given. The padding is found by position, where the book
+    compares token values: the same batches unless an entry's own tokens include the pad token,
+    which the book would then also ignore.
     """
     batch_max_length = max(len(item) + 1 for item in batch)
     inputs_lst, targets_lst = [], []
@@ -413,11 +415,13 @@ def load_finetuned_model(path, device="cpu"):
     except (KeyError, AttributeError, IndexError) as exc:
         raise DataError(f"{path}: not a GPT-2 state dict ({exc})") from None
     model = GPTModel(info["config"])
-    if any(k.endswith(".lora.A") for k in state_dict):  # saved without --merge_lora
-        from exercise_experiments import replace_linear_with_lora
+    lora_a = [v for k, v in state_dict.items() if k.endswith(".lora.A")]
+    if lora_a:  # saved without --merge_lora: rebuild the LoRA layers the weights belong to
+        from exercise_experiments import replace_linear_with_lora  # it imports this script
 
-        replace_linear_with_lora(model, info["settings"]["--lora_rank"],
-                                 info["settings"]["--lora_alpha"])
+        settings = info.get("settings", {})
+        replace_linear_with_lora(model, rank=lora_a[0].shape[1],
+                                 alpha=settings.get("--lora_alpha", 16))  # the book's alpha
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:

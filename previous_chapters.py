@@ -641,10 +641,11 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     return progress["train_losses"], progress["val_losses"], progress["track_tokens_seen"]
 
 
-def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path=None):
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="loss-plot.pdf"):
     """Plot training and validation loss against epochs, with tokens seen on a second x axis.
 
-    Saves the figure to `save_path` when given (format from its extension) and returns it.
+    Saves the figure to `save_path` (the book's loss-plot.pdf; format from the extension; None
+    saves nothing) and returns it, so a notebook shows it.
     """
     fig, ax1 = plt.subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, train_losses, label="Training loss")

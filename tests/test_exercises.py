@@ -291,3 +291,17 @@ def test_alpaca_52k_file_with_merged_lora(tmp_path):
     responses = json.loads((tmp_path / "instruction-data-with-response-alpaca52k_lora.json")
                            .read_text())
     assert [e["instruction"] for e in responses] == [e["instruction"] for e in entries[34:38]]
+
+
+def test_unmerged_lora_pth_without_json_loads_with_its_rank_and_the_books_alpha(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(ft.TEST_MODE_CONFIG)
+    ex.replace_linear_with_lora(model, rank=4, alpha=16)
+    for name, param in model.named_parameters():
+        if name.endswith(".lora.B"):
+            nn.init.normal_(param)  # as after training: the update is no longer zero
+    torch.save(model.state_dict(), tmp_path / "lora.pth")
+    loaded, info, prompt_style = ft.load_finetuned_model(str(tmp_path / "lora.pth"))
+    assert prompt_style.name == "alpaca" and "settings" not in info
+    idx = torch.randint(0, 50257, (1, 6))
+    assert torch.equal(loaded(idx), model.eval()(idx))
