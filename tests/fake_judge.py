@@ -3,6 +3,8 @@ an OpenAI-compatible /v1/chat/completions and /v1/models.
 
 It checks each request body as the chapter's protocol has it (answering 400 otherwise), records
 the prompts it was asked, answers per model response, and can be told to fail or be slow.
+It speaks HTTP/1.1 and keeps connections open between requests, as Ollama does. It only ever
+listens on 127.0.0.1.
 """
 
 import http.server
@@ -24,16 +26,22 @@ class FakeJudge:
         self.openai_models = list(openai_models)
         self.delay = delay
         self.failures = []  # per chat request, in order: an HTTP status, or "drop"
+        self.requests = []  # every request, in order: (method, path)
         self.prompts = []
         self.bodies = []
         self.lock = threading.Lock()
         judge = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as Go servers such as Ollama do
+
             def log_message(self, *args):
                 pass
 
             def do_GET(self):
+                with judge.lock:
+                    judge.requests.append(("GET", self.path))
                 if self.path == "/api/tags":
                     self.send_json(200, {"models": [{"name": m} for m in judge.models]})
                 elif self.path == "/v1/models":
@@ -44,6 +52,7 @@ class FakeJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with judge.lock:
+                    judge.requests.append(("POST", self.path))
                     judge.bodies.append(body)
                     failure = judge.failures.pop(0) if judge.failures else None
                 if failure == "drop":
@@ -93,7 +102,8 @@ class FakeJudge:
         self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.url = self.root + "/api/chat"
         self.openai_url = self.root + "/v1/chat/completions"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,),  # quick to shut down
+                         daemon=True).start()
 
     def check(self, path, body):
         """(status, reason) when the body breaks the protocol, else None."""
