@@ -14,6 +14,7 @@ after them; torchrun and resuming live in training_extras.py.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -621,8 +622,14 @@ def run_settings(args, experiment, model_name, train_data, world_size):
     return {"--model": model_name, "--seed": args.seed, "--lr": args.lr,
             "--weight_decay": args.weight_decay,
             "--batch_size": batch_size(args, experiment), "--precision": args.precision,
-            "training entries": len(train_data), "experiment": experiment.name,
+            "training data": fingerprint(train_data), "experiment": experiment.name,
             **experiment.settings}
+
+
+def fingerprint(entries):
+    """A short hash of the entries' content: any edit to the training data changes it."""
+    text = json.dumps(entries, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def resume_or_start(args, paths, model, optimizer, settings):

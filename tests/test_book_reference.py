@@ -460,7 +460,8 @@ def test_script_run_is_the_books_chapter_and_its_pth_loads_into_the_books_model(
     assert info["config"] == cfg and info["prompt_style"] == "alpaca"
     assert (info["model_name"], info["experiment"], info["epochs"], info["seed"]) == (
         "Small test model", "standalone", 1, 123)
-    assert info["settings"]["--lr"] == 5e-5 and info["settings"]["training entries"] == 10
+    assert info["settings"]["--lr"] == 5e-5
+    assert info["settings"]["training data"] == ft.fingerprint(chapter_data[:10])
 
     book = load_into_books_model(path, cfg)
     ours, _, prompt_style = ft.load_finetuned_model(str(path))

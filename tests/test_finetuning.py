@@ -150,7 +150,8 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
         "train_loss": info["train_loss"], "val_loss": info["val_loss"],
         "settings": {"--model": "Small test model", "--seed": 123, "--lr": 5e-5,
                      "--weight_decay": 0.1, "--batch_size": 8, "--precision": "fp32",
-                     "training entries": 10, "experiment": "standalone"},
+                     "training data": ft.fingerprint(dataset[:10]),
+                     "experiment": "standalone"},
     }
     assert f"Train loss {info['train_loss']:.3f}, Val loss {info['val_loss']:.3f}" \
         in progress[-1]
