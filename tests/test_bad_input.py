@@ -278,6 +278,23 @@ def test_checkpoint_of_other_settings(tmp_path, capsys, common, finished_run, fl
     assert checkpoint.read_bytes() == content
 
 
+def test_checkpoint_of_other_training_data(tmp_path, capsys, instruction_data_path,
+                                           finished_run):
+    checkpoint = tmp_path / CHECKPOINT
+    shutil.copyfile(finished_run / CHECKPOINT, checkpoint)
+    data = json.loads(instruction_data_path.read_text())
+    data[3]["output"] += " Edited."  # one training entry changed, the count the same
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    flags = quick_run_flags(edited)
+    code, out, err = run_in_process(
+        ft.main, [*flags, "--output_dir", str(tmp_path), "--resume"], capsys)
+    assert code == 2
+    assert_error(err, str(checkpoint), "--resume", "was saved with training data ")
+    assert not ran_training(out)
+    assert files(tmp_path) == sorted([CHECKPOINT, "edited.json"])
+
+
 #####################################
 # Nothing finished is lost
 #####################################
