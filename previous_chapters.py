@@ -442,6 +442,19 @@ def _last_position_logits(model, hidden):
     return head(last)  # a wrapped head, e.g. with LoRA
 
 
+def _window_logits(model, idx, context_size, pad_lengths):
+    """Next-token logits (b, vocab_size) recomputed over the last `context_size` tokens of `idx`.
+
+    A model that only returns logits, such as the book's own GPTModel, is called as it is.
+    """
+    if not hasattr(model, "features"):
+        return model(idx[:, -context_size:])[:, -1, :]
+    dropped = max(idx.shape[1] - context_size, 0)
+    window_pad = None if pad_lengths is None else (pad_lengths - dropped).clamp(min=0)
+    hidden = model.features(idx[:, -context_size:], pad_lengths=window_pad)
+    return _last_position_logits(model, hidden)
+
+
 def _next_token(logits, temperature, top_k):
     """Pick the next token id (b, 1) from last-position logits (b, vocab_size)."""
     if top_k is not None:
@@ -470,24 +483,23 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     does; the cache cannot be reused then, so those steps recompute the window. With
     `use_cache=False` every step recomputes the whole window (the book's loop).
 
-    `pad_lengths` (b,) gives the number of left-padding tokens in each row of `idx`.
+    `pad_lengths` (b,) gives the number of left-padding tokens in each row of `idx`. A model that
+    only returns logits (the book's GPTModel) works too, without cache and padding.
     """
     cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            if use_cache and idx.shape[1] <= context_size:
+            if use_cache and idx.shape[1] <= context_size and hasattr(model, "features"):
                 if cache is None:
                     capacity = min(context_size, idx.shape[1] + max_new_tokens)
                     cache = KVCache(len(model.trf_blocks), capacity)
                     hidden = model.features(idx, cache=cache, pad_lengths=pad_lengths)
                 else:
                     hidden = model.features(idx[:, -1:], cache=cache, pad_lengths=pad_lengths)
+                logits = _last_position_logits(model, hidden)  # (b, vocab_size)
             else:
-                dropped = max(idx.shape[1] - context_size, 0)
-                window_pad = None if pad_lengths is None else (pad_lengths - dropped).clamp(min=0)
-                hidden = model.features(idx[:, -context_size:], pad_lengths=window_pad)
-            logits = _last_position_logits(model, hidden)  # (b, vocab_size)
+                logits = _window_logits(model, idx, context_size, pad_lengths)
             idx_next = _next_token(logits, temperature, top_k)  # (b, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished[:, None], eos_id)
@@ -531,9 +543,14 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     """Mean cross-entropy of the next-token predictions; IGNORE_INDEX targets are skipped.
 
     Logits are computed only at the positions whose target counts, which gives the same loss as
-    cross-entropy over all positions with ignore_index=-100, for less work.
+    cross-entropy over all positions with ignore_index=-100, for less work. A model that only
+    returns logits (the book's GPTModel) gets the book's computation.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    if not hasattr(getattr(model, "module", model), "packed_features"):  # e.g. the book's model
+        logits = model(input_batch)  # (b, num_tokens, vocab_size)
+        return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten(),
+                               ignore_index=IGNORE_INDEX)
     keep = target_batch != IGNORE_INDEX  # (b, num_tokens)
     logits = model(input_batch, keep=keep)  # (num_kept, vocab_size)
     return F.cross_entropy(logits, target_batch[keep])

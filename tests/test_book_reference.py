@@ -176,6 +176,9 @@ def test_greedy_generation_gives_the_books_tokens(context_size):
         # the script's batched answers: prompts of different lengths, left-padded together
         prompts = [idx[0].tolist(), idx[1, :3].tolist()]
         assert pc.generate_batch(ours, prompts, new, context_size) == alone
+    # our functions take the book's model as they are, as the book's take it
+    assert torch.equal(pc.generate(book, idx, new, context_size), expected)
+    assert torch.equal(pc.generate_text_simple(book, idx, new, context_size), expected)
 
 
 def test_generation_stops_at_eos_where_the_books_does():
@@ -329,6 +332,9 @@ def test_losses_equal_the_books(chapter_data, tokenizer):
         for num_batches in (None, 1, 10):
             assert pc.calc_loss_loader(val_loader, ours, "cpu", num_batches) == pytest.approx(
                 book_ch05.calc_loss_loader(val_loader, book, "cpu", num_batches), abs=1e-5)
+        # the book's model through our loss: the book's computation, the same value
+        assert torch.equal(pc.calc_loss_batch(inputs, targets, book, "cpu"),
+                           book_ch05.calc_loss_batch(inputs, targets, book, "cpu"))
 
 
 def test_train_model_simple_gives_the_books_losses_and_tokens_seen(chapter_data, tokenizer,
