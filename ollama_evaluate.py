@@ -558,6 +558,10 @@ def score_run(run, store, judge, ask, workers, backend):
         return score_prompts(prompts, judge, ask, workers, store)
     except JudgeError as exc:
         fail(f"{exc}. The scores so far are in {store.path}; run again to continue.", code=1)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. The scores so far are in {store.path}; run again to continue.",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def main(argv=None):

@@ -302,6 +302,27 @@ def test_judge_failing_midway_keeps_the_scores_so_far(tmp_path, judge, capsys):
     assert [r["score"] for r in records(tmp_path / "responses-scores.jsonl")] == [90]
 
 
+def test_ctrl_c_keeps_the_scores_so_far_and_exits_130(tmp_path, judge, capsys, monkeypatch):
+    path = write(tmp_path, [entry("good", 0), entry("bad", 1)])
+    real_query = oe.query_model
+    calls = []
+
+    def query_then_ctrl_c(prompt, *args, **kwargs):
+        calls.append(prompt)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_query(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(oe, "query_model", query_then_ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        oe.main(["--file_path", str(path), "--url", judge.url])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"Interrupted. The scores so far are in {tmp_path}/responses-scores.jsonl; run again "
+        "to continue.")
+    assert [r["score"] for r in records(tmp_path / "responses-scores.jsonl")] == [90]
+
+
 def test_after_a_failure_no_more_is_asked_and_replies_in_flight_are_saved(tmp_path, capsys):
     slow = FakeJudge(ANSWERS, delay=0.2)
     slow.failures = [500]  # the first request fails at once, the next ones are slow
