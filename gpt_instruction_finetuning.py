@@ -535,7 +535,7 @@ def run(args, experiment=None):
     print(50 * "-")
 
     paths = output_paths(args.output_dir, experiment, model_name)
-    settings = run_settings(args, experiment, model_name, train_data, world_size)
+    settings = run_settings(args, experiment, model_name, train_data)
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
     resume_progress = resume_or_start(args, paths, raw_model, optimizer, settings)
     if resume_progress is None:
@@ -546,7 +546,7 @@ def run(args, experiment=None):
     hooks = ChapterTraining(args.epochs, device, save, resume_progress)
     start_context = experiment.prompt_style.format_input(val_data[0])
     try:
-        with saving_failures_reported(paths["checkpoint"], "the last finished epoch"):
+        with saving_failures_reported(paths["checkpoint"], "the epochs finished before"):
             curves = finetune(model, train_loader, val_loader, optimizer, device, args,
                               start_context, tokenizer, hooks)
     except KeyboardInterrupt:
@@ -617,7 +617,7 @@ def prepare_for_training(model, experiment, args, device):
         broadcast_buffers=False)  # the only buffers are constant causal masks
 
 
-def run_settings(args, experiment, model_name, train_data, world_size):
+def run_settings(args, experiment, model_name, train_data):
     """What a checkpoint's training depended on: resuming with anything else would mix runs."""
     return {"--model": model_name, "--seed": args.seed, "--lr": args.lr,
             "--weight_decay": args.weight_decay,
