@@ -126,11 +126,17 @@ FLAG_CASES = [
                          ids=[" ".join(case[0]) for case in FLAG_CASES])
 def test_bad_flag_is_refused_before_anything_runs(tmp_path, capsys, instruction_data_path,
                                                   flags, flag, value):
+    assert_refused_before_work(ft.main, tmp_path, capsys, instruction_data_path, flags, flag,
+                               value)
+
+
+def assert_refused_before_work(entry_point, tmp_path, capsys, data_path, flags, flag, value):
+    """Run a non-test-mode command with `flags`: exit 2, one line naming `flag` and `value`,
+    nothing printed, downloaded or written."""
     argv = ["--model", "124M", "--models_dir", str(tmp_path / "gpt2"),
-            "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path / "out"),
-            *flags]
+            "--data_path", str(data_path), "--output_dir", str(tmp_path / "out"), *flags]
     with no_download():
-        code, out, err = run_in_process(ft.main, argv, capsys)
+        code, out, err = run_in_process(entry_point, argv, capsys)
     assert code == 2
     assert out == ""
     assert_error(err, flag, values=[value])
@@ -162,25 +168,16 @@ def test_zero_eval_freq_through_the_command_line(tmp_path, instruction_data_path
 #####################################
 
 
-def test_missing_data_file(tmp_path, capsys, common):
-    missing = tmp_path / "nope.json"
+@pytest.mark.parametrize("is_folder", [False, True], ids=["missing", "a folder"])
+def test_unusable_data_path(tmp_path, capsys, common, is_folder):
+    data_path = tmp_path / "data.json"
+    if is_folder:
+        data_path.mkdir()
     code, out, err = run_in_process(
-        ft.main, [*common, "--data_path", str(missing), "--output_dir", str(tmp_path / "out")],
+        ft.main, [*common, "--data_path", str(data_path), "--output_dir", str(tmp_path / "out")],
         capsys)
     assert code == 2
-    assert_error(err, "--data_path", str(missing))
-    assert not ran_training(out)
-    assert files(tmp_path) == []
-
-
-def test_data_path_that_is_a_folder(tmp_path, capsys, common):
-    folder = tmp_path / "data.json"
-    folder.mkdir()
-    code, out, err = run_in_process(
-        ft.main, [*common, "--data_path", str(folder), "--output_dir", str(tmp_path / "out")],
-        capsys)
-    assert code == 2
-    assert_error(err, "--data_path", str(folder))
+    assert_error(err, "--data_path", str(data_path))
     assert not ran_training(out)
     assert files(tmp_path) == []
 
@@ -373,12 +370,5 @@ def test_bad_exercise_flag_is_refused_before_anything_runs(tmp_path, capsys,
 ])
 def test_shared_flags_are_checked_for_the_exercises_too(tmp_path, capsys, instruction_data_path,
                                                         flags, flag, value):
-    argv = ["--model", "124M", "--models_dir", str(tmp_path / "gpt2"),
-            "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path / "out"),
-            *flags]
-    with no_download():
-        code, out, err = run_in_process(ex.run_exercises, argv, capsys)
-    assert code == 2
-    assert out == ""
-    assert_error(err, flag, values=[value])
-    assert list(tmp_path.iterdir()) == []
+    assert_refused_before_work(ex.run_exercises, tmp_path, capsys, instruction_data_path, flags,
+                               flag, value)
