@@ -1,4 +1,4 @@
-"""Download OpenAI's GPT-2 checkpoints and read their weights into NumPy arrays.
+"""Download OpenAI's GPT-2 checkpoints, read their weights into NumPy arrays, load its tokenizer.
 
 `download_and_load_gpt2` fetches the seven files of one model size from OpenAI's bucket, falling
 back per file to the book's backup mirror, and reads them with TensorFlow.
@@ -8,6 +8,8 @@ return the hyperparameters and the weights in the nested layout that
 `previous_chapters.load_weights_into_gpt` expects. Files already on disk with the server's size
 are kept; without a network the files already on disk are used as they are. A file on disk that
 is cut short, damaged or of another model size ends in a one-line DownloadError naming it.
+`gpt2_tokenizer` returns tiktoken's GPT-2 encoding, offline too: when tiktoken cannot fetch its
+files, it builds the same encoding from the vocabulary files that either download brings.
 """
 
 import contextlib
@@ -20,6 +22,9 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
 from tqdm import tqdm
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -27,6 +32,11 @@ BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
 HF_BASE_URL = "https://huggingface.co/openai-community"
 HF_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
 SAFETENSORS_FILENAME = "model.safetensors"
+# Hugging Face's names of OpenAI's encoder.json (the same mapping, token -> id) and vocab.bpe
+# (the same merges, one per line after a "#version: 0.2" line).
+HF_TOKENIZER_FILENAMES = ("vocab.json", "merges.txt")
+TOKENIZER_FILE_PAIRS = (("encoder.json", "vocab.bpe"), HF_TOKENIZER_FILENAMES)
+GPT2_N_VOCAB = 50257  # the last id, 50256, is <|endoftext|>
 GPT2_SETTINGS = {  # hparams.json of each of OpenAI's sizes
     "124M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12},
     "355M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24},
@@ -85,17 +95,81 @@ def download_and_load_gpt2_safetensors(model_size, models_dir, base_url=HF_BASE_
     """Return (settings, params) of GPT-2 `model_size` from Hugging Face's `model.safetensors`.
 
     The file of `openai-community/<gpt2|gpt2-medium|gpt2-large|gpt2-xl>` goes to
-    models_dir/size/model.safetensors with the same care as `download_and_load_gpt2`'s files.
+    models_dir/size/model.safetensors with the same care as `download_and_load_gpt2`'s files,
+    and with it the tokenizer's vocab.json and merges.txt, so that `gpt2_tokenizer` works offline.
     settings and params are as `download_and_load_gpt2` returns them; TensorFlow is not needed.
     Raises ValueError for an unknown size, DownloadError as `download_and_load_gpt2` does.
     """
     settings = gpt2_settings(model_size)
     model_dir = _model_dir(models_dir, model_size)
     base_urls = [f"{base_url}/{HF_REPOS[model_size]}/resolve/main"]
-    fetch_model_files(model_dir, base_urls, (SAFETENSORS_FILENAME,))
+    fetch_model_files(model_dir, base_urls, (SAFETENSORS_FILENAME, *HF_TOKENIZER_FILENAMES))
     with _explain_damaged_file(model_dir, base_urls):
         path = os.path.join(model_dir, SAFETENSORS_FILENAME)
         return settings, load_gpt2_params_from_safetensors(path, settings)
+
+
+def gpt2_tokenizer(models_dir="gpt2"):
+    """Return GPT-2's tokenizer, `tiktoken.get_encoding("gpt2")`, even without a network.
+
+    tiktoken downloads its GPT-2 files on first use and keeps them in its cache; offline and
+    without that cache, `get_encoding` fails deep inside `requests`. The same two files come with
+    every GPT-2 download (OpenAI's encoder.json and vocab.bpe, or Hugging Face's vocab.json and
+    merges.txt), so the encoding is then built from those in the first of
+    models_dir/124M, 355M, 774M, 1558M that holds a pair: the same tokens as tiktoken's own.
+    Raises DownloadError, one line, when neither source is there or the files are damaged.
+    """
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError) as exc:  # requests' errors are OSErrors; ValueError: bad hash
+        reason = type(exc).__name__
+    for model_size in ALLOWED_SIZES:
+        for encoder_name, merges_name in TOKENIZER_FILE_PAIRS:
+            encoder_path = os.path.join(models_dir, model_size, encoder_name)
+            merges_path = os.path.join(models_dir, model_size, merges_name)
+            if os.path.isfile(encoder_path) and os.path.isfile(merges_path):
+                return _gpt2_encoding_from_files(encoder_path, merges_path)
+    raise DownloadError(
+        f"GPT-2's tokenizer files are missing: tiktoken could not download them ({reason}) and "
+        f"no folder {os.path.join(models_dir, '<size>')} ({', '.join(ALLOWED_SIZES)}) holds "
+        "encoder.json and vocab.bpe (or vocab.json and merges.txt). Set TIKTOKEN_CACHE_DIR to a "
+        "folder holding tiktoken's cached GPT-2 files, put encoder.json and vocab.bpe (which any "
+        f"GPT-2 download brings) into {os.path.join(models_dir, '124M')}, or connect to the "
+        "network once")
+
+
+def _gpt2_encoding_from_files(encoder_path, merges_path):
+    """tiktoken's GPT-2 encoding built from encoder.json and vocab.bpe (or their Hugging Face
+    equivalents) on disk; DownloadError naming them when they are damaged or not GPT-2's."""
+    try:
+        with _tiktoken_cache_off():
+            ranks = data_gym_to_mergeable_bpe_ranks(merges_path, encoder_path)
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": GPT2_N_VOCAB - 1},
+                                 explicit_n_vocab=GPT2_N_VOCAB)
+    except (OSError, ValueError, KeyError, AssertionError) as exc:
+        # tiktoken asserts that the two files agree and that they hold GPT2_N_VOCAB tokens
+        reason = "they do not agree" if isinstance(exc, AssertionError) else _describe(exc)
+        raise DownloadError(
+            f"{encoder_path} and {merges_path} do not make GPT-2's tokenizer ({reason}): they are "
+            "cut short, damaged or not GPT-2's. Delete them and download the GPT-2 model again, "
+            "or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 files") from None
+
+
+@contextlib.contextmanager
+def _tiktoken_cache_off():
+    """Keep tiktoken from copying local files into its cache while reading them: an empty
+    TIKTOKEN_CACHE_DIR turns its cache off. A cache folder that cannot be written (a read-only
+    shared copy) would otherwise fail the read."""
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
 
 
 def gpt2_settings(model_size):
@@ -294,8 +368,9 @@ def load_gpt2_params_from_safetensors(path, settings):
     """Read a GPT-2 `model.safetensors` into the layout of `load_gpt2_params_from_tf_ckpt`.
 
     Accepts Hugging Face's names with or without the `transformer.` prefix that `save_pretrained`
-    writes, and skips the causal-mask buffers (`h.<i>.attn.bias`, `h.<i>.attn.masked_bias`) and
-    the output head tied to `wte`. Its `[in, out]` Conv1D weights are OpenAI's layout already.
+    writes, and skips the causal-mask buffers (`h.<i>.attn.bias`, `h.<i>.attn.masked_bias`). An
+    `lm_head.weight` of its own (an untied output head) comes back as `params["lm_head"]`; GPT-2's
+    own files have none, their head being `wte`. Its `[in, out]` Conv1D weights are OpenAI's layout already.
     The arrays are copy-on-write views of the memory-mapped file: nothing is read until used,
     and only what is read occupies memory, as file pages the system can drop again. Raises
     DamagedFileError when the file is cut short, damaged or does not fit `settings`.
@@ -309,8 +384,15 @@ def load_gpt2_params_from_safetensors(path, settings):
     keys = _match_tensors(path, {name: tuple(e["shape"]) for name, e in entries.items()},
                           {_hf_name(key): key for key in _expected_shapes(settings)}, settings)
     raw = np.memmap(path, dtype=np.uint8, mode="c")
-    return _nest({key: _tensor_view(path, raw, data_start, name, entries[name])
-                  for name, key in keys.items()}, settings["n_layer"])
+    params = _nest({key: _tensor_view(path, raw, data_start, name, entries[name])
+                    for name, key in keys.items()}, settings["n_layer"])
+    head = header.get("lm_head.weight")
+    if head is not None and tuple(head["shape"]) != params["wte"].shape:
+        raise DamagedFileError(path, f"lm_head.weight has shape {tuple(head['shape'])}, "
+                                     f"the token embedding {params['wte'].shape}")
+    if head is not None:  # an untied head, as a finetuned model exported from this repo has
+        params["lm_head"] = _tensor_view(path, raw, data_start, "lm_head.weight", head)
+    return params
 
 
 @contextlib.contextmanager

@@ -21,10 +21,12 @@ import pytest
 import gpt_download
 from gpt_download import (
     FILENAMES,
+    HF_TOKENIZER_FILENAMES,
     DamagedFileError,
     DownloadError,
     download_and_load_gpt2,
     download_and_load_gpt2_safetensors,
+    gpt2_tokenizer,
     load_gpt2_params_from_safetensors,
     load_gpt2_params_from_tf_ckpt,
 )
@@ -33,6 +35,7 @@ SETTINGS = {"n_vocab": 100, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
 DATA_FILE = "model.ckpt.data-00000-of-00001"
 ST_FILE = "model.safetensors"
 ST_PATH = f"/gpt2/resolve/main/{ST_FILE}"  # where Hugging Face serves 124M's, below the base URL
+HF_FILES = (ST_FILE, *HF_TOKENIZER_FILENAMES)  # what the safetensors path fetches, in order
 REFUSED = f"([Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)})"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -480,14 +483,20 @@ def write_safetensors(path, tensors):
 
 
 @pytest.fixture(scope="session")
-def hf_root(tmp_path_factory):
+def hf_root(tmp_path_factory, gpt2_vocab_dir):
     """A folder as RedirectingHandler serves Hugging Face: cdn/gpt2/model.safetensors, written by
-    transformers' `save_pretrained` from the weights of `served_root`'s TF checkpoint."""
+    transformers' `save_pretrained` from the weights of `served_root`'s TF checkpoint, and GPT-2's
+    real vocab.json (encoder.json's mapping, written compactly) and merges.txt (vocab.bpe)."""
     saved = tmp_path_factory.mktemp("saved")
     transformers_gpt2(expected_params()).save_pretrained(str(saved))
     root = tmp_path_factory.mktemp("hub")
-    (root / "cdn" / "gpt2").mkdir(parents=True)
-    shutil.copy(saved / ST_FILE, root / "cdn" / "gpt2" / ST_FILE)
+    repo = root / "cdn" / "gpt2"
+    repo.mkdir(parents=True)
+    shutil.copy(saved / ST_FILE, repo / ST_FILE)
+    encoder = json.loads((gpt2_vocab_dir / "encoder.json").read_text(encoding="utf-8"))
+    (repo / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False, separators=(",", ":")),
+                                     encoding="utf-8")
+    shutil.copyfile(gpt2_vocab_dir / "vocab.bpe", repo / "merges.txt")
     return root
 
 
@@ -508,10 +517,36 @@ def test_safetensors_gives_the_tf_checkpoints_params_and_logits(tmp_path, served
     with torch.no_grad():
         theirs = transformers_gpt2(tf_params)(torch.tensor(TOKEN_IDS)).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    assert os.listdir(tmp_path / "124M") == [ST_FILE]
-    served = hf_root / "cdn" / "gpt2" / ST_FILE
-    assert (tmp_path / "124M" / ST_FILE).read_bytes() == served.read_bytes()
-    assert server.requests == [("GET", ST_PATH), ("GET", f"/cdn/gpt2/{ST_FILE}")]
+    assert sorted(os.listdir(tmp_path / "124M")) == sorted(HF_FILES)
+    for name in HF_FILES:
+        served = hf_root / "cdn" / "gpt2" / name
+        assert (tmp_path / "124M" / name).read_bytes() == served.read_bytes()
+    assert server.requests == [request for name in HF_FILES for request in (
+        ("GET", f"/gpt2/resolve/main/{name}"), ("GET", f"/cdn/gpt2/{name}"))]
+
+
+def test_safetensors_download_brings_a_tokenizer_that_works_offline(tmp_path, hf_root, serve,
+                                                                    tokenizer, tiktoken_offline,
+                                                                    no_tensorflow):
+    url, _ = serve(hf_root, RedirectingHandler)
+    download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
+    text = "Convert 45 kilometers to meters.<|endoftext|>"
+    special = {"<|endoftext|>"}
+    assert (gpt2_tokenizer(str(tmp_path)).encode(text, allowed_special=special)
+            == tokenizer.encode(text, allowed_special=special))
+
+
+def test_safetensors_offline_without_the_tokenizer_files_names_them(tmp_path, hf_root,
+                                                                    closed_port, no_tensorflow):
+    model_dir = tmp_path / "124M"
+    model_dir.mkdir()
+    shutil.copyfile(hf_root / "cdn" / "gpt2" / ST_FILE, model_dir / ST_FILE)
+    with pytest.raises(DownloadError) as exc_info:
+        download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=closed_port)
+    assert str(exc_info.value) == (
+        f"Could not download vocab.json: tried {closed_port}/gpt2/resolve/main/vocab.json "
+        f"{REFUSED}. To place the files by hand, download vocab.json, merges.txt from "
+        f"{closed_port}/gpt2/resolve/main/ into {model_dir}")
 
 
 def test_safetensors_path_runs_where_tensorflow_cannot_be_imported(tmp_path, hf_root, serve):
@@ -567,8 +602,27 @@ def test_safetensors_name_variants_give_the_same_params(tmp_path, variant, no_te
         "mask buffers": lambda: with_mask_buffers(hf_tensors(arrays)),
     }[variant]()
     write_safetensors(tmp_path / ST_FILE, tensors)
+    expected = expected_params()
+    if "lm_head.weight" in tensors:  # a head of its own comes back, here a copy of wte
+        expected["lm_head"] = expected["wte"]
     assert_same_params(load_gpt2_params_from_safetensors(tmp_path / ST_FILE, SETTINGS),
-                       expected_params())
+                       expected)
+
+
+def test_an_untied_output_head_is_loaded_into_out_head(tmp_path, no_tensorflow):
+    import torch
+
+    from previous_chapters import GPTModel, load_weights_into_gpt
+
+    arrays = tiny_gpt2_arrays(SETTINGS)
+    head = np.random.default_rng(1).normal(size=arrays["model/wte"].shape).astype(np.float32)
+    write_safetensors(tmp_path / ST_FILE, {**hf_tensors(arrays), "lm_head.weight": head})
+    params = load_gpt2_params_from_safetensors(tmp_path / ST_FILE, SETTINGS)
+    model = GPTModel({"vocab_size": 100, "context_length": 16, "emb_dim": 8, "n_heads": 2,
+                      "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True})
+    load_weights_into_gpt(model, params)
+    assert torch.equal(model.out_head.weight, torch.from_numpy(head))
+    assert torch.equal(model.tok_emb.weight, torch.from_numpy(arrays["model/wte"]))
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -593,10 +647,9 @@ def test_safetensors_in_half_precision_is_refused(tmp_path, no_tensorflow):
         load_gpt2_params_from_safetensors(str(tmp_path / ST_FILE), SETTINGS)
 
 
-def test_smaller_models_file_in_the_355m_folder_is_refused_offline(tmp_path, closed_port, capsys,
-                                                                   no_tensorflow):
-    model_dir = tmp_path / "355M"
-    model_dir.mkdir()
+def test_smaller_models_file_in_the_355m_folder_is_refused_offline(tmp_path, hf_root, closed_port,
+                                                                   capsys, no_tensorflow):
+    model_dir = copy_of(hf_root / "cdn" / "gpt2", tmp_path / "355M")
     write_safetensors(model_dir / ST_FILE, hf_tensors(tiny_gpt2_arrays(SETTINGS)))
     with pytest.raises(DownloadError) as exc_info:
         download_and_load_gpt2_safetensors("355M", str(tmp_path), base_url=closed_port)
@@ -634,8 +687,9 @@ def test_safetensors_second_call_skips_the_up_to_date_file(tmp_path, hf_root, se
     capsys.readouterr()
 
     _, params = download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
-    assert capsys.readouterr().out == (
-        f"File already exists and is up-to-date: {os.path.join(str(tmp_path), '124M', ST_FILE)}\n")
+    assert capsys.readouterr().out.splitlines() == [
+        f"File already exists and is up-to-date: {os.path.join(str(tmp_path), '124M', name)}"
+        for name in HF_FILES]
     assert server.requests[0] == ("HEAD", ST_PATH)  # the redirect is followed for the size only
     assert ("GET", ST_PATH) not in server.requests
     assert_same_params(params, expected_params())
@@ -650,14 +704,14 @@ def test_safetensors_interrupted_download_leaves_no_file_and_recovers(tmp_path, 
     size = (hf_root / "cdn" / "gpt2" / ST_FILE).stat().st_size
     assert str(exc_info.value) == (
         f"Could not download {ST_FILE}: tried {dropping_url}{ST_PATH} (connection closed "
-        f"after {size // 2} of {size} bytes). To place the files by hand, download {ST_FILE} "
-        f"from {dropping_url}/gpt2/resolve/main/ into {model_dir}")
+        f"after {size // 2} of {size} bytes). To place the files by hand, download {ST_FILE}, "
+        f"vocab.json, merges.txt from {dropping_url}/gpt2/resolve/main/ into {model_dir}")
     assert os.listdir(model_dir) == []
 
     url, _ = serve(hf_root, RedirectingHandler)
     _, params = download_and_load_gpt2_safetensors("124M", str(tmp_path), base_url=url)
     assert_same_params(params, expected_params())
-    assert os.listdir(model_dir) == [ST_FILE]
+    assert sorted(os.listdir(model_dir)) == sorted(HF_FILES)
 
 
 def test_safetensors_unknown_size_is_refused_before_any_request(tmp_path, hf_root, serve):
@@ -785,7 +839,7 @@ def test_main_script_gives_the_same_initial_losses_from_either_file(tmp_path, cl
     (models_dir / "124M").mkdir(parents=True)
     write_tf1_checkpoint(str(models_dir / "124M"), arrays)
     (models_dir / "124M" / "hparams.json").write_text(json.dumps(settings))
-    for name in ("encoder.json", "vocab.bpe"):
+    for name in ("encoder.json", "vocab.bpe", *HF_TOKENIZER_FILENAMES):
         (models_dir / "124M" / name).write_text("not read")
     write_safetensors(models_dir / "124M" / ST_FILE, hf_tensors(arrays))
     monkeypatch.setitem(gpt_download.GPT2_SETTINGS, "124M", settings)
