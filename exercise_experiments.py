@@ -14,12 +14,8 @@ experiment's name: loss-plot-lora.pdf, instruction-data-with-response-lora.json,
 gpt2-medium355M-sft-lora.pth; a combination joins the names with "_" (alpaca52k_lora).
 """
 
-import math
 from dataclasses import replace
 from functools import partial
-
-import torch
-import torch.nn as nn
 
 from gpt_instruction_finetuning import (
     ALPACA,
@@ -32,6 +28,7 @@ from gpt_instruction_finetuning import (
     token_ids,
 )
 from instruction_data import Phi3Prompt
+from lora import count_trainable, merge_lora, replace_linear_with_lora
 from previous_chapters import IGNORE_INDEX
 from script_utils import fail
 
@@ -101,52 +98,8 @@ def collate_masking_instructions(batch, pad_token_id=END_OF_TEXT, ignore_index=I
 
 
 #####################################
-# Exercise 7.4: LoRA
+# Exercise 7.4: LoRA (the layers are in lora.py)
 #####################################
-
-
-class LoRALayer(nn.Module):
-    """The low-rank update alpha * (x @ A @ B), with A (in, rank) and B (rank, out).
-
-    A starts random (kaiming-uniform, as in the book) and B at zero, so the update is zero until
-    training moves B: finetuning starts from the pretrained model's exact outputs.
-    """
-
-    def __init__(self, in_dim, out_dim, rank, alpha):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(in_dim, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = nn.Parameter(torch.zeros(rank, out_dim))
-        self.alpha = alpha
-
-    def forward(self, x):
-        return self.alpha * (x @ self.A @ self.B)  # (..., in) -> (..., out)
-
-
-class LinearWithLoRA(nn.Module):
-    """An nn.Linear plus a LoRA update: linear(x) + alpha * (x @ A @ B)."""
-
-    def __init__(self, linear, rank, alpha):
-        super().__init__()
-        self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
-
-    def forward(self, x):
-        return self.linear(x) + self.lora(x)
-
-
-def replace_linear_with_lora(model, rank, alpha):
-    """Wrap every nn.Linear in `model` (attention, feedforward, output head) in LinearWithLoRA."""
-    for name, module in model.named_children():
-        if isinstance(module, nn.Linear):
-            setattr(model, name, LinearWithLoRA(module, rank, alpha))
-        else:
-            replace_linear_with_lora(module, rank, alpha)
-
-
-def count_trainable(model):
-    """Number of parameters that training updates (those with requires_grad)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def add_lora(model, rank, alpha):
@@ -159,23 +112,6 @@ def add_lora(model, rank, alpha):
     print(f"Total trainable parameters after: {count_trainable(model):,}")
     replace_linear_with_lora(model, rank, alpha)
     print(f"Total trainable LoRA parameters: {count_trainable(model):,}")
-    return model
-
-
-def merge_lora(model):
-    """Fold each LoRA update into its linear layer and unwrap it; return `model`, changed.
-
-    linear(x) + alpha * x @ A @ B equals a linear layer with weight W + alpha * (A @ B).T (W is
-    (out, in)), so the merged model computes the same and is a plain GPTModel again.
-    """
-    for name, module in model.named_children():
-        if isinstance(module, LinearWithLoRA):
-            lora = module.lora
-            with torch.no_grad():
-                module.linear.weight += lora.alpha * (lora.A @ lora.B).T
-            setattr(model, name, module.linear)
-        else:
-            merge_lora(module)
     return model
 
 

@@ -1,0 +1,94 @@
+"""LoRA, the book's Appendix E: low-rank updates added to a model's linear layers.
+
+Exercise 7.4 finetunes with them (exercise_experiments.py --exercise_solution lora), and
+gpt_instruction_finetuning.load_finetuned_model rebuilds them for a model saved unmerged. The
+rank and alpha of a saved model are recorded in the "lora" entry of the config in its JSON.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update alpha * (x @ A @ B), with A (in, rank) and B (rank, out).
+
+    A starts random (kaiming-uniform, as in the book) and B at zero, so the update is zero until
+    training moves B: finetuning starts from the pretrained model's exact outputs.
+    """
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.alpha = alpha
+
+    def forward(self, x):
+        return self.alpha * (x @ self.A @ self.B)  # (..., in) -> (..., out)
+
+
+class LinearWithLoRA(nn.Module):
+    """An nn.Linear plus a LoRA update: linear(x) + alpha * (x @ A @ B)."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(model, rank, alpha):
+    """Wrap every nn.Linear in `model` (attention, feedforward, output head) in LinearWithLoRA."""
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+        else:
+            replace_linear_with_lora(module, rank, alpha)
+
+
+def count_trainable(model):
+    """Number of parameters that training updates (those with requires_grad)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model):
+    """Fold each LoRA update into its linear layer and unwrap it; return `model`, changed.
+
+    linear(x) + alpha * x @ A @ B equals a linear layer with weight W + alpha * (A @ B).T (W is
+    (out, in)), so the merged model computes the same and is a plain GPTModel again.
+    """
+    for name, module in model.named_children():
+        if isinstance(module, LinearWithLoRA):
+            lora = module.lora
+            with torch.no_grad():
+                module.linear.weight += lora.alpha * (lora.A @ lora.B).T
+            setattr(model, name, module.linear)
+        else:
+            merge_lora(module)
+    return model
+
+
+def lora_config(model):
+    """{"rank", "alpha"} of the LoRA layers in `model`, or None when it has none.
+
+    Saved in the "lora" entry of the model's config so that loading rebuilds the same layers.
+    """
+    for module in model.modules():
+        if isinstance(module, LinearWithLoRA):
+            return {"rank": module.lora.A.shape[1], "alpha": module.lora.alpha}
+    return None
+
+
+def lora_from_weights(state_dict, alpha=16):
+    """{"rank", "alpha"} of an unmerged LoRA state dict that came without its JSON, else None.
+
+    The rank is the width of the A matrices; alpha is not in the weights, so it is the book's 16.
+    """
+    for name, tensor in state_dict.items():
+        if name.endswith(".lora.A"):
+            return {"rank": tensor.shape[1], "alpha": alpha}
+    return None
