@@ -15,6 +15,7 @@ after them; torchrun and resuming live in training_extras.py.
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -23,12 +24,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
-import tiktoken
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -38,6 +38,7 @@ from gpt_download import (
     DownloadError,
     download_and_load_gpt2,
     download_and_load_gpt2_safetensors,
+    gpt2_tokenizer,
 )
 from instruction_data import (  # noqa: F401  (format_input: the book's name, imported from here)
     ALPACA,
@@ -46,6 +47,7 @@ from instruction_data import (  # noqa: F401  (format_input: the book's name, im
     format_input,
     load_json_entries,
 )
+from lora import lora_config, lora_from_weights, replace_linear_with_lora
 from previous_chapters import (
     IGNORE_INDEX,
     GPTModel,
@@ -85,6 +87,7 @@ MODEL_CONFIGS = {
     "774M": ("gpt2-large (774M)", {"emb_dim": 1280, "n_layers": 36, "n_heads": 20}),
     "1558M": ("gpt2-xl (1558M)", {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}),
 }
+DEFAULT_EPOCHS = 2  # the chapter's; a resumed run keeps its own
 TEST_MODE_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0,
                     "qkv_bias": False, "emb_dim": 12, "n_layers": 1, "n_heads": 2}
 
@@ -286,32 +289,46 @@ def make_optimizer(model, lr, weight_decay):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def speed_up_forward(model, device, precision, compile_forward):
-    """Run the model's forward pass, which training and the loss use, in bf16 and/or compiled.
+def precision_context(device, precision):
+    """The context the loss and the generation are computed in: bf16 autocast, or nothing.
 
-    Generation calls the model's parts directly, so it stays in float32 and eager mode. Logits
-    come back as float32, so the loss is computed at full precision. With fp32 and no compiling
-    the model is left as it is.
+    Under autocast the matrix products run in bfloat16 while the weights, the optimizer and
+    the loss stay float32 (cross-entropy runs in float32 under autocast). Entered where the
+    loss is computed (`ChapterTraining`, `print_initial_losses`) and around generation.
     """
-    if precision == "fp32" and not compile_forward:
-        return
-    forward = model.forward
     if precision == "bf16":
-        float32_forward = forward
-
-        def forward(*args, **kwargs):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return float32_forward(*args, **kwargs).float()
-
-    if compile_forward:
-        forward = torch.compile(forward)
-    model.forward = forward
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
-def print_initial_losses(model, train_loader, val_loader, device):
-    """The chapter's check before training: the loss on 5 training and 5 validation batches."""
+def choose_attention_kernels(device):
+    """On CUDA, leave the cuDNN kernel out of `scaled_dot_product_attention`.
+
+    PyTorch picks it first under bf16 on recent GPUs, and it builds a graph for every new shape:
+    generation meets a new one at every step, and each batch brings its own length. The flash
+    and memory-efficient kernels, chosen instead, need no such preparation.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def compiled_for_training(model, device):
+    """`model` compiled with torch.compile, for the training loop only (generation runs the
+    eager model, whose KV cache changes shape every step).
+
+    Rows come padded to a few lengths (`GPTModel.length_multiple`), so after the second shape
+    one dynamic-shape graph serves them all; on CUDA, "reduce-overhead" replays each step as
+    CUDA graphs instead of launching hundreds of small kernels from Python.
+    """
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(model, mode=mode)
+
+
+def print_initial_losses(model, train_loader, val_loader, device, ctx=None):
+    """The chapter's check before training: the loss on 5 training and 5 validation batches,
+    computed under `ctx` (the run's precision) when given."""
     print("Initial losses")
-    with torch.no_grad():
+    with torch.no_grad(), ctx or nullcontext():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
     print("   Training loss:", train_loss)
@@ -320,16 +337,17 @@ def print_initial_losses(model, train_loader, val_loader, device):
 
 def finetune(model, train_loader, val_loader, optimizer, device, args, start_context, tokenizer,
              hooks):
-    """The chapter's call of `train_model_simple`, timed; returns the loss curves."""
+    """The chapter's call of `train_model_simple`, timed; returns (train_losses, val_losses,
+    tokens_seen, progress), progress saying how many epochs and steps were trained."""
     start_time = time.time()
     torch.manual_seed(args.seed)
     with hooks:
         curves = train_model_simple(
             model, train_loader, val_loader, optimizer, device,
-            num_epochs=args.epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+            num_epochs=hooks.num_epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
             start_context=start_context, tokenizer=tokenizer, hooks=hooks)
     print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
-    return curves
+    return (*curves, hooks.progress)
 
 
 #####################################
@@ -359,6 +377,19 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             progress.update(len(chunk))
     return [{**entry, "model_response": response}
             for entry, response in zip(test_data, responses, strict=True)]
+
+
+def default_gen_batch_size(device, config, prompt_lengths, max_new_tokens, precision):
+    """Test entries answered at once when --gen_batch_size is not given: 8 on a CPU; on CUDA
+    the whole test set, or as many as half the free memory holds keys and values for."""
+    if device.type != "cuda":
+        return 8
+    positions = min(config["context_length"], max(prompt_lengths) + max_new_tokens)
+    element_size = 2 if precision == "bf16" else 4
+    row_bytes = 2 * config["n_layers"] * positions * config["emb_dim"] * element_size
+    row_bytes += 2 * config["vocab_size"] * 4  # the last position's logits, twice over
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(len(prompt_lengths), free_bytes // 2 // row_bytes))
 
 
 def model_info_path(model_path):
@@ -415,14 +446,14 @@ def load_finetuned_model(path, device="cpu"):
             info = {"config": infer_config(state_dict), "prompt_style": ALPACA.name}
     except (KeyError, AttributeError, IndexError) as exc:
         raise DataError(f"{path}: not a GPT-2 state dict ({exc})") from None
-    model = GPTModel(info["config"])
-    lora_a = [v for k, v in state_dict.items() if k.endswith(".lora.A")]
-    if lora_a:  # saved without --merge_lora: rebuild the LoRA layers the weights belong to
-        from exercise_experiments import replace_linear_with_lora  # it imports this script
-
-        settings = info.get("settings", {})
-        replace_linear_with_lora(model, rank=lora_a[0].shape[1],
-                                 alpha=settings.get("--lora_alpha", 16))  # the book's alpha
+    lora = info["config"].get("lora") or lora_from_weights(state_dict)
+    try:
+        model = GPTModel(info["config"])
+        if lora:  # saved without --merge_lora: rebuild the LoRA layers the weights belong to
+            replace_linear_with_lora(model, rank=lora["rank"], alpha=lora["alpha"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{info_path}: its config does not describe a GPTModel "
+                        f"({type(exc).__name__}: {exc}); fix or delete it") from None
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -456,39 +487,49 @@ def load_json_object(path):
 def output_paths(output_dir, experiment, model_name):
     """The files a run writes, named after the experiment as the book names them."""
     stem = re.sub(r"[ ()]", "", model_name)  # "gpt2-medium (355M)" -> "gpt2-medium355M"
-    model = os.path.join(output_dir, f"{stem}-sft-{experiment.name}.pth")
     return {
         "plot": os.path.join(output_dir, f"loss-plot-{experiment.name}.pdf"),
         "responses": os.path.join(output_dir,
                                   f"instruction-data-with-response-{experiment.name}.json"),
-        "model": model,
-        "model_info": model_info_path(model),
+        "model": os.path.join(output_dir, f"{stem}-sft-{experiment.name}.pth"),
         "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{experiment.name}.pth"),
+        "metrics": os.path.join(output_dir, f"metrics-{experiment.name}.csv"),
     }
 
 
 def save_results(args, experiment, model, config, model_name, tokenizer, test_data, paths,
-                 curves, settings):
-    """Save the loss plot, the test set responses, and the finetuned weights with their JSON."""
-    train_losses, val_losses, tokens_seen = curves
-    epochs_tensor = torch.linspace(0, args.epochs, len(train_losses))
+                 training, settings, ctx):
+    """Save the loss plot, the test set responses, and the finetuned weights with their JSON.
+
+    `training` is (train_losses, val_losses, tokens_seen, progress) of the finished loop.
+    """
+    train_losses, val_losses, tokens_seen, progress = training
+    epochs_tensor = torch.linspace(0, progress["epoch"], len(train_losses))
     plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, save_path=paths["plot"])
     print(50 * "-")
 
     print("Generating responses")
-    test_data = generate_responses(model, test_data, tokenizer, config["context_length"],
-                                   args.max_new_tokens, args.gen_batch_size,
-                                   experiment.prompt_style)
+    prompt_lengths = [len(tokenizer.encode(experiment.prompt_style.format_input(entry)))
+                      for entry in test_data]
+    gen_batch_size = args.gen_batch_size or default_gen_batch_size(
+        args.device, config, prompt_lengths, args.max_new_tokens, args.precision)
+    with ctx:
+        test_data = generate_responses(model, test_data, tokenizer, config["context_length"],
+                                       args.max_new_tokens, gen_batch_size,
+                                       experiment.prompt_style)
     save_json(test_data, paths["responses"])
     print(f"Responses saved as {paths['responses']}")
 
     if experiment.finish_model is not None:
         model = experiment.finish_model(model)
+    lora = lora_config(model)
+    if lora is not None:  # saved unmerged: loading rebuilds the LoRA layers from this entry
+        config = {**config, "lora": lora}
     info = {
         "model_name": model_name, "config": config,
         "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
-        "epochs": args.epochs, "seed": args.seed,
-        "tokens_seen": tokens_seen[-1] if tokens_seen else 0,
+        "epochs": progress["epoch"], "steps": progress["global_step"] + 1, "seed": args.seed,
+        "tokens_seen": progress["tokens_seen"],
         "train_loss": train_losses[-1] if train_losses else None,
         "val_loss": val_losses[-1] if val_losses else None,
         "settings": settings,
@@ -516,7 +557,7 @@ def run(args, experiment=None):
     data, data_path = load_data(args, experiment, rank, world_size)
     train_data, test_data, val_data = split_for_run(data, data_path, args, experiment,
                                                     world_size)
-    tokenizer = tiktoken.get_encoding("gpt2")
+    tokenizer = gpt2_tokenizer(args.models_dir)
     if experiment.inspect_data is not None:
         experiment.inspect_data(data, tokenizer)
     print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
@@ -534,21 +575,29 @@ def run(args, experiment=None):
     print("Loaded model:", model_name)
     print(50 * "-")
 
+    ctx = precision_context(device, args.precision)
+    choose_attention_kernels(device)
     paths = output_paths(args.output_dir, experiment, model_name)
     settings = run_settings(args, experiment, model_name, train_data)
-    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
-    resume_progress = resume_or_start(args, paths, raw_model, optimizer, settings)
-    if resume_progress is None:
-        print_initial_losses(model, train_loader, val_loader, device)
+    resuming = will_resume(args, paths["checkpoint"])
+    if not resuming:
+        print_initial_losses(model, train_loader, val_loader, device, ctx)
 
+    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
+    resume_progress = None
+    if resuming:
+        resume_progress = load_checkpoint(paths["checkpoint"], raw_model, optimizer, settings)
+    num_epochs = epochs_to_train(args, paths["checkpoint"], resume_progress)
     save = partial(save_checkpoint, paths["checkpoint"], raw_model, optimizer,
                    settings=settings) if rank == 0 else None
-    hooks = ChapterTraining(args.epochs, device, save, resume_progress)
+    hooks = ChapterTraining(num_epochs, device, save, resume_progress, ctx=ctx,
+                            micro_batch_size=args.micro_batch_size,
+                            metrics_path=paths["metrics"])
     start_context = experiment.prompt_style.format_input(val_data[0])
     try:
         with saving_failures_reported(paths["checkpoint"], "the epochs finished before"):
-            curves = finetune(model, train_loader, val_loader, optimizer, device, args,
-                              start_context, tokenizer, hooks)
+            training = finetune(model, train_loader, val_loader, optimizer, device, args,
+                                start_context, tokenizer, hooks)
     except KeyboardInterrupt:
         print(f"\nTraining interrupted; progress saved to {paths['checkpoint']}. "
               "Run the same command with --resume to continue.")
@@ -557,7 +606,8 @@ def run(args, experiment=None):
         leave_process_group(rank)  # ranks other than 0 end here
     with saving_failures_reported(paths["checkpoint"], "the trained weights"):
         save_results(args, experiment, raw_model, config, model_name, tokenizer, test_data,
-                     paths, curves, settings)
+                     paths, training, settings, ctx)
+    remove_checkpoint(paths["checkpoint"], args.keep_checkpoint)
 
 
 def load_data(args, experiment, rank, world_size):
@@ -583,6 +633,11 @@ def split_for_run(data, data_path, args, experiment, world_size):
     if size % world_size:
         raise DataError(f"--batch_size {size} is the global batch: it must be a multiple "
                         f"of the {world_size} processes")
+    micro = args.micro_batch_size
+    if micro is not None and (size // world_size) % micro:
+        share = "" if world_size == 1 else f" per process ({world_size} processes)"
+        raise DataError(f"--micro_batch_size {micro}: the batch of {size // world_size}{share} "
+                        "must be a multiple of it; pick a divisor of --batch_size")
     print("Training set length:", len(train_data))
     print("Validation set length:", len(val_data))
     print("Test set length:", len(test_data))
@@ -604,11 +659,12 @@ def fit_to_context(experiment, context_length):
 
 
 def prepare_for_training(model, experiment, args, device):
-    """Apply the experiment's model change (LoRA), bf16/compile, and DDP under torchrun; return
-    the model the training loop calls."""
+    """Apply the experiment's model change (LoRA), --compile, and DDP under torchrun; return
+    the model the training loop calls (the one generation and saving use stays as it is)."""
     if experiment.prepare_model is not None:
         model = experiment.prepare_model(model).to(device)
-    speed_up_forward(model, device, args.precision, args.compile)
+    if args.compile:
+        model = compiled_for_training(model, device)
     if not torch.distributed.is_initialized():
         return model
     # Gradients are averaged over the processes after each backward.
@@ -632,17 +688,43 @@ def fingerprint(entries):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def resume_or_start(args, paths, model, optimizer, settings):
-    """With --resume and a checkpoint on disk, restore it and return its progress; else None."""
-    checkpoint = paths["checkpoint"]
-    if args.resume and os.path.exists(checkpoint):
-        progress = load_checkpoint(checkpoint, model, optimizer, settings)
-        print(f"Resuming from {checkpoint}: epoch {progress['epoch'] + 1}, "
-              f"{progress['global_step'] + 1} steps done")
-        return progress
-    if args.resume:
+def will_resume(args, checkpoint):
+    """Whether this run continues `checkpoint`. Without --resume an existing checkpoint is
+    about to be replaced: say so before any training, and how to continue it instead."""
+    exists = os.path.exists(checkpoint)
+    if args.resume and not exists:
         print(f"No checkpoint at {checkpoint}; starting from the beginning")
-    return None
+    if not args.resume and exists:
+        print(f"Note: {checkpoint} holds an unfinished run; this run starts over and replaces "
+              "it at its first epoch end. To continue that run instead, stop now (Ctrl-C) "
+              "and run the same command with --resume.")
+    return args.resume and exists
+
+
+def epochs_to_train(args, checkpoint, progress):
+    """The epoch count to train to: --epochs, else the resumed run's own (2 for a new run).
+
+    Raises DataError when --epochs is below the epochs the checkpoint has already trained.
+    """
+    if progress is None:
+        return args.epochs or DEFAULT_EPOCHS
+    planned = progress.get("num_epochs", DEFAULT_EPOCHS)
+    print(f"Resuming from {checkpoint}: epoch {progress['epoch'] + 1} of "
+          f"{args.epochs or planned}, {progress['global_step'] + 1} steps done")
+    if args.epochs is not None and args.epochs < progress["epoch"]:
+        raise DataError(f"--epochs {args.epochs}: {checkpoint} has already trained "
+                        f"{progress['epoch']} epochs; pass --epochs {progress['epoch']} or "
+                        f"more, or leave --epochs out to finish its {planned}")
+    return args.epochs or planned
+
+
+def remove_checkpoint(checkpoint, keep):
+    """Delete the checkpoint once every output of the run is written (it is as large as the
+    model and its optimizer state together), unless --keep_checkpoint."""
+    if keep or not os.path.exists(checkpoint):
+        return
+    os.remove(checkpoint)
+    print(f"Removed {checkpoint}: the run is complete (--keep_checkpoint keeps it)")
 
 
 @contextmanager
@@ -677,7 +759,9 @@ def build_parser(description=__doc__):
                              "chapter's dataset, downloaded to the working folder when missing)")
     parser.add_argument("--output_dir", default=".",
                         help="where the plot, responses, weights and checkpoint go")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"training epochs (default: {DEFAULT_EPOCHS}; with --resume, the "
+                             "interrupted run's own)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="training batch size (default: 8; 4 for the Alpaca 52k exercise)")
     parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
@@ -688,19 +772,26 @@ def build_parser(description=__doc__):
     parser.add_argument("--eval_iter", type=int, default=5, help="batches per loss estimate")
     parser.add_argument("--max_new_tokens", type=int, default=256,
                         help="longest response generated for a test entry")
-    parser.add_argument("--gen_batch_size", type=int, default=8,
-                        help="test entries answered at once; the answers are the same as one "
-                             "at a time")
+    parser.add_argument("--gen_batch_size", type=int, default=None,
+                        help="test entries answered at once (default: 8 on a CPU; on a GPU the "
+                             "whole test set, as memory allows); the answers are the same as "
+                             "one at a time")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu")
+    parser.add_argument("--micro_batch_size", type=int, default=None,
+                        help="compute each batch this many entries at a time, accumulating "
+                             "gradients: the same training with less memory")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="bf16 runs the training forward pass in bfloat16 autocast, for "
-                             "GPUs with bf16 units")
+                        help="bf16 computes the losses and the answers in bfloat16 autocast, "
+                             "for GPUs with bf16 units (Ampere or newer)")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the training forward pass with torch.compile (CUDA; "
-                             "the first steps are slow while it compiles)")
+                        help="compile the training steps with torch.compile (CUDA with "
+                             "Triton; the first steps wait while it compiles)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint that an interrupted run left")
+    parser.add_argument("--keep_checkpoint", action="store_true",
+                        help="keep the checkpoint after a finished run (it is removed once "
+                             "all outputs are written)")
     parser.add_argument("--test_mode", action="store_true",
                         help="a tiny random model on 10/10/10 entries: the whole pipeline in "
                              "seconds, no download")
@@ -723,7 +814,8 @@ def check_args(args):
 
     Raises DataError naming the flag and its value. Replaces `args.device` with the device.
     """
-    for name in ("epochs", "batch_size", "gen_batch_size", "eval_freq", "eval_iter"):
+    for name in ("epochs", "batch_size", "micro_batch_size", "gen_batch_size", "eval_freq",
+                 "eval_iter"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DataError(f"--{name} must be at least 1, got {value}")
@@ -734,6 +826,7 @@ def check_args(args):
     if args.max_new_tokens < 0:
         raise DataError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
     args.device = pick_device(args.device)
+    check_precision(args.precision, args.compile, args.device)
     check_paths(args)
 
 
@@ -761,6 +854,29 @@ def pick_device(name):
         raise DataError(f"--device {name}: MPS is not available on this machine; "
                         "use --device cpu")
     return device
+
+
+def check_precision(precision, compile_model, device):
+    """Refuse bf16 on a GPU without bfloat16 units and --compile where it cannot run; warn that
+    bf16 on a CPU without bfloat16 instructions is slower than fp32."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DataError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
+                        "bfloat16 units (they came with Ampere GPUs); use --precision fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        print("Warning: this CPU has no bfloat16 instructions; --precision bf16 will be slower "
+              "than fp32 here")
+    if compile_model and sys.platform == "win32":
+        raise DataError("--compile: torch.compile does not run on Windows; leave --compile "
+                        "out (or run under WSL)")
+    if compile_model and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise DataError("--compile: torch.compile needs Triton on a GPU and it is not "
+                        "installed; pip install triton, or leave --compile out")
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX on x86)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def check_paths(args):

@@ -382,21 +382,53 @@ class GPTModel(nn.Module):
             x = block(x, segments=segments)
         return self.final_norm(x[0])  # (packed, emb_dim)
 
+    # Device types on which `forward(keep=...)` packs rows. On a CPU, skipping the padding saves
+    # its compute; on a GPU one call over whole rows beats a Python loop of calls per row.
+    pack_on = ("cpu",)
+    # On other devices rows are padded at the end to a multiple of this many tokens, so a run
+    # meets a few shapes only (compiled graphs and attention kernels are made once per shape).
+    length_multiple = 16
+
     def forward(self, in_idx, cache=None, pad_lengths=None, keep=None):
         """Return next-token logits (b, num_tokens, vocab_size) for token ids (b, num_tokens).
 
         `keep` (bool, (b, num_tokens)) returns logits only where it is True, as
         (num_kept, vocab_size) in row-major order: that is all a loss with ignored targets
-        needs. Positions after a row's last kept one are then not computed at all (see
-        `packed_features`), and the output head, the largest matrix, runs only on kept ones.
+        needs, and the output head, the largest matrix, runs only on kept positions. On the
+        device types in `pack_on` the positions after a row's last kept one are not computed
+        at all (see `packed_features`); elsewhere whole rows are computed in one pass.
         """
         if keep is None:
             return self.out_head(self.features(in_idx, cache, pad_lengths))
         if cache is not None or pad_lengths is not None:
             raise ValueError("keep= computes whole rows from position 0, without cache or padding")
-        lengths = needed_lengths(keep)  # (b,)
-        hidden = self.packed_features(in_idx, lengths)  # (packed, emb_dim)
-        return self.out_head(hidden[pack_rows(keep, lengths)])  # (num_kept, vocab_size)
+        if in_idx.device.type in self.pack_on:
+            lengths = needed_lengths(keep)  # (b,)
+            hidden = self.packed_features(in_idx, lengths)  # (packed, emb_dim)
+            return kept_logits(self.out_head, hidden, pack_rows(keep, lengths))
+        num_tokens = in_idx.shape[1]
+        padded = pad_to_multiple(in_idx, self.length_multiple, self.pos_emb.num_embeddings)
+        hidden = self.features(padded)[:, :num_tokens]  # (b, num_tokens, emb_dim)
+        return kept_logits(self.out_head, hidden, keep)
+
+
+def pad_to_multiple(in_idx, multiple, context_length):
+    """`in_idx` (b, num_tokens) with token 0 appended to each row up to a multiple of `multiple`
+    tokens (at most `context_length`). Under causal attention no position sees the ones after
+    it, so the original positions compute the same as without the padding."""
+    num_tokens = in_idx.shape[1]
+    target = min(-(-num_tokens // multiple) * multiple, max(context_length, num_tokens))
+    return F.pad(in_idx, (0, target - num_tokens))  # (b, target)
+
+
+@torch.compiler.disable
+def kept_logits(out_head, hidden, keep):
+    """Logits (num_kept, vocab_size) of the positions where `keep` is True.
+
+    The number of kept positions differs from batch to batch, so under torch.compile this step
+    runs eagerly: the compiled part before it then sees a few fixed shapes only.
+    """
+    return out_head(hidden[keep])
 
 
 def needed_lengths(keep):
@@ -695,7 +727,8 @@ def load_weights_into_gpt(gpt, params):
 
     OpenAI stores one fused query/key/value matrix per layer as (emb_dim, 3 * emb_dim) and every
     linear weight as (in, out); PyTorch's nn.Linear holds (out, in), hence the transposes. Each
-    assignment checks the shape. The output head gets its own copy of the token embedding.
+    assignment checks the shape. The output head gets its own copy of the token embedding, or
+    `params["lm_head"]` where the file has a head of its own (a finetuned model's export).
     """
     if len(params["blocks"]) != len(gpt.trf_blocks):
         raise ValueError(f"Checkpoint has {len(params['blocks'])} layers, "
@@ -730,4 +763,4 @@ def load_weights_into_gpt(gpt, params):
 
     gpt.final_norm.scale = assign(gpt.final_norm.scale, params["g"])
     gpt.final_norm.shift = assign(gpt.final_norm.shift, params["b"])
-    gpt.out_head.weight = assign(gpt.out_head.weight, params["wte"])
+    gpt.out_head.weight = assign(gpt.out_head.weight, params.get("lm_head", params["wte"]))

@@ -5,17 +5,24 @@
 - Resuming: a checkpoint of the weights, optimizer, progress and random states at every epoch
   end and on Ctrl-C, refused when it was saved with other settings; a resumed run ends with the
   same weights as an uninterrupted one.
-- A progress bar over the training steps, with an ETA, on stderr.
+- A progress bar over the training steps, with an ETA, on stderr; lines printed meanwhile
+  appear whole above it.
+- Precision, micro-batches and the evaluation in one pass: the loss computed under the run's
+  autocast context, a batch computed a few rows at a time with gradients accumulated, and the
+  chapter's 5 + 5 evaluation batches in one forward pass where rows are not packed (GPUs).
+- A metrics log: one CSV row per evaluation, appended as training goes.
 
 `ChapterTraining` bundles these as the `hooks` of `previous_chapters.train_model_simple`.
 """
 
 import contextlib
+import csv
 import os
 import pickle
 import signal
 import sys
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from itertools import islice
 
 import torch
@@ -23,10 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 from tqdm import tqdm
-from tqdm.contrib import DummyTqdmFile
 
 from instruction_data import DataError
-from previous_chapters import IGNORE_INDEX, TrainingHooks
+from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
 from script_utils import atomic_write
 
 #####################################
@@ -99,21 +105,15 @@ class ShardedShuffleSampler(Sampler):
         return self.usable // self.world_size
 
 
-def calc_loss_batch_distributed(input_batch, target_batch, model, device):
-    """One rank's part of a global batch's mean loss under DistributedDataParallel.
+def token_loss_sum(input_batch, target_batch, model):
+    """(summed cross-entropy over the batch's counted targets, their number).
 
-    Ranks hold different numbers of counted targets (their padding differs), so a plain mean per
-    rank would weigh tokens unequally. Each rank sums its token losses and divides by the global
-    count, times the number of ranks because DDP averages gradients over ranks: the result is
-    the gradient of the global batch's mean loss, as one process would compute it.
+    Dividing sums by the count of a whole batch weighs every counted token alike, however the
+    batch is split: over ranks under torchrun, or into micro-batches.
     """
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    keep = target_batch != IGNORE_INDEX  # (b_local, num_tokens)
+    keep = target_batch != IGNORE_INDEX  # (b, num_tokens)
     logits = model(input_batch, keep=keep)  # (num_kept, vocab_size)
-    loss_sum = F.cross_entropy(logits, target_batch[keep], reduction="sum")
-    count = keep.sum()
-    dist.all_reduce(count)  # counted targets over all ranks
-    return loss_sum * dist.get_world_size() / count
+    return F.cross_entropy(logits.float(), target_batch[keep], reduction="sum"), keep.sum()
 
 
 def global_batch_tokens(input_batch, device):
@@ -250,6 +250,128 @@ def stop_on_ctrl_c():
 
 
 #####################################
+# Evaluation in one pass, the metrics log, printing above the bar
+#####################################
+
+
+def mean_batch_losses(batches, model):
+    """The mean loss of each (input_batch, target_batch) in `batches`, from one forward pass.
+
+    The batches are padded at the end to a common length and stacked, so a GPU runs one pass
+    instead of one per batch. Each batch's value is its own mean over its counted targets, as
+    `calc_loss_batch` gives it (up to float rounding).
+    """
+    width = max(inputs.shape[1] for inputs, _ in batches)
+    inputs = torch.cat([F.pad(x, (0, width - x.shape[1])) for x, _ in batches])  # (rows, width)
+    targets = torch.cat([F.pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX)
+                         for _, y in batches])  # (rows, width)
+    sizes = torch.tensor([len(x) for x, _ in batches], device=inputs.device)
+    batch_of_row = torch.repeat_interleave(torch.arange(len(batches), device=inputs.device),
+                                           sizes)  # (rows,)
+    keep = targets != IGNORE_INDEX
+    logits = model(inputs, keep=keep)  # (num_kept, vocab_size)
+    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (num_kept,)
+    batch_of_token = batch_of_row[:, None].expand_as(keep)[keep]  # (num_kept,)
+    sums = torch.zeros(len(batches), device=inputs.device).index_add_(0, batch_of_token, losses)
+    counts = torch.bincount(batch_of_token, minlength=len(batches))
+    return (sums / counts).tolist()
+
+
+def evaluate_in_one_pass(model, train_loader, val_loader, eval_iter):
+    """(train_loss, val_loss) over `eval_iter` batches of each loader, as `evaluate_model` gives
+    them, in one forward pass. The loaders are iterated as `calc_loss_loader` iterates them,
+    so the random draws of the shuffled training loader stay the same."""
+    train = list(islice(train_loader, eval_iter))
+    val = list(islice(val_loader, eval_iter))
+    model.eval()
+    with torch.no_grad():
+        losses = mean_batch_losses(train + val, model) if train or val else []
+    model.train()
+    train_losses, val_losses = losses[:len(train)], losses[len(train):]
+    return (sum(train_losses) / len(train) if train else float("nan"),
+            sum(val_losses) / len(val) if val else float("nan"))
+
+
+METRICS_FIELDS = ("epoch", "step", "tokens_seen", "train_loss", "val_loss", "seconds")
+
+
+def start_metrics_log(path, last_step=None):
+    """Begin the metrics CSV at `path`: a new file with its header, or, when resuming from
+    `last_step`, the rows of the run up to that step (later ones belong to training that the
+    checkpoint does not hold)."""
+    rows = []
+    if last_step is not None and os.path.exists(path):
+        rows = [row for row in read_metrics(path) if row["step"] <= last_step]
+    with atomic_write(path, "w") as f:
+        writer = csv.DictWriter(f, METRICS_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_metrics_row(path, row):
+    """Append one evaluation's row to the metrics CSV and flush it to disk."""
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        csv.DictWriter(f, METRICS_FIELDS).writerow(row)
+
+
+def read_metrics(path):
+    """The rows of a metrics CSV as dicts of numbers. Raises DataError naming a damaged file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != METRICS_FIELDS:
+                raise ValueError(f"expected the columns {', '.join(METRICS_FIELDS)}")
+            return [{"epoch": int(r["epoch"]), "step": int(r["step"]),
+                     "tokens_seen": int(r["tokens_seen"]), "train_loss": float(r["train_loss"]),
+                     "val_loss": float(r["val_loss"]), "seconds": float(r["seconds"])}
+                    for r in reader]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DataError(f"{path}: not a metrics log of this script ({exc})") from None
+
+
+def plot_losses_from_metrics(metrics_path, save_path="loss-plot.pdf"):
+    """Draw the chapter's loss plot (`plot_losses`) from a metrics CSV, with the epochs axis
+    the script gives it. Raises DataError naming a damaged or empty file."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        raise DataError(f"{metrics_path}: holds no evaluation yet")
+    epochs_seen = torch.linspace(0, rows[-1]["epoch"], len(rows))
+    plot_losses(epochs_seen, [row["tokens_seen"] for row in rows],
+                [row["train_loss"] for row in rows], [row["val_loss"] for row in rows],
+                save_path=save_path)
+
+
+class PrintAboveBar:
+    """Stands in for stdout while a progress bar runs on stderr: each whole line printed is
+    written after the bar is cleared, and the bar is drawn again below it. Both streams in one
+    terminal then never share a line, and stdout carries exactly the printed lines."""
+
+    def __init__(self, stream, hooks):
+        self.stream = stream
+        self.hooks = hooks
+        self.pending = ""
+
+    def write(self, text):
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:
+            bar = self.hooks.bar
+            if bar is not None:
+                bar.clear()
+            self.stream.write("".join(line + "\n" for line in lines))
+            self.stream.flush()
+            if bar is not None:
+                bar.refresh()
+        return len(text)
+
+    def flush(self):
+        """Write what is left of an unfinished line."""
+        if self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+
+#####################################
 # The hooks: all of the above around the book's loop
 #####################################
 
@@ -264,21 +386,31 @@ class ChapterTraining(TrainingHooks):
     moment, continues the run so that it ends with the same weights as an uninterrupted one.
     Under torchrun, `model` is wrapped in DistributedDataParallel and the train loader yields
     each rank's share of the global batches.
+
+    `ctx` (e.g. a bf16 autocast) is entered wherever the model computes a loss.
+    `micro_batch_size` computes each batch that many rows at a time, accumulating gradients:
+    the same update as the whole batch at once, with less memory. `metrics_path` receives one
+    CSV row per evaluation.
     """
 
-    def __init__(self, num_epochs, device, save_checkpoint=None, resume_progress=None):
+    def __init__(self, num_epochs, device, save_checkpoint=None, resume_progress=None,
+                 ctx=None, micro_batch_size=None, metrics_path=None):
         self.num_epochs = num_epochs
         self.device = device
         self.save_checkpoint = save_checkpoint
         self.resume_progress = resume_progress
+        self.ctx = ctx or nullcontext()
+        self.micro_batch_size = micro_batch_size
+        self.metrics_path = metrics_path if is_main_process() else None
         self.distributed = is_distributed()
         self.bar = None
 
     def __enter__(self):
         self._exit_stack = contextlib.ExitStack()
         self.interrupt = self._exit_stack.enter_context(stop_on_ctrl_c())
-        # The chapter's printed lines go through tqdm.write, so they do not break the bar.
-        self._exit_stack.enter_context(contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)))
+        stdout = PrintAboveBar(sys.stdout, self)
+        self._exit_stack.callback(stdout.flush)
+        self._exit_stack.enter_context(contextlib.redirect_stdout(stdout))
         return self
 
     def __exit__(self, *exc_info):
@@ -289,6 +421,13 @@ class ChapterTraining(TrainingHooks):
     def start(self):
         progress = self.resume_progress or {**super().start(), "batches_done": 0,
                                             "epoch_rng": None, "rng": None}
+        progress["num_epochs"] = self.num_epochs  # what a resumed run trains to by default
+        self.progress = progress
+        self.started = time.monotonic() - progress.get("seconds", 0.0)
+        self.rows_logged = len(progress["train_losses"])
+        if self.metrics_path is not None:
+            start_metrics_log(self.metrics_path,
+                              progress["global_step"] if self.resume_progress else None)
         return progress
 
     def epoch_batches(self, train_loader, progress):
@@ -312,9 +451,28 @@ class ChapterTraining(TrainingHooks):
         return batches
 
     def batch_loss(self, input_batch, target_batch, model, device):
-        if self.distributed:
-            return calc_loss_batch_distributed(input_batch, target_batch, model, device)
-        return super().batch_loss(input_batch, target_batch, model, device)
+        """The batch's loss, under `ctx`. With micro-batches, all but the last micro-batch are
+        backpropagated here; the returned loss is the last one's share, whose backward in the
+        training loop completes the batch's gradient."""
+        if self.micro_batch_size is None and not self.distributed:
+            with self.ctx:
+                return super().batch_loss(input_batch, target_batch, model, device)
+        input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+        counted = (target_batch != IGNORE_INDEX).sum()  # the whole batch's counted targets
+        ranks = 1
+        if self.distributed:  # DDP averages gradients over ranks: scale the sums back up
+            dist.all_reduce(counted)
+            ranks = dist.get_world_size()
+        size = self.micro_batch_size or len(input_batch)
+        parts = list(zip(input_batch.split(size), target_batch.split(size), strict=True))
+        for inputs, targets in parts[:-1]:
+            with model.no_sync() if self.distributed else nullcontext():  # sync on the last
+                with self.ctx:
+                    loss_sum, _ = token_loss_sum(inputs, targets, model)
+                (loss_sum * ranks / counted).backward()
+        with self.ctx:
+            loss_sum, _ = token_loss_sum(*parts[-1], model)
+        return loss_sum * ranks / counted
 
     def batch_tokens(self, input_batch):
         if self.distributed:
@@ -322,14 +480,29 @@ class ChapterTraining(TrainingHooks):
         return super().batch_tokens(input_batch)
 
     def evaluate(self, model, train_loader, val_loader, device, eval_iter):
-        train_loss, val_loss = super().evaluate(model, train_loader, val_loader, device,
-                                                eval_iter)
+        """The chapter's evaluation under `ctx`; where rows are not packed (GPUs), its batches
+        go through the model in one pass."""
+        with self.ctx:
+            if device_type(device) in getattr(model, "module", model).pack_on:
+                train_loss, val_loss = super().evaluate(model, train_loader, val_loader,
+                                                        device, eval_iter)
+            else:
+                train_loss, val_loss = evaluate_in_one_pass(model, train_loader, val_loader,
+                                                            eval_iter)
         if self.distributed:  # each rank's loader holds its own share of the training set
             train_loss = mean_across_ranks(train_loss, device)
         return train_loss, val_loss
 
     def step_done(self, progress):
         progress["batches_done"] += 1
+        progress["seconds"] = time.monotonic() - self.started
+        if self.metrics_path is not None and len(progress["train_losses"]) > self.rows_logged:
+            self.rows_logged += 1
+            append_metrics_row(self.metrics_path, {
+                "epoch": progress["epoch"] + 1, "step": progress["global_step"],
+                "tokens_seen": progress["tokens_seen"],
+                "train_loss": progress["train_losses"][-1],
+                "val_loss": progress["val_losses"][-1], "seconds": round(progress["seconds"], 3)})
         self.bar.update()
         stop = self.interrupt["stop"]
         if self.distributed:
@@ -347,3 +520,8 @@ class ChapterTraining(TrainingHooks):
         progress.update(batches_done=0, rng=rng_states())
         if self.save_checkpoint is not None:
             self.save_checkpoint(progress)
+
+
+def device_type(device):
+    """'cpu', 'cuda', ... of a torch.device or a device name."""
+    return torch.device(device).type

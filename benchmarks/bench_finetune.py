@@ -20,6 +20,10 @@ script's options of the same names to the fast path (the book path stays float32
 
 memory: peak memory of fast training steps, measured in a fresh process (CUDA: the allocator's
 peak; CPU: the process's peak resident memory), with the same options.
+
+micro: `--micro_batch_size` 8, 2 and 1 (each batch of 8 computed that many rows at a time,
+gradients accumulated: the same update): peak memory against the median step, each in a fresh
+process.
 """
 
 import argparse
@@ -40,6 +44,7 @@ from common import (
     training_setup,
 )
 
+import gpt_instruction_finetuning as ft
 from gpt_instruction_finetuning import format_input, generate_responses
 from previous_chapters import (
     GPTModel,
@@ -47,6 +52,7 @@ from previous_chapters import (
     text_to_token_ids,
     token_ids_to_text,
 )
+from training_extras import ChapterTraining
 
 
 def book_answers(model, entries, tokenizer, max_new_tokens, use_cache):
@@ -136,6 +142,39 @@ def peak_memory_of_training(size, precision, compile_forward, steps=2):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU peak resident memory"
 
 
+def micro_batch_training(size, micro_batch_size, steps):
+    """Run in a fresh process: (peak memory in bytes, median step in seconds) of `steps`
+    training steps computed `micro_batch_size` rows at a time, as the chapter script does."""
+    device = device_name()
+    torch.manual_seed(0)
+    model = GPTModel(gpt2_config(size)).to(device).train()
+    optimizer = ft.make_optimizer(model, 5e-5, 0.1)
+    hooks = ChapterTraining(1, torch.device(device), micro_batch_size=micro_batch_size)
+
+    def step(inputs, targets):
+        optimizer.zero_grad()
+        hooks.batch_loss(inputs, targets, model, device).backward()
+        optimizer.step()
+
+    seconds = [timed(partial(step, inputs, targets))[0] for inputs, targets in real_batches(steps)]
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak, statistics.median(seconds[1:])
+
+
+def bench_micro_batches(size, steps):
+    """Rows of the micro-batch table: peak memory and step time for 8, 2 and 1 rows at a time."""
+    rows = [[f"GPT-2 {size}, batch 8, {device_name()}", "peak memory", "median step"]]
+    for micro in (8, 2, 1):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            peak, seconds = pool.apply(micro_batch_training, (size, micro, steps))
+        rows.append([f"--micro_batch_size {micro}", f"{peak / 2**30:.2f} GiB",
+                     f"{seconds:.2f} s"])
+    return rows
+
+
 def bench_memory(size, precision="fp32", compile_forward=False):
     """Rows of the memory table."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -149,9 +188,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["generation", "train"],
-                        choices=["generation", "train", "memory"])
+                        choices=["generation", "train", "memory", "micro"])
     parser.add_argument("--model", default="124M", choices=["124M", "355M"],
-                        help="model shape for the train and memory parts (default: 124M)")
+                        help="model shape for the train, memory and micro parts (default: 124M)")
     parser.add_argument("--entries", type=int, default=8,
                         help="test entries to answer (default: 8, one batch of the script)")
     parser.add_argument("--max_new_tokens", type=int, default=256,
@@ -173,6 +212,9 @@ def main():
         print(table(rows[0], rows[1:]))
     if "memory" in args.parts:
         rows = bench_memory(args.model, args.precision, args.compile)
+        print(table(rows[0], rows[1:]))
+    if "micro" in args.parts:
+        rows = bench_micro_batches(args.model, args.steps)
         print(table(rows[0], rows[1:]))
 
 

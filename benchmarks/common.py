@@ -5,6 +5,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from functools import partial
 from itertools import islice
 
@@ -92,10 +93,11 @@ def book_step(model, optimizer, inputs, targets):
     return loss.item()
 
 
-def fast_step(model, optimizer, inputs, targets):
-    """The chapter script's training step."""
+def fast_step(model, optimizer, inputs, targets, ctx=None):
+    """The chapter script's training step, its loss computed under `ctx` (the precision)."""
     optimizer.zero_grad()
-    loss = calc_loss_batch(inputs, targets, model, model.out_head.weight.device)
+    with ctx or nullcontext():
+        loss = calc_loss_batch(inputs, targets, model, model.out_head.weight.device)
     loss.backward()
     optimizer.step()
     return loss.item()
@@ -113,7 +115,9 @@ def training_setup(size, path, seed=0, device="cpu", precision="fp32", compile_f
     fast = path == "fast"
     model = GPTModel(gpt2_config(size, fused=fast)).to(device).train()
     if fast:
-        ft.speed_up_forward(model, torch.device(device), precision, compile_forward)
-        return model, ft.make_optimizer(model, 5e-5, 0.1), fast_step
+        device = torch.device(device)
+        train_model = ft.compiled_for_training(model, device) if compile_forward else model
+        return (train_model, ft.make_optimizer(model, 5e-5, 0.1),
+                partial(fast_step, ctx=ft.precision_context(device, precision)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, foreach=False)
     return model, optimizer, book_step

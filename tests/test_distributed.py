@@ -73,8 +73,8 @@ def test_two_gloo_processes_give_the_single_process_weights(tmp_path, single_pro
     assert "Device: cpu x 2 processes" in stdout
     assert stdout.count("Model saved as") == 1
     assert sorted(p.name for p in out.iterdir()) == [
-        INFO_FILE, MODEL_FILE, "checkpoint-Smalltestmodel-standalone.pth",
-        "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf"]
+        INFO_FILE, MODEL_FILE, "instruction-data-with-response-standalone.json",
+        "loss-plot-standalone.pdf", "metrics-standalone.csv"]
 
 
 def test_torchrun_with_one_process_keeps_the_chapters_shuffling(tmp_path, single_process,

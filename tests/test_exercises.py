@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import exercise_experiments as ex
 import gpt_instruction_finetuning as ft
+import lora
 from previous_chapters import GPTModel, calc_loss_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +123,7 @@ def test_lora_starts_as_the_original_and_counts_its_parameters(tiny_cfg, capsys)
     linears = [m for m in original.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 6 * tiny_cfg["n_layers"] + 1  # q, k, v, out, two MLP; the head
     expected = sum(4 * (m.in_features + m.out_features) for m in linears)
-    assert ex.count_trainable(wrapped) == expected
+    assert lora.count_trainable(wrapped) == expected
     total = sum(p.numel() for p in original.parameters())
     assert capsys.readouterr().out.splitlines() == [
         f"Total trainable parameters before: {total:,}",
@@ -145,14 +146,14 @@ def test_merged_model_gives_the_wrapped_logits(models, tiny_cfg):
     wrapped, _ = models
     with torch.no_grad():
         for module in wrapped.modules():
-            if isinstance(module, ex.LoRALayer):
+            if isinstance(module, lora.LoRALayer):
                 module.B.normal_(0, 0.05)  # as if trained
     idx = torch.randint(0, tiny_cfg["vocab_size"], (2, 7))
     expected = wrapped(idx)
-    merged = ex.merge_lora(wrapped)
+    merged = lora.merge_lora(wrapped)
     plain = GPTModel(tiny_cfg).eval()
     plain.load_state_dict(merged.state_dict())  # strict: exactly a plain GPTModel's weights
-    assert not any(isinstance(m, ex.LinearWithLoRA) for m in merged.modules())
+    assert not any(isinstance(m, lora.LinearWithLoRA) for m in merged.modules())
     assert torch.allclose(plain(idx), expected, atol=1e-5)
     assert not torch.allclose(plain(idx), GPTModel(tiny_cfg).eval()(idx), atol=1e-3)
 
@@ -173,7 +174,7 @@ def test_experiments_change_what_their_exercise_needs():
         "alpaca_data.json",
         "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json", 4, 512)
     assert ex.build_experiment(["lora"], args).finish_model is None
-    assert ex.build_experiment(["lora"], parse("--merge_lora")).finish_model is ex.merge_lora
+    assert ex.build_experiment(["lora"], parse("--merge_lora")).finish_model is lora.merge_lora
     combined = ex.build_experiment(ex.parse_exercises("lora, alpaca_52k,baseline"), args)
     assert combined.name == "alpaca52k_lora"
     assert combined.batch_size == 4 and combined.prepare_model.keywords == {"rank": 16,
@@ -252,7 +253,7 @@ def test_each_experiment_end_to_end(tmp_path, instruction_data_path, option, nam
     if option == "lora":  # not merged: the LoRA matrices are saved beside the frozen weights
         assert f"Total trainable LoRA parameters: {lora_count(16):,}" in lines
         assert "out_head.lora.B" in state
-        ex.replace_linear_with_lora(model, rank=16, alpha=16)
+        lora.replace_linear_with_lora(model, rank=16, alpha=16)
     model.load_state_dict(state)  # strict: every weight present, nothing extra
     loaded, info, prompt_style = ft.load_finetuned_model(
         str(tmp_path / f"Smalltestmodel-sft-{name}.pth"))  # rebuilt from the JSON beside it
@@ -262,6 +263,7 @@ def test_each_experiment_end_to_end(tmp_path, instruction_data_path, option, nam
     assert torch.equal(loaded(idx), model.eval()(idx))
     if option == "lora":
         assert (info["settings"]["--lora_rank"], info["settings"]["--lora_alpha"]) == (16, 16)
+        assert info["config"] == {**ft.TEST_MODE_CONFIG, "lora": {"rank": 16, "alpha": 16}}
     if option == "phi3_prompt":
         # over all 1100 entries, not only the few that test mode trains on
         assert ("Phi-3 prompt saves 17.5 tokens per entry on average "
@@ -296,7 +298,7 @@ def test_alpaca_52k_file_with_merged_lora(tmp_path):
 def test_unmerged_lora_pth_without_json_loads_with_its_rank_and_the_books_alpha(tmp_path):
     torch.manual_seed(0)
     model = GPTModel(ft.TEST_MODE_CONFIG)
-    ex.replace_linear_with_lora(model, rank=4, alpha=16)
+    lora.replace_linear_with_lora(model, rank=4, alpha=16)
     for name, param in model.named_parameters():
         if name.endswith(".lora.B"):
             nn.init.normal_(param)  # as after training: the update is no longer zero
@@ -305,3 +307,29 @@ def test_unmerged_lora_pth_without_json_loads_with_its_rank_and_the_books_alpha(
     assert prompt_style.name == "alpaca" and "settings" not in info
     idx = torch.randint(0, 50257, (1, 6))
     assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+def test_lora_alpha_is_read_from_the_saved_config(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(ft.TEST_MODE_CONFIG)
+    lora.replace_linear_with_lora(model, rank=2, alpha=3.5)
+    for name, param in model.named_parameters():
+        if name.endswith(".lora.B"):
+            nn.init.normal_(param)
+    info = {"config": {**ft.TEST_MODE_CONFIG, "lora": lora.lora_config(model)},
+            "prompt_style": "alpaca"}
+    ft.save_finetuned_model(model, str(tmp_path / "m.pth"), info)
+    loaded, saved_info, _ = ft.load_finetuned_model(str(tmp_path / "m.pth"))
+    assert saved_info["config"]["lora"] == {"rank": 2, "alpha": 3.5}
+    idx = torch.randint(0, 50257, (1, 6))
+    assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+@pytest.mark.parametrize("module", ["gpt_instruction_finetuning", "lora", "ollama_evaluate",
+                                    "previous_chapters", "training_extras", "gpt_download"])
+def test_no_module_imports_the_exercises(module):
+    code = f"import sys, {module}; print('exercise_experiments' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            timeout=120)
+    assert result.stdout == "False\n", result.stderr

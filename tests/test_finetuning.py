@@ -15,11 +15,11 @@ import torch
 import gpt_instruction_finetuning as ft
 from previous_chapters import (
     GPTModel,
-    calc_loss_batch,
     generate,
     text_to_token_ids,
     token_ids_to_text,
 )
+from training_extras import plot_losses_from_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,16 +136,19 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
     model = GPTModel(ft.TEST_MODE_CONFIG)
     model.load_state_dict(state)  # strict: every weight present, nothing extra
     assert (tmp_path / "loss-plot-standalone.pdf").read_bytes().startswith(b"%PDF")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "Smalltestmodel-sft-standalone.json", "Smalltestmodel-sft-standalone.pth",
-        "checkpoint-Smalltestmodel-standalone.pth",
-        "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # the finished run's checkpoint
+        "Smalltestmodel-sft-standalone.json", "Smalltestmodel-sft-standalone.pth",  # is gone
+        "instruction-data-with-response-standalone.json", "loss-plot-standalone.pdf",
+        "metrics-standalone.csv"]
+    assert (f"Removed {tmp_path}/checkpoint-Smalltestmodel-standalone.pth: the run is "
+            "complete (--keep_checkpoint keeps it)") in lines
 
     info = json.loads((tmp_path / "Smalltestmodel-sft-standalone.json").read_text())
     progress = [line for line in lines if line.startswith("Ep ")]
     assert info == {
         "model_name": "Small test model", "config": ft.TEST_MODE_CONFIG,
-        "prompt_style": "alpaca", "experiment": "standalone", "epochs": 2, "seed": 123,
+        "prompt_style": "alpaca", "experiment": "standalone", "epochs": 2, "steps": 2,
+        "seed": 123,
         "tokens_seen": info["tokens_seen"],
         "train_loss": info["train_loss"], "val_loss": info["val_loss"],
         "settings": {"--model": "Small test model", "--seed": 123, "--lr": 5e-5,
@@ -155,6 +158,21 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
     }
     assert f"Train loss {info['train_loss']:.3f}, Val loss {info['val_loss']:.3f}" \
         in progress[-1]
+    metrics = (tmp_path / "metrics-standalone.csv").read_text().splitlines()
+    assert metrics[0] == "epoch,step,tokens_seen,train_loss,val_loss,seconds"
+    logged = [row.split(",") for row in metrics[1:]]
+    assert [f"Ep {r[0]} (Step {int(r[1]):06d}): Train loss {float(r[3]):.3f}, "
+            f"Val loss {float(r[4]):.3f}" for r in logged] == progress
+    assert 0 < int(logged[0][2]) < info["tokens_seen"]  # the last step was not evaluated
+    with mock.patch("training_extras.plot_losses") as plot:
+        plot_losses_from_metrics(str(tmp_path / "metrics-standalone.csv"), "again.pdf")
+    epochs_seen, tokens_seen, train_losses, val_losses = plot.call_args.args
+    assert epochs_seen.tolist() == [0.0]  # one evaluation: step 0
+    assert (tokens_seen, plot.call_args.kwargs) == ([int(r[2]) for r in logged],
+                                                    {"save_path": "again.pdf"})
+    assert [f"{v:.3f}" for v in train_losses + val_losses] == \
+        [f"{float(r[3]):.3f}" for r in logged] + [f"{float(r[4]):.3f}" for r in logged]
+    assert all(float(r[5]) >= 0 for r in logged)
     # 10 entries, batches of 8: one step per epoch, 8 rows padded to the longest (at most 120)
     assert info["tokens_seen"] % 8 == 0 and 2 * 8 * 20 < info["tokens_seen"] <= 2 * 8 * 120
 
@@ -166,7 +184,7 @@ def test_resume_after_an_epoch_gives_the_uninterrupted_weights(tmp_path, instruc
     assert run_script(*common, "--epochs", "2", "--output_dir", str(straight),
                       cwd=tmp_path).returncode == 0
     assert run_script(*common, "--epochs", "1", "--output_dir", str(stopped),
-                      cwd=tmp_path).returncode == 0
+                      "--keep_checkpoint", cwd=tmp_path).returncode == 0
     resumed = run_script(*common, "--epochs", "2", "--output_dir", str(stopped), "--resume",
                          cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -180,6 +198,81 @@ def test_resume_after_an_epoch_gives_the_uninterrupted_weights(tmp_path, instruc
         assert torch.equal(expected[key], got[key]), key
     assert (json.loads((straight / "instruction-data-with-response-standalone.json").read_text())
             == json.loads((stopped / "instruction-data-with-response-standalone.json").read_text()))
+
+
+def test_resume_alone_trains_to_the_interrupted_runs_own_epochs(tmp_path, instruction_data_path):
+    common = ["--test_mode", "--data_path", str(instruction_data_path), "--max_new_tokens", "5",
+              "--batch_size", "4", "--eval_freq", "1", "--eval_iter", "1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_script(*common, "--epochs", "3", "--output_dir", str(straight),
+                      cwd=tmp_path).returncode == 0
+    # A run of 3 epochs stopped after its first: its checkpoint as that run leaves it
+    assert run_script(*common, "--epochs", "1", "--output_dir", str(stopped),
+                      "--keep_checkpoint", cwd=tmp_path).returncode == 0
+    checkpoint = stopped / "checkpoint-Smalltestmodel-standalone.pth"
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["progress"]["num_epochs"] = 3
+    torch.save(saved, checkpoint)
+
+    resumed = run_script(*common, "--output_dir", str(stopped), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from {checkpoint}: epoch 2 of 3, 2 steps done" in resumed.stdout
+    name = "Smalltestmodel-sft-standalone"
+    expected = torch.load(straight / f"{name}.pth", weights_only=True)
+    got = torch.load(stopped / f"{name}.pth", weights_only=True)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    info = json.loads((stopped / f"{name}.json").read_text())
+    assert (info["epochs"], info["steps"]) == (3, 6)  # 10 entries, batches of 4: 2 steps each
+    assert info == json.loads((straight / f"{name}.json").read_text())
+    metrics = (stopped / "metrics-standalone.csv").read_text()
+    assert metrics.splitlines()[1:] and [line.split(",")[:5] for line in metrics.splitlines()] \
+        == [line.split(",")[:5]
+            for line in (straight / "metrics-standalone.csv").read_text().splitlines()]
+    assert not checkpoint.exists()
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, instruction_data_path,
+                                                         capsys):
+    common = ["--test_mode", "--data_path", str(instruction_data_path), "--max_new_tokens", "5",
+              "--output_dir", str(tmp_path)]
+    ft.main([*common, "--epochs", "2", "--keep_checkpoint"])
+    capsys.readouterr()
+    checkpoint = tmp_path / "checkpoint-Smalltestmodel-standalone.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        ft.main([*common, "--epochs", "1", "--resume"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"Error: --epochs 1: {checkpoint} has already trained 2 epochs; pass "
+                   "--epochs 2 or more, or leave --epochs out to finish its 2\n")
+
+
+def test_a_rerun_says_it_replaces_an_unfinished_runs_checkpoint(tmp_path, instruction_data_path,
+                                                                capsys):
+    common = ["--test_mode", "--data_path", str(instruction_data_path), "--max_new_tokens", "5",
+              "--epochs", "1", "--output_dir", str(tmp_path)]
+    ft.main([*common, "--keep_checkpoint"])
+    capsys.readouterr()
+    ft.main(common)
+    lines = capsys.readouterr().out.splitlines()
+    checkpoint = tmp_path / "checkpoint-Smalltestmodel-standalone.pth"
+    note = (f"Note: {checkpoint} holds an unfinished run; this run starts over and replaces it "
+            "at its first epoch end. To continue that run instead, stop now (Ctrl-C) and run "
+            "the same command with --resume.")
+    assert lines.index(note) < lines.index("Initial losses")
+    assert not checkpoint.exists()  # this run finished: its checkpoint is removed
+
+
+def test_lines_printed_during_training_stay_whole_above_the_bar(tmp_path, instruction_data_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "gpt_instruction_finetuning.py"), "--test_mode",
+         "--data_path", str(instruction_data_path), "--output_dir", str(tmp_path),
+         "--max_new_tokens", "5", "--batch_size", "2", "--eval_freq", "2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout
+    segments = re.split(r"[\r\n]", result.stdout)  # one terminal: bar redraws and lines
+    logged = [part for part in segments if "Train loss" in part]
+    assert len(logged) == 5 and all(part.startswith("Ep ") for part in logged)
+    assert all(part.startswith("Training:") or "Training:" not in part for part in segments)
 
 
 def test_ctrl_c_during_training_exits_130_with_a_hint(tmp_path, instruction_data_path, capsys):
@@ -291,48 +384,9 @@ def test_help_explains_every_flag():
     assert "default: None" not in flat and "default: False" not in flat
     args = ft.build_parser().parse_args([])
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
-            args.eval_iter, args.max_new_tokens) == ("355M", 2, 5e-5, 0.1, 123, 5, 5, 256)
-
-
-def test_bf16_forward_trains_close_to_float32_and_generation_stays_float32(tiny_cfg):
-    torch.manual_seed(0)
-    model = GPTModel(tiny_cfg)
-    reference = GPTModel(tiny_cfg)
-    reference.load_state_dict(model.state_dict())
-    ft.speed_up_forward(model, torch.device("cpu"), "bf16", compile_forward=False)
-    inputs = torch.randint(0, 50257, (2, 10))
-    logits = model(inputs)
-    assert logits.dtype == torch.float32
-    assert torch.allclose(logits, reference(inputs), atol=0.1)
-    assert not torch.equal(logits, reference(inputs))  # it did run in bfloat16
-    assert model.features(inputs).dtype == torch.float32
-    assert set(model.state_dict()) == set(reference.state_dict())
-
-
-def test_compiled_forward_gives_the_eager_logits_and_gradients(tiny_cfg):
-    torch.manual_seed(0)
-    model = GPTModel(tiny_cfg)
-    reference = GPTModel(tiny_cfg)
-    reference.load_state_dict(model.state_dict())
-    torch._dynamo.reset()
-    ft.speed_up_forward(model, torch.device("cpu"), "fp32", compile_forward=True)
-    inputs = torch.randint(0, 50257, (2, 10))
-    targets = torch.randint(0, 50257, (2, 10))
-    targets[1, 6:] = -100
-    calc_loss_batch(inputs, targets, model, "cpu").backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
-    calc_loss_batch(inputs, targets, reference, "cpu").backward()
-    assert torch.allclose(model(inputs), reference(inputs), atol=1e-5)
-    for (name, param), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert torch.allclose(param.grad, ref.grad, atol=1e-5), name
-    assert set(model.state_dict()) == set(reference.state_dict())
-
-
-def test_float32_eager_forward_is_left_as_it_is(tiny_cfg):
-    model = GPTModel(tiny_cfg)
-    ft.speed_up_forward(model, torch.device("cpu"), "fp32", compile_forward=False)
-    assert "forward" not in vars(model)
-    assert model.forward.__func__ is GPTModel.forward
+            args.eval_iter, args.max_new_tokens) == ("355M", None, 5e-5, 0.1, 123, 5, 5, 256)
+    assert "training epochs (default: 2; with --resume, the interrupted run's own)" in flat
+    assert ft.epochs_to_train(args, "checkpoint.pth", None) == 2
 
 
 def saved_tiny_model(tmp_path, cfg, info=None):
@@ -392,3 +446,17 @@ def test_finetuned_model_that_cannot_load_is_one_clear_error(tmp_path):
     with pytest.raises(ft.DataError, match="model.json: needs a 'config' object and a "
                                            "'prompt_style' of alpaca, phi3; delete it"):
         ft.load_finetuned_model(path)
+
+
+def test_gitignore_covers_every_file_a_run_writes(tmp_path, instruction_data_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text(open(os.path.join(REPO, ".gitignore")).read())
+    result = run_script("--test_mode", "--data_path", str(instruction_data_path),
+                        "--max_new_tokens", "5", "--epochs", "1", "--keep_checkpoint",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name not in (".git", ".gitignore"))
+    assert len(written) == 6  # weights, JSON, checkpoint, responses, plot, metrics
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, check=True,
+                            capture_output=True, text=True).stdout
+    assert status == "?? .gitignore\n", written
