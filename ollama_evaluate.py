@@ -1,21 +1,26 @@
-"""Score the finetuned model's test set responses 0-100 with a local LLM judge.
+"""Score the finetuned model's test set responses with a local LLM judge (section 7.8).
 
     ollama serve &  ollama pull llama3          # the judge, as in the chapter
     python ollama_evaluate.py --file_path instruction-data-with-response-standalone.json
 
 The judge sees the chapter's prompt for each entry (instruction, input, correct output, the
-model's response) and answers with a number; the script prints how many replies were scores and
-their average, median, spread and a bootstrap interval. `--backend openai` talks to any
-OpenAI-compatible server (llama.cpp server, vLLM, LM Studio) instead of Ollama. A warning
+model's response) and answers with a number from 0 to 100; the script prints how many replies
+were scores and their average, median, spread and a bootstrap interval. `--prompt rubric` asks
+with a rubric instead: a 1-5 scale with each score's criterion spelled out, the correct output
+defining a 5, and brief feedback before a final "Score: N" line. `--backend openai` talks to
+any OpenAI-compatible server (llama.cpp server, vLLM, LM Studio) instead of Ollama. `--url`
+takes a chat endpoint or a server address as OLLAMA_HOST is written (127.0.0.1:11434,
+http://judge-host:11434); an address without a path gets the backend's API path. A warning
 counts the prompts that may be longer than the judge's context (num_ctx 2048 tokens, estimated
 from their length), which Ollama cuts without saying so.
 
 Every reply is saved as it arrives, one JSON line naming the judge (backend/model) and the
 SHA-256 of the exact prompt sent, in <input>-scores.jsonl beside the input (or --output). A rerun
 reuses a saved score only when both match: an interrupted run continues where it stopped, while
-new responses (a new finetuning run) or another judge (--model phi3) are asked again. Lines are
-only ever appended, so earlier judges' scores stay on disk, and the summary counts only the
-current judge's scores for the current responses.
+new responses (a new finetuning run), another judge (--model phi3) or the other prompt are asked
+again. Lines are only ever appended, so earlier judges' scores stay on disk, and the summary
+counts only the current judge's scores for the current responses and prompt. A rerun whose
+scores are all saved prints its summary without asking, or even checking, the judge.
 
 Compare runs by giving several files (each with its own score file, or all in one --output)
 or several keys of one file (the book's model-evaluation data: --json_key "model 1 response"
@@ -26,13 +31,13 @@ to the first over the entries both scored (matched by instruction, input and out
 """
 
 import argparse
+import contextlib
 import hashlib
-import http.client
+import importlib
 import json
 import math
 import os
 import re
-import socket
 import statistics
 import sys
 import threading
@@ -44,63 +49,144 @@ from functools import partial
 
 from tqdm import tqdm
 
-from instruction_data import DataError, format_input, load_json_entries
-from script_utils import atomic_write, fail
+from instruction_data import format_input, load_json_entries
+from script_utils import DataError, atomic_write, check_writable_folder, fail, image_format
 
 OLLAMA_URL = "http://localhost:11434/api/chat"
 OPENAI_URL = "http://localhost:8000/v1/chat/completions"
+API_PATHS = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
+ENDPOINT_NAMES = {"ollama": "Ollama's chat endpoint",
+                  "openai": "an OpenAI-compatible chat endpoint"}
+OLLAMA_PORT = 11434  # where Ollama listens when OLLAMA_HOST names no port
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the chapter's deterministic judge
 CHARS_PER_TOKEN = 3  # English averages about 4 characters per token; 3 errs towards warning
-STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
-_connections = threading.local()  # each thread's open connections, by (scheme, host:port)
+_thread = threading.local()  # each thread's requests.Session
 
 
 class JudgeError(RuntimeError):
-    """The judge server could not be reached or did not answer."""
+    """The judge answered with an error, or with something that is no chat answer."""
 
 
-def open_connection(parts):
-    """This thread's connection to the server in `parts` (a urlsplit result), made once and
-    kept open between requests, so that a request costs no connection set-up."""
-    pool = _connections.__dict__.setdefault("pool", {})
-    key = (parts.scheme, parts.netloc)
-    if key not in pool:
-        https = parts.scheme == "https"
-        pool[key] = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
-            parts.netloc)
-    return pool[key]
+class JudgeUnreachable(JudgeError):
+    """No answer came: the connection failed or dropped, or the reply took too long. A rerun
+    continues once the judge answers again."""
 
 
-def http_request(method, url, payload=None, timeout=120):
-    """Send one request (with `payload` as a JSON body) and return (HTTP status, body bytes).
+#####################################
+# 7.8 Evaluating the finetuned LLM: checking the judge runs
+#####################################
 
-    The connection sends small writes at once (TCP_NODELAY): http.client writes the headers and
-    the body separately, and without it the body waits for the server's delayed ACK (40 ms on
-    Linux). A kept-open connection that the server closed while idle is reopened once at once;
-    other connection errors are raised (OSError or http.client.HTTPException).
+
+def chat_url(address, backend="ollama"):
+    """The judge's chat endpoint for `address`: a whole endpoint URL, or a server address as
+    Ollama's clients take OLLAMA_HOST.
+
+    Without a scheme "http://" is assumed, and for Ollama its port 11434 when no port is given
+    either; a URL without a path gets the backend's API path (/api/chat, /v1/chat/completions),
+    and for the OpenAI backend a base URL ending in /v1 gets /chat/completions. So
+    127.0.0.1:11434, http://127.0.0.1:11434 and http://127.0.0.1:11434/api/chat are the same
+    judge. Raises ValueError when no http(s) URL with a host can be made of `address`.
     """
+    if "://" not in address:
+        address = "http://" + address
+        parts = urllib.parse.urlsplit(address)
+        if backend == "ollama" and parts.hostname and parts.port is None:
+            address = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.netloc}:"
+                                                                    f"{OLLAMA_PORT}"))
+    parts = urllib.parse.urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
+        raise ValueError(address)  # (.port itself raises it for a port that is no number)
+    if parts.path in ("", "/"):
+        parts = parts._replace(path=API_PATHS[backend])
+    elif backend == "openai" and parts.path.rstrip("/") == "/v1":
+        parts = parts._replace(path=API_PATHS["openai"])
+    return urllib.parse.urlunsplit(parts)
+
+
+def server_root(url):
+    """scheme://host:port of a URL such as http://localhost:11434/api/chat."""
     parts = urllib.parse.urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    body = None if payload is None else json.dumps(payload).encode("utf-8")
-    headers = {} if body is None else {"Content-Type": "application/json"}
-    while True:
-        connection = open_connection(parts)
-        connection.timeout = timeout
-        reused = connection.sock is not None
-        try:
-            if reused:
-                connection.sock.settimeout(timeout)
-            else:
-                connection.connect()
-                connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            if not (reused and isinstance(exc, STALE_CONNECTION)):
-                raise
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def session():
+    """This thread's requests.Session. Its connections stay open between requests (keep-alive),
+    so that a request costs no connection set-up, and a connection the server closed while idle
+    is replaced before it is used. One per thread, as a Session is not made to be shared.
+    Proxy settings from the environment are ignored: the judge is asked directly.
+
+    requests is imported here, when the judge is first asked, so that a run that only reads
+    saved scores does not spend start-up time on it."""
+    import requests
+
+    if not hasattr(_thread, "session"):
+        _thread.session = requests.Session()
+        _thread.session.trust_env = False
+    return _thread.session
+
+
+def failure_reason(exc):
+    """The innermost reason of a requests error, in one line: requests wraps urllib3's errors,
+    which wrap the socket's ("[Errno 111] Connection refused")."""
+    seen = []
+    while isinstance(exc, BaseException) and exc not in seen:
+        seen.append(exc)
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((arg for arg in exc.args if isinstance(arg, BaseException)),
+                         exc.__cause__)
+        exc = inner
+    return str(seen[-1]) or type(seen[-1]).__name__
+
+
+def served_models(root, backend, timeout):
+    """The model names the server at `root` lists (Ollama's /api/tags, or /v1/models)."""
+    path = "/v1/models" if backend == "openai" else "/api/tags"
+    response = session().get(root + path, timeout=timeout, allow_redirects=False)
+    if response.status_code != 200:
+        raise ValueError(f"HTTP {response.status_code}")
+    payload = response.json()
+    if backend == "openai":
+        return {m.get("id") for m in payload.get("data", [])}
+    return {m.get("name") for m in payload.get("models", [])}
+
+
+def missing_model(model, root, backend, detail=""):
+    """The one line for a judge model the server does not have (`detail`: what it said)."""
+    if backend == "openai":
+        return f"model '{model}' is not served at {root}{detail}"
+    return (f"model '{model}' is not available on the Ollama server at {root}{detail}; "
+            f"run: ollama pull {model}")
+
+
+def check_judge(url, model, backend="ollama", timeout=10):
+    """Return None when the server at `url` answers and has `model`, else a one-line reason.
+
+    The server itself is asked, so a judge in a container or on another machine counts as
+    running.
+    """
+    import requests
+
+    root = server_root(chat_url(url, backend))
+    try:
+        names = served_models(root, backend, timeout)
+    except (requests.RequestException, ValueError, AttributeError) as exc:
+        reason = failure_reason(exc)
+        if backend == "openai":
+            return f"no OpenAI-compatible server answers at {root} ({reason})"
+        return (f"Ollama is not running at {root} ({reason}); start it with 'ollama serve' "
+                f"and get the judge with 'ollama pull {model}'")
+    if model in names or f"{model}:latest" in names:
+        return None
+    if backend == "openai":
+        return f"{missing_model(model, root, backend)}; it serves: {', '.join(sorted(names))}"
+    return missing_model(model, root, backend)
+
+
+#####################################
+# 7.8 Evaluating the finetuned LLM: querying the judge
+#####################################
 
 
 def request_body(prompt, model, backend):
@@ -131,74 +217,80 @@ def read_reply(data, backend):
     return "".join(pieces)
 
 
-def query_model(prompt, model="llama3", url=OLLAMA_URL, backend="ollama", timeout=120,
-                retries=3, backoff=1.0):
-    """Send `prompt` to the judge at `url` and return its reply text.
+def post_json(url, body, timeout, retries, backoff):
+    """POST `body` as JSON on this thread's session and return the response.
 
-    Connection errors and server errors (HTTP 5xx) are retried `retries` times, waiting
-    backoff, 2 x backoff, ... seconds; other HTTP errors fail at once. Raises JudgeError.
+    Failed connections, dropped connections, timeouts and server errors (HTTP 5xx) are retried
+    `retries` times, after waits of backoff, 2 x backoff, ... seconds. The last 5xx response
+    is returned; when the last try got no answer, JudgeUnreachable is raised.
     """
-    body = request_body(prompt, model, backend)
+    import requests
+
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
-            status, data = http_request("POST", url, body, timeout)
-        except (OSError, http.client.HTTPException) as exc:
-            problem = f"no answer from {url}: {str(exc) or type(exc).__name__}"
+            response = session().post(url, json=body, timeout=timeout, allow_redirects=False)
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            reason = failure_reason(exc)
+            if isinstance(exc, requests.Timeout) or reason == "timed out":
+                error = JudgeUnreachable(f"no answer from {url} within {timeout:g} s (--timeout)")
+            else:
+                error = JudgeUnreachable(f"no answer from {url}: {reason}")
             continue
-        if status >= 300:
-            problem = f"{url} answered HTTP {status}: {data.decode('utf-8', 'replace').strip()}"
-            if status < 500:
-                break
-            continue
-        try:
-            return read_reply(data, backend)
-        except (ValueError, LookupError, TypeError, AttributeError):
-            raise JudgeError(f"{url} sent a reply that is not a chat answer: "
-                             f"{data[:200].decode('utf-8', 'replace')}") from None
-    raise JudgeError(problem)
+        if response.status_code < 500 or attempt == retries:
+            return response
+    raise error
 
 
-def server_root(url):
-    """scheme://host:port of a URL such as http://localhost:11434/api/chat."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def served_models(root, backend, timeout):
-    """The model names the server at `root` lists (Ollama's /api/tags, or /v1/models)."""
-    status, data = http_request("GET", root + ("/v1/models" if backend == "openai"
-                                               else "/api/tags"), timeout=timeout)
-    if status != 200:
-        raise ValueError(f"HTTP {status}")
-    payload = json.loads(data)
-    if backend == "openai":
-        return {m.get("id") for m in payload.get("data", [])}
-    return {m.get("name") for m in payload.get("models", [])}
-
-
-def check_judge(url, model, backend="ollama", timeout=10):
-    """Return None when the server at `url` answers and has `model`, else a one-line reason.
-
-    The server itself is asked, so a judge in a container or on another machine counts as
-    running.
-    """
-    root = server_root(url)
+def error_text(response):
+    """The server's own words in an HTTP error answer, on one line: the "error" of Ollama's
+    JSON body, the error message of an OpenAI-style one, or the body as it is."""
     try:
-        names = served_models(root, backend, timeout)
-    except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
-        reason = str(exc) or type(exc).__name__
-        if backend == "openai":
-            return f"no OpenAI-compatible server answers at {root} ({reason})"
-        return (f"Ollama is not running at {root} ({reason}); start it with 'ollama serve' "
-                f"and get the judge with 'ollama pull {model}'")
-    if model in names or f"{model}:latest" in names:
-        return None
-    if backend == "openai":
-        return f"model '{model}' is not served at {root}; it serves: {', '.join(sorted(names))}"
-    return (f"model '{model}' is not available on the Ollama server at {root}; "
-            f"run: ollama pull {model}")
+        error = response.json()
+    except ValueError:
+        error = response.text
+    if isinstance(error, dict):
+        error = error.get("error", error.get("message", error))
+        if isinstance(error, dict):
+            error = error.get("message", error)
+    return " ".join(str(error).split())[:300]
+
+
+def http_error(url, response, model, backend):
+    """The JudgeError for an HTTP error answer, with the advice that fits it: a 404 about the
+    model names the model to get, another 404 names the chat endpoint to use."""
+    status, text = response.status_code, error_text(response)
+    root = server_root(url)
+    if status == 404 and "model" in text.lower():
+        return JudgeError(missing_model(model, root, backend, f" (it says: {text})"))
+    if status == 404:
+        return JudgeError(f"{url} answered HTTP 404 ({text}), so it is not "
+                          f"{ENDPOINT_NAMES[backend]}; use --url {root}{API_PATHS[backend]} "
+                          f"(or just --url {root})")
+    return JudgeError(f"{url} answered HTTP {status}: {text}")
+
+
+def query_model(prompt, model="llama3", url=OLLAMA_URL, backend="ollama", timeout=120,
+                retries=3, backoff=1.0):
+    """Send `prompt` to the judge at `url` (its chat endpoint or server address) and return
+    the reply text. Connection errors, timeouts and HTTP 5xx are retried (see post_json).
+    Raises JudgeUnreachable when no answer came, JudgeError for any other failure."""
+    url = chat_url(url, backend)
+    response = post_json(url, request_body(prompt, model, backend), timeout, retries, backoff)
+    if response.status_code >= 300:
+        raise http_error(url, response, model, backend)
+    try:
+        return read_reply(response.content, backend)
+    except (ValueError, LookupError, TypeError, AttributeError):
+        raise JudgeError(f"{url} sent a reply that is not a chat answer: "
+                         f"{response.content[:200].decode('utf-8', 'replace')}") from None
+
+
+#####################################
+# 7.8 Evaluating the finetuned LLM: scoring the responses
+#####################################
 
 
 def judge_name(backend, model):
@@ -216,10 +308,27 @@ def judge_prompt(entry, json_key):
             "is the best score. Respond with the integer number only.")
 
 
-def entry_prompts(json_data, json_key):
-    """The judge's prompt for each entry; None where the response is empty (it scores 0)."""
-    return [judge_prompt(entry, json_key) if entry[json_key].strip() else None
-            for entry in json_data]
+RUBRIC = """\
+5: as good as the reference answer: correct and complete; the wording may differ.
+4: correct, with a small omission, addition or flaw of wording that changes no meaning.
+3: partly correct: the main point is there, but a real part is missing or wrong.
+2: mostly wrong or far from complete, though some of it fits the instruction.
+1: wrong, unrelated to the instruction, or no answer at all."""
+
+
+def rubric_prompt(entry, json_key):
+    """The rubric prompt for one entry: a 1-5 scale with each score's criterion, the entry's
+    correct output as the reference answer that defines a 5, and brief feedback before a last
+    line "Score: N" (written first, the feedback makes the judge reason before it scores)."""
+    task = f"<instruction>\n{entry['instruction']}\n</instruction>\n"
+    if entry["input"]:
+        task += f"<input>\n{entry['input']}\n</input>\n"
+    return ("Grade a response to an instruction, comparing it with the reference answer.\n\n"
+            f"{task}<reference_answer>\n{entry['output']}\n</reference_answer>\n"
+            f"<response>\n{entry[json_key]}\n</response>\n\n"
+            f"Score the response from 1 to 5; the reference answer scores 5.\n{RUBRIC}\n\n"
+            "Give brief feedback in one or two sentences, then end with the score alone on the "
+            'last line, written as "Score: N" with N from 1 to 5.')
 
 
 def parse_score(reply):
@@ -234,6 +343,37 @@ def parse_score(reply):
         return None
     score = int(match.group())
     return score if score <= 100 else None
+
+
+def parse_rubric_score(reply):
+    """Return the 1-5 score on the last line of a rubric reply, or None.
+
+    The last non-empty line must be the score alone, with or without markdown and a "/5":
+    "Score: 4", "**Score:** 4", "Score: 4/5" and "4" are scores; "Score: 7", "Score: 3.5" and
+    a last line of feedback are not.
+    """
+    lines = reply.strip().splitlines()
+    last = re.sub(r"[*_`#]", "", lines[-1]).strip() if lines else ""
+    match = re.fullmatch(r"(?:score\s*:?\s*)?(\d+)(?:\s*(?:/|out of)\s*5)?\.?", last, re.I)
+    score = int(match.group(1)) if match else None
+    return score if score is not None and 1 <= score <= 5 else None
+
+
+# How the judge is asked (--prompt) and what its answer means. `scale_note` is added to the
+# average's line; the chapter's prompt keeps the chapter's output.
+PromptStyle = namedtuple("PromptStyle", "build parse low high scale_note bins")
+PROMPT_STYLES = {
+    "score": PromptStyle(judge_prompt, parse_score, 0, 100, "", range(0, 105, 5)),
+    "rubric": PromptStyle(rubric_prompt, parse_rubric_score, 1, 5, " on a 1-5 scale",
+                          [x - 0.5 for x in range(1, 7)]),
+}
+
+
+def entry_prompts(json_data, json_key, style=PROMPT_STYLES["score"]):
+    """The judge's prompt for each entry; None where the response is empty (it gets the
+    lowest score)."""
+    return [style.build(entry, json_key) if entry[json_key].strip() else None
+            for entry in json_data]
 
 
 def prompt_sha256(prompt):
@@ -293,14 +433,15 @@ def cancel(futures):
         future.cancel()
 
 
-def score_prompts(prompts, judge, ask, workers=1, store=None):
-    """Return the score for each prompt: None where the reply held no score, 0 for a None
-    prompt (an empty response, not asked).
+def score_prompts(prompts, judge, ask, workers=1, store=None, style=PROMPT_STYLES["score"]):
+    """Return the score for each prompt: None where the reply held no score, the lowest score
+    (0, or 1 on the rubric's scale) for a None prompt (an empty response, not asked).
 
     Only prompts without a saved reply of `judge` in `store` are asked, each once, by `workers`
     threads calling `ask(prompt)` (Ollama serves several at once with OLLAMA_NUM_PARALLEL); each
-    reply is saved as it arrives. The result does not depend on `workers`. When a request fails
-    no more are sent, the replies to those in flight are still saved, and the error is raised.
+    reply is read by `style.parse` and saved as it arrives. The result does not depend on
+    `workers`. When a request fails no more are sent, the replies to those in flight are still
+    saved, and the error is raised.
     """
     store = ScoreStore() if store is None else store
     todo = Counter(p for p in prompts if p is not None and store.find(judge, p) is None)
@@ -318,29 +459,36 @@ def score_prompts(prompts, judge, ask, workers=1, store=None):
                         cancel(futures)
                         continue
                     reply = future.result()
-                    score = parse_score(reply)
+                    score = style.parse(reply)
                     store.add(judge, futures[future], score, reply)
-                    if score is None:
-                        tqdm.write(f"Could not convert score: {reply}")
+                    if score is None:  # on one line, a rubric reply's feedback too
+                        tqdm.write(f"Could not convert score: {' '.join(reply.split())}")
                     bar.update(todo[futures[future]])
             except BaseException:  # Ctrl-C: send no more requests
                 cancel(futures)
                 raise
     if error is not None:
         raise error
-    return [0 if p is None else store.find(judge, p)["score"] for p in prompts]
+    return [style.low if p is None else store.find(judge, p)["score"] for p in prompts]
 
 
 def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, workers=1,
-                          store=None, backend="ollama", **query_options):
+                          store=None, backend="ollama", prompt_style="score", **query_options):
     """Score every entry's `json_key` response with the judge and return the scores, in entry
     order (the book's function). Replies that are not scores are reported and left out.
-    `store` (a ScoreStore) reuses and keeps this judge's replies; `query_options` go to
-    query_model (timeout, retries, backoff)."""
+    `prompt_style` is "score" (the chapter's 0-100 prompt) or "rubric" (1-5); `store` (a
+    ScoreStore) reuses and keeps this judge's replies; `query_options` go to query_model
+    (timeout, retries, backoff)."""
+    style = PROMPT_STYLES[prompt_style]
     ask = partial(query_model, model=model, url=url, backend=backend, **query_options)
-    scores = score_prompts(entry_prompts(json_data, json_key), judge_name(backend, model), ask,
-                           workers, store)
+    scores = score_prompts(entry_prompts(json_data, json_key, style),
+                           judge_name(backend, model), ask, workers, store, style)
     return [score for score in scores if score is not None]
+
+
+#####################################
+# The summary, the comparison and the command line
+#####################################
 
 
 def bootstrap_interval(values, resamples=10_000, seed=123):
@@ -354,12 +502,13 @@ def bootstrap_interval(values, resamples=10_000, seed=123):
     return float(low), float(high)
 
 
-def summarize(scores, num_entries):
-    """The summary lines: how many replies counted, mean, median, spread, 95% interval."""
+def summarize(scores, num_entries, style=PROMPT_STYLES["score"]):
+    """The summary lines: how many replies counted, mean (with the scale named when it is the
+    rubric's), median, spread, 95% interval."""
     lines = [f"Number of scores: {len(scores)} of {num_entries}"]
     if not scores:
         return lines + ["Average score: n/a (no reply was a score)"]
-    lines += [f"Average score: {statistics.mean(scores):.2f}",
+    lines += [f"Average score: {statistics.mean(scores):.2f}{style.scale_note}",
               f"Median score: {statistics.median(scores):.2f}"]
     if len(scores) > 1:
         low, high = bootstrap_interval(scores)
@@ -398,11 +547,12 @@ def difference_line(label, base_label, differences):
             f"(95% bootstrap interval [{low:.2f}, {high:.2f}]) over {len(differences)} {noun}")
 
 
-def comparison_lines(header, runs, scores_per_run):
-    """The closing table: scores and average per run, then each run's paired difference to
-    the first."""
+def comparison_lines(header, runs, scores_per_run, style=PROMPT_STYLES["score"]):
+    """The closing table: scores and average per run (the rubric's scale named in its
+    heading), then each run's paired difference to the first."""
     width = max(len(header), *(len(run.label) for run in runs))
-    lines = [f"{header:<{width}}  {'Scores':<12}  Average"]
+    scale = f" ({style.low}-{style.high})" if style.scale_note else ""
+    lines = [f"{header:<{width}}  {'Scores':<12}  Average{scale}"]
     for run, scores in zip(runs, scores_per_run, strict=True):
         valid = [score for score in scores if score is not None]
         average = f"{statistics.mean(valid):.2f}" if valid else "n/a"
@@ -414,8 +564,9 @@ def comparison_lines(header, runs, scores_per_run):
     return lines
 
 
-def plot_scores(labeled_scores, path):
-    """Save one histogram per (label, scores), stacked, to `path` (format from its extension).
+def plot_scores(labeled_scores, path, style=PROMPT_STYLES["score"]):
+    """Save one histogram per (label, scores), stacked, to `path` (format from its extension),
+    with the bins of the prompt style's scale (5 points wide, or one bar per rubric score).
 
     matplotlib's Figure is used without pyplot, so no window system is needed."""
     from matplotlib.figure import Figure
@@ -423,20 +574,15 @@ def plot_scores(labeled_scores, path):
     fig = Figure(figsize=(5, 3 * len(labeled_scores)))
     axes = fig.subplots(len(labeled_scores), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (label, scores) in zip(axes, labeled_scores, strict=True):
-        ax.hist(scores, bins=range(0, 105, 5), edgecolor="black")
+        ax.hist(scores, bins=style.bins, edgecolor="black")
         ax.set_ylabel("Entries")
         if label:
             ax.set_title(label)
     axes[-1].set_xlabel("Score")
     fig.tight_layout()
     with atomic_write(path) as f:
-        fig.savefig(f, format=image_format(path))
+        fig.savefig(f, format=image_format(path, "png"))
     print(f"Histogram{'s' if len(labeled_scores) > 1 else ''} saved as {path}")
-
-
-def image_format(path):
-    """The image format named by the extension of `path` ("png" when there is none)."""
-    return os.path.splitext(path)[1].lstrip(".").lower() or "png"
 
 
 def default_output(file_path):
@@ -453,10 +599,14 @@ def build_parser():
                              "files are compared")
     parser.add_argument("--model", default="llama3", help="judge model (default: llama3)")
     parser.add_argument("--url", default=None,
-                        help=f"the judge's chat endpoint (default: {OLLAMA_URL}; with "
-                             f"--backend openai: {OPENAI_URL})")
+                        help=f"the judge's chat endpoint, or its server's address as "
+                             f"OLLAMA_HOST is written, such as 127.0.0.1:11434 (default: "
+                             f"{OLLAMA_URL}; with --backend openai: {OPENAI_URL})")
     parser.add_argument("--backend", default="ollama", choices=["ollama", "openai"],
                         help="ollama, or openai for any OpenAI-compatible server")
+    parser.add_argument("--prompt", default="score", choices=list(PROMPT_STYLES),
+                        help="score: the chapter's prompt, 0-100 (default); rubric: a 1-5 "
+                             "rubric, with feedback before the score")
     parser.add_argument("--json_key", default=["model_response"], nargs="+",
                         help="field that holds the response to score (default: model_response); "
                              "several keys of one file are compared")
@@ -479,12 +629,13 @@ def build_parser():
 
 def check_writable(flag, path):
     """Exit with one Error line unless a file can be written at `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         fail(f"{flag} {path}: is a folder, not a file")
-    if not os.path.isdir(folder):
-        fail(f"{flag} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    try:
+        check_writable_folder(f"{flag} {path}", os.path.dirname(os.path.abspath(path)))
+    except DataError as exc:
+        fail(exc)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         fail(f"{flag} {path}: cannot be written")
 
 
@@ -499,16 +650,20 @@ def check_flags(args):
     if len(args.file_path) > 1 and len(args.json_key) > 1:
         fail("compare several --file_path or several --json_key, not both at once")
     if args.url is not None:
-        parts = urllib.parse.urlsplit(args.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            fail(f"--url {args.url}: expected http://host:port/path")
+        try:
+            chat_url(args.url, args.backend)
+        except ValueError:
+            fail(f"--url {args.url}: expected a server address such as 127.0.0.1:11434 or "
+                 "http://host:port, or a chat endpoint such as "
+                 f"{OPENAI_URL if args.backend == 'openai' else OLLAMA_URL}")
     if args.plot is not None:
         check_writable("--plot", args.plot)
         from matplotlib.backend_bases import FigureCanvasBase
 
         formats = FigureCanvasBase.get_supported_filetypes()
-        if image_format(args.plot) not in formats:
-            fail(f"--plot {args.plot}: unknown image format '{image_format(args.plot)}'; "
+        plot_format = image_format(args.plot, "png")
+        if plot_format not in formats:
+            fail(f"--plot {args.plot}: unknown image format '{plot_format}'; "
                  f"use one of {', '.join(sorted(formats))}")
 
 
@@ -544,57 +699,87 @@ def warn_long_prompts(prompts):
               file=sys.stderr)
 
 
-def score_run(run, store, judge, ask, workers, backend):
-    """Score one run's entries, saying first what is reused; return the score per entry."""
-    prompts = entry_prompts(run.entries, run.key)
+def unanswered(prompts, store, judge):
+    """How many of `prompts` have no saved reply of `judge` yet (None, an empty response, is
+    never asked)."""
+    return sum(p is not None and store.find(judge, p) is None for p in prompts)
+
+
+def score_run(prompts, store, judge, ask, workers, backend, style):
+    """Score one run's prompts, saying first what is reused (when anything is); return the
+    score per entry. When no answer comes the message says that a rerun continues; other
+    judge errors get their own advice."""
     if backend == "ollama":
         warn_long_prompts(prompts)
-    if store.records:
-        reused = sum(p is not None and store.find(judge, p) is not None for p in prompts)
-        asked = sum(p is not None for p in prompts) - reused
+    asked = unanswered(prompts, store, judge)
+    reused = sum(p is not None for p in prompts) - asked
+    if reused:
         print(f"Reusing saved scores for {reused} of {len(prompts)} entries from "
               f"{store.path}; asking the judge about {asked}")
     try:
-        return score_prompts(prompts, judge, ask, workers, store)
-    except JudgeError as exc:
+        return score_prompts(prompts, judge, ask, workers, store, style)
+    except JudgeUnreachable as exc:
         fail(f"{exc}. The scores so far are in {store.path}; run again to continue.", code=1)
+    except JudgeError as exc:
+        fail(str(exc), code=1)
     except KeyboardInterrupt:
         print(f"\nInterrupted. The scores so far are in {store.path}; run again to continue.",
               file=sys.stderr)
         raise SystemExit(130) from None
 
 
+def preload(module):
+    """Import `module` in a thread of its own: numpy, which only the summary needs, then loads
+    while the judge is asked rather than after its last answer. A failure is left to the import
+    that needs the module to report."""
+
+    def load():
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+
+    threading.Thread(target=load).start()
+
+
 def main(argv=None):
     """Check flags, files and the judge, score every entry, print the summary (and with several
-    files or keys the comparison). Exit 2 on bad input, 1 when the judge is down or fails."""
+    files or keys the comparison). Exit 2 on bad input, 1 when the judge is down or fails.
+    The judge is checked only when there is something to ask it: a rerun whose scores are all
+    saved prints its summary without a judge running."""
     args = build_parser().parse_args(argv)
     check_flags(args)
-    url = args.url or (OPENAI_URL if args.backend == "openai" else OLLAMA_URL)
+    url = chat_url(args.url or (OPENAI_URL if args.backend == "openai" else OLLAMA_URL),
+                   args.backend)
+    style = PROMPT_STYLES[args.prompt]
     runs = load_runs(args)
     stores = {path: ScoreStore(path) for path in dict.fromkeys(run.store_path for run in runs)}
 
-    problem = check_judge(url, args.model, args.backend)
-    if problem is not None:
-        fail(problem, code=1)
-    print(f"{'Ollama' if args.backend == 'ollama' else 'Judge server'} running: True")
-
     judge = judge_name(args.backend, args.model)
+    prompts_per_run = [entry_prompts(run.entries, run.key, style) for run in runs]
+    if any(unanswered(prompts, stores[run.store_path], judge)
+           for run, prompts in zip(runs, prompts_per_run, strict=True)):
+        problem = check_judge(url, args.model, args.backend)
+        if problem is not None:
+            fail(problem, code=1)
+        print(f"{'Ollama' if args.backend == 'ollama' else 'Judge server'} running: True")
+        preload("numpy")
+
     ask = partial(query_model, model=args.model, url=url, backend=args.backend,
                   timeout=args.timeout, retries=args.retries)
     scores_per_run = []
-    for run in runs:
+    for run, prompts in zip(runs, prompts_per_run, strict=True):
         if len(runs) > 1:
             print(f"--- {run.label} ---")
-        scores = score_run(run, stores[run.store_path], judge, ask, args.workers, args.backend)
-        print("\n".join(summarize([s for s in scores if s is not None], len(scores))))
+        scores = score_run(prompts, stores[run.store_path], judge, ask, args.workers,
+                           args.backend, style)
+        print("\n".join(summarize([s for s in scores if s is not None], len(scores), style)))
         scores_per_run.append(scores)
     if len(runs) > 1:
         header = "File" if len(args.file_path) > 1 else "Key"
-        print("\n".join(comparison_lines(header, runs, scores_per_run)))
+        print("\n".join(comparison_lines(header, runs, scores_per_run, style)))
     labeled = [(run.label if len(runs) > 1 else None, [s for s in scores if s is not None])
                for run, scores in zip(runs, scores_per_run, strict=True)]
     if args.plot and any(scores for _, scores in labeled):
-        plot_scores(labeled, args.plot)
+        plot_scores(labeled, args.plot, style)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
     python benchmarks/bench_judge.py                  # about 20 s
     git show HEAD:ollama_evaluate.py > /tmp/old/ollama_evaluate.py
-    python benchmarks/bench_judge.py --script /tmp/old/ollama_evaluate.py   # another version
+    python benchmarks/bench_judge.py --script /tmp/old/ollama_evaluate.py ollama_evaluate.py
 
 The loopback judge of the tests (tests/fake_judge.py, on 127.0.0.1) answers after `--delay`
 seconds. The script runs as a subprocess, as a user runs it, on `--entries` entries with
 `--workers 1` and with `--workers 4`: first with a fresh score file, so that every entry is
 asked, then again on that file, so that every score is reused and nothing is asked (the
 start-up cost alone). Prints a markdown table of the medians of `--repeats` runs, the speed-up
-of 4 workers over 1, and whether all runs printed the same summary.
+of 4 workers over 1, and whether all runs printed the same summary. Several `--script`s (say,
+the committed version and the working copy) take turns within each repeat, so that a change in
+the machine's load hits them alike, and share one table.
 """
 
 import argparse
@@ -50,22 +52,22 @@ def run_once(script, args, output):
     return seconds, summary
 
 
-def measure(script, file_path, url, repeats, folder):
-    """Per worker count: the median seconds of runs that ask every entry and of runs that reuse
-    every score, and the summaries printed. The worker counts take turns within each repeat, so
-    that a change in the machine's load hits both alike."""
-    times = {workers: ([], []) for workers in (1, 4)}
+def measure(scripts, file_path, url, repeats, folder):
+    """Per script and worker count: the median seconds of runs that ask every entry and of runs
+    that reuse every score, and the summaries printed. Scripts and worker counts take turns
+    within each repeat, so that a change in the machine's load hits all alike."""
+    times = {(script, workers): ([], []) for script in scripts for workers in (1, 4)}
     summaries = set()
     for repeat in range(repeats):
-        for workers, (fresh, reused) in times.items():
+        for index, ((script, workers), (fresh, reused)) in enumerate(times.items()):
             args = ["--file_path", file_path, "--url", url, "--workers", str(workers)]
-            output = os.path.join(folder, f"scores-{workers}-{repeat}.jsonl")
+            output = os.path.join(folder, f"scores-{index}-{repeat}.jsonl")
             seconds, summary = run_once(script, args, output)
             fresh.append(seconds)
             reused.append(run_once(script, args, output)[0])
             summaries.add(tuple(summary))
-    medians = {workers: (statistics.median(fresh), statistics.median(reused))
-               for workers, (fresh, reused) in times.items()}
+    medians = {key: (statistics.median(fresh), statistics.median(reused))
+               for key, (fresh, reused) in times.items()}
     return medians, summaries
 
 
@@ -73,7 +75,8 @@ def main():
     """Start the judge, time the script, print the table."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--script", default=os.path.join(REPO, "ollama_evaluate.py"))
+    parser.add_argument("--script", nargs="+", default=[os.path.join(REPO, "ollama_evaluate.py")],
+                        help="the script(s) to time (default: the repo's ollama_evaluate.py)")
     parser.add_argument("--entries", type=int, default=40)
     parser.add_argument("--delay", type=float, default=0.1, help="the judge's seconds per answer")
     parser.add_argument("--repeats", type=int, default=3)
@@ -89,12 +92,17 @@ def main():
 
     print(f"{args.entries} entries, judge delay {args.delay} s, median of {args.repeats} runs, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}\n")
-    print("| workers | all entries asked (s) | every score reused (s) |")
-    print("|---|---|---|")
-    for workers, (fresh, reused) in rows.items():
-        print(f"| {workers} | {fresh:.2f} | {reused:.2f} |")
-    print(f"\nSpeed-up of 4 workers over 1: {rows[1][0] / rows[4][0]:.2f}x; "
-          f"same summary: {'yes' if len(summaries) == 1 else 'NO'}")
+    several = len(args.script) > 1
+    print(f"| {'script | ' if several else ''}workers | all entries asked (s) | "
+          "every score reused (s) |")
+    print(f"|{'---|' if several else ''}---|---|---|")
+    for (script, workers), (fresh, reused) in rows.items():
+        print(f"| {f'{script} | ' if several else ''}{workers} | {fresh:.2f} | {reused:.2f} |")
+    print()
+    for script in args.script:
+        speedup = rows[script, 1][0] / rows[script, 4][0]
+        print(f"Speed-up of 4 workers over 1{f' ({script})' if several else ''}: {speedup:.2f}x")
+    print(f"Same summary in every run: {'yes' if len(summaries) == 1 else 'NO'}")
 
 
 if __name__ == "__main__":

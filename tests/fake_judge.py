@@ -1,34 +1,65 @@
-"""A judge server for the tests, on 127.0.0.1: Ollama's streaming /api/chat and /api/tags, and
-an OpenAI-compatible /v1/chat/completions and /v1/models.
+"""A judge server on 127.0.0.1 for the tests, and for trying the judge flow without Ollama.
 
-It checks each request body as the chapter's protocol has it (answering 400 otherwise), records
-the prompts it was asked, answers per model response, and can be told to fail or be slow.
-It speaks HTTP/1.1 and keeps connections open between requests, as Ollama does. It only ever
-listens on 127.0.0.1.
+    python tests/fake_judge.py --port 11434 [--delay 0.1] [--backend ollama|openai]
+
+It serves Ollama's streaming /api/chat and /api/tags and, as Ollama also does, an
+OpenAI-compatible /v1/chat/completions and /v1/models (with `--backend openai` only these, as
+llama.cpp or vLLM would), until Ctrl-C. It answers both of ollama_evaluate.py's prompts: the
+chapter's 0-100 prompt with a number, and the rubric prompt with a line of feedback and a last
+line "Score: N". Unless told otherwise, the score is how much of the correct output the
+response repeats: the share of the output's words found in the response, 0-100 or 1-5.
+
+The tests start a `FakeJudge` in their own process: it checks each request body as the chapter's
+protocol has it (answering 400 otherwise), records the prompts it was asked, answers per model
+response, and can be told to fail or be slow. It speaks HTTP/1.1 and keeps connections open
+between requests, as Ollama does. It only ever listens on 127.0.0.1.
 """
 
+import argparse
 import http.server
 import json
 import re
+import socket
 import threading
 import time
 
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+PATHS = {"ollama": ("/api/chat", "/api/tags"), "openai": ("/v1/chat/completions", "/v1/models")}
+SCORE_PROMPT = re.compile(r"correct output `(.*)`, score the model response `(.*)` on a scale",
+                          re.S)
+RUBRIC_PROMPT = re.compile(r"<reference_answer>\n(.*)\n</reference_answer>\n<response>\n(.*)\n"
+                           r"</response>", re.S)
+
+
+def word_overlap(reference, response):
+    """The share (0 to 1) of the reference's distinct words that the response also holds."""
+    words = set(re.findall(r"\w+", reference.lower()))
+    if not words:
+        return 1.0
+    return len(words & set(re.findall(r"\w+", response.lower()))) / len(words)
 
 
 class FakeJudge:
-    """Start with `FakeJudge(answers)`; `answers` maps a model response to the judge's reply."""
+    """Start with `FakeJudge(answers)`; `answers` maps a model response to the judge's reply to
+    the chapter's prompt, `rubric_answers` to its reply to the rubric prompt. `backends` are
+    the APIs served ("ollama", "openai"); `port` 0 takes a free one."""
 
     def __init__(self, answers=None, models=("llama3:latest",), openai_models=("judge",),
-                 delay=0.0):
+                 delay=0.0, rubric_answers=None, backends=("ollama", "openai"), port=0):
         self.answers = dict(answers or {})
+        self.rubric_answers = dict(rubric_answers or {})
         self.models = list(models)
         self.openai_models = list(openai_models)
         self.delay = delay
-        self.failures = []  # per chat request, in order: an HTTP status, or "drop"
+        self.paths = {path for backend in backends for path in PATHS[backend]}
+        # Per chat request, in order: an HTTP status, a (status, JSON body) pair, "drop" (hang
+        # up without an answer) or "close" (answer, then close the connection).
+        self.failures = []
         self.requests = []  # every request, in order: (method, path)
+        self.connections = set()  # the client ports requests came from: one per connection
         self.prompts = []
         self.bodies = []
+        self.closed = threading.Event()  # set when a "close" failure has closed its connection
         self.lock = threading.Lock()
         judge = self
 
@@ -42,28 +73,35 @@ class FakeJudge:
             def do_GET(self):
                 with judge.lock:
                     judge.requests.append(("GET", self.path))
-                if self.path == "/api/tags":
+                    judge.connections.add(self.client_address[1])
+                served = self.path in judge.paths
+                if served and self.path == "/api/tags":
                     self.send_json(200, {"models": [{"name": m} for m in judge.models]})
-                elif self.path == "/v1/models":
+                elif served and self.path == "/v1/models":
                     self.send_json(200, {"data": [{"id": m} for m in judge.openai_models]})
                 else:
-                    self.send_json(404, {"error": "not found"})
+                    self.page_not_found()
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with judge.lock:
                     judge.requests.append(("POST", self.path))
+                    judge.connections.add(self.client_address[1])
                     judge.bodies.append(body)
                     failure = judge.failures.pop(0) if judge.failures else None
                 if failure == "drop":
                     self.close_connection = True
-                    self.connection.shutdown(2)  # hang up without an answer
+                    self.connection.shutdown(socket.SHUT_RDWR)  # hang up without an answer
                     return
-                if failure is not None:
+                if isinstance(failure, int):
                     return self.send_json(failure, {"error": "overloaded"})
+                if isinstance(failure, tuple):
+                    return self.send_json(*failure)
+                if self.path not in judge.paths or self.path.endswith(("/tags", "/models")):
+                    return self.page_not_found()
                 problem = judge.check(self.path, body)
                 if problem:
-                    return self.send_json(problem[0], {"error": problem[1]})
+                    return self.send_json(*problem)
                 prompt = body["messages"][0]["content"]
                 with judge.lock:
                     judge.prompts.append(prompt)
@@ -74,11 +112,21 @@ class FakeJudge:
                 else:
                     self.send_json(200, {"choices": [{"message": {"role": "assistant",
                                                                   "content": reply}}]})
+                if failure == "close":  # as a server closing an idle kept-open connection
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    judge.closed.set()
 
             def send_json(self, status, payload):
-                data = json.dumps(payload).encode()
+                self.send_data(status, "application/json", json.dumps(payload).encode())
+
+            def page_not_found(self):
+                """What Ollama's router answers for a path it does not serve."""
+                self.send_data(404, "text/plain", b"404 page not found")
+
+            def send_data(self, status, content_type, data):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -91,14 +139,9 @@ class FakeJudge:
                 lines.append(json.dumps({"model": model, "message": {"role": "assistant",
                                                                      "content": ""},
                                          "done": True}))
-                data = ("\n".join(lines) + "\n").encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-ndjson")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_data(200, "application/x-ndjson", ("\n".join(lines) + "\n").encode())
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.url = self.root + "/api/chat"
         self.openai_url = self.root + "/v1/chat/completions"
@@ -106,30 +149,80 @@ class FakeJudge:
                          daemon=True).start()
 
     def check(self, path, body):
-        """(status, reason) when the body breaks the protocol, else None."""
+        """(status, JSON body) when the request breaks the protocol or names a model that is
+        not served, as Ollama answers them; else None."""
         messages = body.get("messages")
         if not (isinstance(messages, list) and len(messages) == 1
                 and messages[0].get("role") == "user"):
-            return 400, "expected one user message"
+            return 400, {"error": "expected one user message"}
+        missing = f'model "{body.get("model")}" not found, try pulling it first'
         if path == "/api/chat":
             if body.get("options") != OPTIONS:
-                return 400, f"options must be {OPTIONS}"
+                return 400, {"error": f"options must be {OPTIONS}"}
             if body["model"] not in self.models and f"{body['model']}:latest" not in self.models:
-                return 404, f"model '{body['model']}' not found"
-        elif path == "/v1/chat/completions":
-            if body.get("temperature") != 0 or body.get("seed") != 123:
-                return 400, "expected temperature 0 and seed 123"
-            if body["model"] not in self.openai_models:
-                return 404, "model not found"
+                return 404, {"error": missing}
         else:
-            return 404, "not found"
+            if body.get("temperature") != 0 or body.get("seed") != 123:
+                return 400, {"error": "expected temperature 0 and seed 123"}
+            if body["model"] not in self.openai_models:
+                return 404, {"error": {"message": missing, "type": "api_error"}}
         return None
 
     def reply(self, prompt):
-        """The answer for the model response quoted in the chapter's scoring prompt."""
+        """The answer to one of the two prompts: the reply set for the model response it quotes,
+        else a score from the response's word overlap with the correct output; "50" for a
+        prompt that is neither."""
+        rubric = RUBRIC_PROMPT.search(prompt)
+        if rubric:
+            reference, response = rubric.groups()
+            if response in self.rubric_answers:
+                return self.rubric_answers[response]
+            overlap = word_overlap(reference, response)
+            return (f"The response repeats {overlap:.0%} of the reference answer's words.\n"
+                    f"Score: {1 + round(4 * overlap)}")
         response = re.search(r"score the model response `(.*)` on a scale", prompt, re.S)
-        return self.answers.get(response.group(1), "50") if response else "50"
+        if response and response.group(1) in self.answers:
+            return self.answers[response.group(1)]
+        scored = SCORE_PROMPT.search(prompt)
+        return str(round(100 * word_overlap(*scored.groups()))) if scored else "50"
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def main():
+    """Serve a fake judge on 127.0.0.1 until Ctrl-C, after one line saying how to use it."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=11434, help="port on 127.0.0.1 "
+                        "(default: 11434, Ollama's)")
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds to wait before each answer (default: 0)")
+    parser.add_argument("--backend", default="ollama", choices=sorted(PATHS),
+                        help="ollama: Ollama's API (and its OpenAI-compatible one); openai: "
+                             "only the OpenAI-compatible API")
+    args = parser.parse_args()
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"Error: --port must be from 1 to 65535, got {args.port}")
+    if args.delay < 0:
+        raise SystemExit(f"Error: --delay must be 0 or more seconds, got {args.delay:g}")
+    backends = ("ollama", "openai") if args.backend == "ollama" else ("openai",)
+    try:
+        judge = FakeJudge(models=("llama3:latest",), openai_models=("llama3",), delay=args.delay,
+                          backends=backends, port=args.port)
+    except OSError as exc:
+        raise SystemExit(f"Error: --port {args.port}: cannot listen on 127.0.0.1:{args.port} "
+                         f"({exc.strerror}); is Ollama or another server using it? Pick "
+                         "another --port") from None
+    flags = f"--url {judge.root}" + (" --backend openai" if args.backend == "openai" else "")
+    print(f"Fake judge (model llama3) listening; score with: python ollama_evaluate.py {flags} "
+          "--file_path <responses.json>   (Ctrl-C stops it)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        judge.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,14 +4,18 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.parse
+from functools import partial
 
 import numpy as np
 import pytest
+import requests
 from fake_judge import FakeJudge
+from helpers import run_in_process, run_script
 
 import ollama_evaluate as oe
 from instruction_data import format_input
@@ -35,9 +39,7 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def evaluate(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(REPO, "ollama_evaluate.py"), *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+evaluate = partial(run_script, "ollama_evaluate.py")  # as a user runs it
 
 
 def bootstrap(values):
@@ -55,10 +57,10 @@ def judge():
     server.close()
 
 
-def test_importing_loads_no_torch_tiktoken_or_matplotlib():
+def test_importing_loads_no_torch_tiktoken_matplotlib_or_requests():
     result = subprocess.run(
         [sys.executable, "-c", "import ollama_evaluate, sys; print(sorted(m for m in "
-         "('torch', 'tiktoken', 'matplotlib') if m in sys.modules))"],
+         "('torch', 'tiktoken', 'matplotlib', 'requests') if m in sys.modules))"],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[]\n"
@@ -184,9 +186,8 @@ def test_a_new_finetuning_run_is_scored_afresh(tmp_path, judge, capsys):
     write(tmp_path, [entry("bad", i) for i in range(4)])
     oe.main(["--file_path", str(path), "--url", judge.url])
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == (f"Reusing saved scores for 0 of 4 entries from {tmp_path}/"
-                      "responses-scores.jsonl; asking the judge about 4")
-    assert out[2:4] == ["Number of scores: 4 of 4", "Average score: 15.00"]
+    assert out[:3] == ["Ollama running: True", "Number of scores: 4 of 4",
+                       "Average score: 15.00"]  # nothing reused, so no line says so
     assert len(records(tmp_path / "responses-scores.jsonl")) == 8  # the old scores stay
 
 
@@ -199,7 +200,7 @@ def test_a_second_judge_gets_every_entry_and_both_judges_scores_survive(tmp_path
     judge.answers = {"good": "70"}  # phi3 judges differently
     oe.main(["--file_path", str(path), "--url", judge.url, "--model", "phi3"])
     out = capsys.readouterr().out
-    assert "Reusing saved scores for 0 of 2 entries" in out and "asking the judge about 2" in out
+    assert "Reusing" not in out
     assert "Average score: 70.00" in out
     assert [b["model"] for b in judge.bodies] == ["llama3", "llama3", "phi3", "phi3"]
     saved = records(tmp_path / "responses-scores.jsonl")
@@ -214,7 +215,7 @@ def test_a_second_judge_gets_every_entry_and_both_judges_scores_survive(tmp_path
     out = capsys.readouterr().out
     assert "Reusing saved scores for 2 of 2 entries" in out and "asking the judge about 0" in out
     assert "Average score: 90.00" in out
-    assert elsewhere.prompts == []
+    assert elsewhere.requests == []  # with every score saved the judge is not even checked
 
 
 def test_score_file_keeps_unknown_lines_and_appends_after_a_cut_line(tmp_path):
@@ -245,13 +246,16 @@ def test_retries_on_server_errors_and_dropped_connections(judge):
 
 
 def test_a_connection_closed_while_idle_is_reopened_at_once(judge):
-    oe.query_model("x", url=judge.url)  # leaves this thread's connection open
-    judge.failures = ["drop"]  # the server hangs up on the kept-open connection
+    judge.failures = ["close"]  # answers, then closes the kept-open connection
+    assert oe.query_model("x", url=judge.url) == "50"
+    assert judge.closed.wait(10)
     assert oe.query_model("score the model response `good` on a scale", url=judge.url,
-                          retries=0) == "90"
-    judge.failures = ["drop"]  # on a fresh connection the hang-up is an error
-    oe.open_connection(urllib.parse.urlsplit(judge.url)).close()
-    with pytest.raises(oe.JudgeError, match=r"no answer from .*: Remote end closed"):
+                          retries=0) == "90"  # on a new connection, without a retry
+    assert len(judge.bodies) == 2 and len(judge.connections) == 2
+    judge.failures = ["drop"]  # a hang-up in the middle of a request is an error
+    with pytest.raises(oe.JudgeUnreachable,
+                       match=r"^no answer from .*/api/chat: Remote end closed connection "
+                             r"without response$"):
         oe.query_model("x", url=judge.url, retries=0)
 
 
@@ -263,9 +267,17 @@ def test_an_error_in_the_stream_is_no_reply():
 
 
 def test_client_errors_are_not_retried(judge):
-    with pytest.raises(oe.JudgeError, match=r"answered HTTP 404: .*model 'mistral' not found"):
+    with pytest.raises(oe.JudgeError) as error:
         oe.query_model("x", model="mistral", url=judge.url, backoff=0)
+    assert str(error.value) == (f"model 'mistral' is not available on the Ollama server at "
+                                f"{judge.root} (it says: model \"mistral\" not found, try "
+                                "pulling it first); run: ollama pull mistral")
     assert len(judge.bodies) == 1
+    judge.failures = [400]
+    with pytest.raises(oe.JudgeError, match=r"^http://.*/api/chat answered HTTP 400: "
+                                            r"overloaded$"):
+        oe.query_model("x", url=judge.url, backoff=0)
+    assert len(judge.bodies) == 2
 
 
 def test_server_down_says_how_to_start_ollama(tmp_path, closed_port):
@@ -295,10 +307,9 @@ def test_judge_failing_midway_keeps_the_scores_so_far(tmp_path, judge, capsys):
     with pytest.raises(SystemExit) as exit_info:
         oe.main(["--file_path", str(path), "--url", judge.url, "--retries", "0"])
     assert exit_info.value.code == 1
-    err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith(f"Error: {judge.url} answered HTTP 500")
-    assert err.endswith(f"The scores so far are in {tmp_path}/responses-scores.jsonl; run again "
-                        "to continue.")
+    # A server error is no reason to think that a rerun fares better, so none is suggested.
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"Error: {judge.url} answered HTTP 500: overloaded")
     assert [r["score"] for r in records(tmp_path / "responses-scores.jsonl")] == [90]
 
 
@@ -435,7 +446,9 @@ def test_comparing_two_keys_of_one_file(tmp_path, judge, capsys):
     oe.main(["--file_path", str(path), "--json_key", *keys, "--url", judge.url])
     out = capsys.readouterr().out.splitlines()
     assert out[-4:] == table and len(judge.prompts) == 5
-    assert "Reusing saved scores for 3 of 3 entries" in out[2]
+    assert out[:2] == ["--- model 1 response ---",
+                       f"Reusing saved scores for 3 of 3 entries from {tmp_path}/"
+                       "responses-scores.jsonl; asking the judge about 0"]
 
 
 @pytest.mark.parametrize("names", [["a.json"], ["a.json", "b.json"]])
@@ -466,10 +479,8 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, message):
     path = tmp_path / "responses.json"
     path.write_text(content)
-    with pytest.raises(SystemExit) as exit_info:
-        oe.main(["--file_path", str(path)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"Error: {path}: {message}\n"
+    code, _, err = run_in_process(oe.main, ["--file_path", str(path)], capsys)
+    assert (code, err) == (2, f"Error: {path}: {message}\n")
 
 
 BAD_FLAGS = [
@@ -480,7 +491,17 @@ BAD_FLAGS = [
     (["--retries", "-1"], "--retries must be 0 or more, got -1"),
     (["--json_key", "model_response", "other"], "compare several --file_path or several "
                                                 "--json_key, not both at once"),
-    (["--url", "localhost:11434"], "--url localhost:11434: expected http://host:port/path"),
+    (["--url", "ftp://localhost:11434"], "--url ftp://localhost:11434: expected a server address "
+                                         "such as 127.0.0.1:11434 or http://host:port, or a chat "
+                                         "endpoint such as http://localhost:11434/api/chat"),
+    (["--url", "localhost:port"], "--url localhost:port: expected a server address such as "),
+    (["--url", "http://"], "--url http://: expected a server address such as "),
+    (["--url", "http://localhost:0"], "--url http://localhost:0: expected a server address "),
+    (["--backend", "openai", "--url", "http:///v1"], "--url http:///v1: expected a server "
+                                                      "address such as 127.0.0.1:11434 or "
+                                                      "http://host:port, or a chat endpoint "
+                                                      "such as http://localhost:8000/v1/chat/"
+                                                      "completions"),
     (["--file_path", "folder"], "folder: is a folder, not a JSON file"),
     (["--file_path", "missing.json"], "missing.json: file not found"),
     (["--output", "nowhere/scores.jsonl"], "--output nowhere/scores.jsonl: the folder "
@@ -516,3 +537,377 @@ def test_missing_file_from_the_command_line(tmp_path):
     result = evaluate("--file_path", "nope.json", "--workers", "2", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == "Error: nope.json: file not found\n"
+
+
+# --- judge addresses as Ollama's clients take them ---
+
+@pytest.mark.parametrize(("address", "backend", "url"), [
+    ("http://127.0.0.1:11434", "ollama", "http://127.0.0.1:11434/api/chat"),
+    ("http://127.0.0.1:11434/", "ollama", "http://127.0.0.1:11434/api/chat"),
+    ("127.0.0.1:11434", "ollama", "http://127.0.0.1:11434/api/chat"),
+    ("localhost", "ollama", "http://localhost:11434/api/chat"),
+    ("[::1]", "ollama", "http://[::1]:11434/api/chat"),
+    ("https://judge.example.com", "ollama", "https://judge.example.com/api/chat"),
+    ("http://judge:8080/custom/chat", "ollama", "http://judge:8080/custom/chat"),
+    ("http://localhost:11434/api/chat", "ollama", "http://localhost:11434/api/chat"),
+    ("http://127.0.0.1:8000", "openai", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("http://127.0.0.1:8000/v1", "openai", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("http://127.0.0.1:8000/v1/", "openai", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("127.0.0.1:8080", "openai", "http://127.0.0.1:8080/v1/chat/completions"),
+    ("localhost", "openai", "http://localhost/v1/chat/completions"),
+])
+def test_chat_url_completes_a_server_address(address, backend, url):
+    assert oe.chat_url(address, backend) == url
+
+
+@pytest.mark.parametrize("address", ["ftp://host/x", "http://", "localhost:port", "host:0",
+                                     "http://:11434"])
+def test_chat_url_refuses_what_is_no_http_address(address):
+    with pytest.raises(ValueError):
+        oe.chat_url(address)
+
+
+@pytest.mark.parametrize("with_scheme", [True, False])
+def test_a_bare_server_address_scores_end_to_end(tmp_path, judge, with_scheme):
+    path = write(tmp_path, [entry("good", 0), entry("bad", 1)])
+    address = judge.root if with_scheme else judge.root.removeprefix("http://")
+    result = evaluate("--file_path", str(path), "--url", address, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == ["Ollama running: True", "Number of scores: 2 of 2",
+                                              "Average score: 52.50"]
+    assert judge.requests == [("GET", "/api/tags"), ("POST", "/api/chat"),
+                              ("POST", "/api/chat")]
+
+
+@pytest.mark.parametrize("suffix", ["", "/v1"])
+def test_a_bare_openai_address_gets_the_chat_completions_path(tmp_path, judge, capsys, suffix):
+    path = write(tmp_path, [entry("good", 0)])
+    oe.main(["--file_path", str(path), "--backend", "openai", "--model", "judge",
+             "--url", judge.root + suffix])
+    assert "Average score: 90.00" in capsys.readouterr().out
+    assert judge.requests == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
+
+
+def test_the_library_functions_take_a_server_address_too(judge):
+    assert oe.check_judge(judge.root, "llama3") is None
+    assert oe.query_model("score the model response `good` on a scale", url=judge.root) == "90"
+    assert judge.requests == [("GET", "/api/tags"), ("POST", "/api/chat")]
+
+
+# --- HTTP errors: the advice that fits ---
+
+def test_a_model_that_is_not_pulled_names_ollama_pull(tmp_path, judge, capsys):
+    path = write(tmp_path, [entry("good", 0)])
+    judge.failures = [(404, {"error": 'model "llama3" not found, try pulling it first'})]
+    with pytest.raises(SystemExit) as exit_info:
+        oe.main(["--file_path", str(path), "--url", judge.root])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.endswith(
+        f"\nError: model 'llama3' is not available on the Ollama server at {judge.root} (it "
+        'says: model "llama3" not found, try pulling it first); run: ollama pull llama3\n')
+    assert err.count("Error") == 1 and "run again" not in err
+
+
+@pytest.mark.parametrize(("backend", "flags", "path", "endpoint", "name"), [
+    ("ollama", [], "/api/generate", "/api/chat", "Ollama's chat endpoint"),
+    ("openai", ["--model", "judge"], "/v1/chat", "/v1/chat/completions",
+     "an OpenAI-compatible chat endpoint"),
+])
+def test_a_wrong_path_names_the_url_to_use(tmp_path, judge, backend, flags, path, endpoint,
+                                           name):
+    file_path = write(tmp_path, [entry("good", 0)])
+    result = evaluate("--file_path", str(file_path), "--backend", backend, *flags,
+                      "--url", judge.root + path, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {judge.root}{path} answered HTTP 404 (404 page not found), so it is not {name}; "
+        f"use --url {judge.root}{endpoint} (or just --url {judge.root})")
+    assert "Traceback" not in result.stderr and "run again" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "Error" in line]) == 1
+
+
+def test_a_timeout_says_a_rerun_continues(tmp_path):
+    slow = FakeJudge(ANSWERS, delay=0.6)
+    try:
+        path = write(tmp_path, [entry("good", 0)])
+        result = evaluate("--file_path", str(path), "--url", slow.root, "--timeout", "0.1",
+                          "--retries", "0", cwd=tmp_path)
+    finally:
+        slow.close()
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: no answer from {slow.url} within 0.1 s (--timeout). The scores so far are in "
+        f"{tmp_path}/responses-scores.jsonl; run again to continue.")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_dropped_connection_says_a_rerun_continues(tmp_path, judge, capsys):
+    path = write(tmp_path, [entry("good", 0), entry("bad", 1)])
+    judge.failures = [None, "drop"]
+    with pytest.raises(SystemExit) as exit_info:
+        oe.main(["--file_path", str(path), "--url", judge.url, "--retries", "0"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"Error: no answer from {judge.url}: Remote end closed connection without response. The "
+        f"scores so far are in {tmp_path}/responses-scores.jsonl; run again to continue.")
+    assert len(records(tmp_path / "responses-scores.jsonl")) == 1
+
+
+def test_a_judge_that_went_down_is_retried_then_named(closed_port):
+    with pytest.raises(oe.JudgeUnreachable,
+                       match=rf"^no answer from {closed_port}/api/chat: .*Connection refused$"):
+        oe.query_model("x", url=closed_port, retries=2, backoff=0)
+
+
+# --- the reuse line ---
+
+def test_no_reuse_line_when_nothing_is_reused(tmp_path, judge, capsys):
+    keys = ["model 1 response", "model 2 response"]
+    entries = [{**entry("good", i, keys[0]), keys[1]: "bad"} for i in range(3)]
+    oe.main(["--file_path", str(write(tmp_path, entries)), "--json_key", *keys,
+             "--url", judge.url])
+    out = capsys.readouterr().out
+    assert "Reusing" not in out  # the second key has nothing saved although the file exists
+    assert "model 2 response  3 of 3        15.00" in out.splitlines()
+
+
+# --- the requests session ---
+
+def test_each_thread_keeps_one_session_and_one_connection(judge):
+    sessions = []
+
+    def three_queries():
+        for _ in range(3):
+            oe.query_model("x", url=judge.url)
+        sessions.append(oe.session())
+
+    threads = [threading.Thread(target=three_queries) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(session, requests.Session) for session in sessions)
+    assert sessions[0] is not sessions[1]
+    assert len(judge.bodies) == 6 and len(judge.connections) == 2
+
+
+def test_proxy_settings_are_not_used_for_the_judge(judge, closed_port, monkeypatch):
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, closed_port)  # a proxy that is down
+    assert oe.query_model("score the model response `good` on a scale", url=judge.url) == "90"
+
+
+def test_a_rerun_with_every_score_saved_needs_no_judge(tmp_path, capsys):
+    path = write(tmp_path, [entry("good", 0), entry("bad", 1)])
+    server = FakeJudge(ANSWERS)
+    try:
+        oe.main(["--file_path", str(path), "--url", server.url])
+    finally:
+        server.close()
+    first = capsys.readouterr().out.splitlines()
+    oe.main(["--file_path", str(path), "--url", server.url])  # the judge is gone
+    again = capsys.readouterr().out.splitlines()
+    assert again[0] == (f"Reusing saved scores for 2 of 2 entries from {tmp_path}/"
+                        "responses-scores.jsonl; asking the judge about 0")
+    assert again[1:] == first[1:]
+
+
+def test_the_script_has_the_banners_of_section_7_8():
+    source = open(os.path.join(REPO, "ollama_evaluate.py")).read()
+    banners = [f"{'#' * 37}\n# 7.8 Evaluating the finetuned LLM: {step}\n{'#' * 37}\n"
+               for step in ("checking the judge runs", "querying the judge",
+                            "scoring the responses")]
+    assert all(banner in source for banner in banners)
+    assert [source.index(banner) for banner in banners] == sorted(
+        source.index(banner) for banner in banners)
+    assert source.index(banners[0]) < source.index("def check_judge(") < source.index(
+        banners[1]) < source.index("def query_model(") < source.index(banners[2]) < \
+        source.index("def generate_model_scores(")
+
+
+# --- the rubric judge ---
+
+def test_rubric_prompt():
+    e = {"instruction": "Name a primary colour.", "input": "Answer in one word.",
+         "output": "Red.", "model_response": "Blue."}
+    assert oe.rubric_prompt(e, "model_response") == (
+        "Grade a response to an instruction, comparing it with the reference answer.\n\n"
+        "<instruction>\nName a primary colour.\n</instruction>\n"
+        "<input>\nAnswer in one word.\n</input>\n"
+        "<reference_answer>\nRed.\n</reference_answer>\n"
+        "<response>\nBlue.\n</response>\n\n"
+        "Score the response from 1 to 5; the reference answer scores 5.\n"
+        "5: as good as the reference answer: correct and complete; the wording may differ.\n"
+        "4: correct, with a small omission, addition or flaw of wording that changes no meaning.\n"
+        "3: partly correct: the main point is there, but a real part is missing or wrong.\n"
+        "2: mostly wrong or far from complete, though some of it fits the instruction.\n"
+        "1: wrong, unrelated to the instruction, or no answer at all.\n\n"
+        "Give brief feedback in one or two sentences, then end with the score alone on the "
+        'last line, written as "Score: N" with N from 1 to 5.')
+    assert "<input>" not in oe.rubric_prompt({**e, "input": ""}, "model_response")
+
+
+@pytest.mark.parametrize(("reply", "score"), [
+    ("Close to the reference.\nScore: 4", 4), ("Fine.\n\nScore: 5\n", 5), ("Score:1", 1),
+    ("Good.\n**Score:** 3", 3), ("Good.\n**Score: 3**", 3), ("Score: 2/5", 2),
+    ("Score: 2 out of 5", 2), ("It misses the point.\n1", 1), ("score: 4.", 4),
+    ("Score: 4\nThe response is close.", None), ("Score: 7", None), ("Score: 0", None),
+    ("Score: 3.5", None), ("I would give it 4.", None), ("", None), ("Score: 10/10", None),
+])
+def test_parse_rubric_score(reply, score):
+    assert oe.parse_rubric_score(reply) == score
+
+
+RUBRIC_ENTRIES = [
+    {"instruction": "T0", "input": "", "output": "the sky is blue", "model_response":
+     "The sky is blue."},  # every word: 5
+    {"instruction": "T1", "input": "x", "output": "red green blue yellow", "model_response":
+     "red and green"},  # half: 3
+    {"instruction": "T2", "input": "", "output": "four", "model_response": "five"},  # 1
+    {"instruction": "T3", "input": "", "output": "anything", "model_response": " "},  # empty: 1
+    {"instruction": "T4", "input": "", "output": "odd", "model_response": "out of range"},
+]
+
+
+def test_rubric_judge_end_to_end(tmp_path):
+    server = FakeJudge(rubric_answers={"out of range": "Very good.\nScore: 7"})
+    try:
+        path = write(tmp_path, RUBRIC_ENTRIES)
+        result = evaluate("--file_path", str(path), "--url", server.root, "--prompt", "rubric",
+                          cwd=tmp_path)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:6] == ["Ollama running: True", "Could not convert score: Very good. Score: 7",
+                         "Number of scores: 4 of 5", "Average score: 2.50 on a 1-5 scale",
+                         "Median score: 2.00", "Standard deviation: 1.91"]
+    prompts = [oe.rubric_prompt(e, "model_response") for e in RUBRIC_ENTRIES]
+    assert sorted(server.prompts) == sorted(prompts[:3] + prompts[4:])
+    saved = {r["prompt_sha256"]: r["score"] for r in records(tmp_path / "responses-scores.jsonl")}
+    assert saved == {oe.prompt_sha256(prompts[0]): 5, oe.prompt_sha256(prompts[1]): 3,
+                     oe.prompt_sha256(prompts[2]): 1, oe.prompt_sha256(prompts[4]): None}
+
+
+def test_rubric_and_chapter_scores_never_mix(tmp_path, judge, capsys):
+    path = write(tmp_path, RUBRIC_ENTRIES[:3])
+    judge.answers = {"The sky is blue.": "95", "red and green": "60", "five": "10"}
+    oe.main(["--file_path", str(path), "--url", judge.url])
+    chapter = capsys.readouterr().out.splitlines()
+    assert chapter[1:3] == ["Number of scores: 3 of 3", "Average score: 55.00"]
+    oe.main(["--file_path", str(path), "--url", judge.url, "--prompt", "rubric"])
+    rubric = capsys.readouterr().out.splitlines()
+    assert rubric[:3] == ["Ollama running: True", "Number of scores: 3 of 3",
+                          "Average score: 3.00 on a 1-5 scale"]  # all three asked anew
+    assert len(judge.prompts) == 6
+    oe.main(["--file_path", str(path), "--url", judge.url])
+    assert capsys.readouterr().out.splitlines()[1:] == chapter[1:]  # as the first time
+    oe.main(["--file_path", str(path), "--url", judge.url, "--prompt", "rubric"])
+    assert capsys.readouterr().out.splitlines()[1:] == rubric[1:]
+    assert len(judge.prompts) == 6
+    assert len(records(tmp_path / "responses-scores.jsonl")) == 6
+
+
+def test_rubric_scores_compare_across_files(tmp_path, judge, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, RUBRIC_ENTRIES[:3], "a.json")  # 5, 3, 1
+    write(tmp_path, [{**e, "model_response": e["output"]} for e in RUBRIC_ENTRIES[:3]],
+          "b.json")  # 5, 5, 5
+    oe.main(["--file_path", "a.json", "b.json", "--url", judge.url, "--prompt", "rubric"])
+    low, high = bootstrap([0, 2, 4])
+    assert capsys.readouterr().out.splitlines()[-4:] == [
+        "File    Scores        Average (1-5)",
+        "a.json  3 of 3        3.00",
+        "b.json  3 of 3        5.00",
+        f"Difference b.json - a.json: +2.00 (95% bootstrap interval [{low:.2f}, {high:.2f}]) "
+        "over 3 entries"]
+
+
+def test_rubric_book_function_gives_the_lowest_score_to_an_empty_response(judge):
+    assert oe.generate_model_scores(RUBRIC_ENTRIES[:4], "model_response", url=judge.url,
+                                    prompt_style="rubric") == [5, 3, 1, 1]
+    assert len(judge.prompts) == 3
+
+
+def test_rubric_histogram_has_one_bar_per_score(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr("matplotlib.axes.Axes.hist",
+                        lambda ax, scores, bins, **kwargs: drawn.append((scores, list(bins))))
+    oe.plot_scores([(None, [5, 3, 1])], str(tmp_path / "scores.png"),
+                   oe.PROMPT_STYLES["rubric"])
+    assert drawn == [([5, 3, 1], [0.5, 1.5, 2.5, 3.5, 4.5, 5.5])]
+    assert (tmp_path / "scores.png").read_bytes().startswith(b"\x89PNG")
+
+
+# --- the fake judge as a program ---
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_fake_judge(*flags):
+    """The fake judge started as a reader starts it, and the line it printed."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fake_judge.py"),
+                                *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    return process, process.stdout.readline()
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_fake_judge_program_serves_the_whole_flow(tmp_path, backend):
+    port = free_port()
+    process, line = start_fake_judge("--port", str(port), "--delay", "0.01",
+                                     "--backend", backend)
+    try:
+        openai = " --backend openai" if backend == "openai" else ""
+        assert line == (f"Fake judge (model llama3) listening; score with: python "
+                        f"ollama_evaluate.py --url http://127.0.0.1:{port}{openai} --file_path "
+                        "<responses.json>   (Ctrl-C stops it)\n")
+        flags = line.split("ollama_evaluate.py ")[1].split(" --file_path")[0].split()
+        path = write(tmp_path, RUBRIC_ENTRIES[:3])
+        result = evaluate("--file_path", str(path), *flags, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[1:3] == ["Number of scores: 3 of 3",
+                                                   "Average score: 50.00"]  # 100, 50, 0
+        result = evaluate("--file_path", str(path), *flags, "--prompt", "rubric", cwd=tmp_path)
+        assert result.stdout.splitlines()[1:3] == ["Number of scores: 3 of 3",
+                                                   "Average score: 3.00 on a 1-5 scale"]
+        if backend == "openai":  # only the OpenAI-compatible API, as llama.cpp or vLLM
+            result = evaluate("--file_path", str(path), "--url", f"127.0.0.1:{port}",
+                              cwd=tmp_path)
+            assert result.returncode == 1
+            assert result.stderr.startswith(f"Error: Ollama is not running at "
+                                            f"http://127.0.0.1:{port} (HTTP 404)")
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert out == "" and err == ""
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--port", "70000"], "--port must be from 1 to 65535, got 70000"),
+    (["--port", "0"], "--port must be from 1 to 65535, got 0"),
+    (["--delay", "-1"], "--delay must be 0 or more seconds, got -1"),
+])
+def test_fake_judge_program_refuses_bad_flags(flags, message):
+    process, line = start_fake_judge(*flags)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 1 and line == "" and out == ""
+    assert err == f"Error: {message}\n"
+
+
+def test_fake_judge_program_on_a_busy_port_says_so():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process, line = start_fake_judge("--port", str(port))
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert line == "" and out == ""
+    assert err == (f"Error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in "
+                   "use); is Ollama or another server using it? Pick another --port\n")
