@@ -27,21 +27,34 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 from tqdm import tqdm
 
+from script_utils import DataError
+
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
 HF_BASE_URL = "https://huggingface.co/openai-community"
-HF_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
 SAFETENSORS_FILENAME = "model.safetensors"
 # Hugging Face's names of OpenAI's encoder.json (the same mapping, token -> id) and vocab.bpe
 # (the same merges, one per line after a "#version: 0.2" line).
 HF_TOKENIZER_FILENAMES = ("vocab.json", "merges.txt")
 TOKENIZER_FILE_PAIRS = (("encoder.json", "vocab.bpe"), HF_TOKENIZER_FILENAMES)
 GPT2_N_VOCAB = 50257  # the last id, 50256, is <|endoftext|>
+GPT2_N_CTX = 1024  # the context length of every size
+# GPT-2's four sizes: the one table from which the checkpoints' expected settings below, the
+# Hugging Face repositories and the finetuning script's model configs are derived.
+GPT2_SIZES = {
+    "124M": {"name": "gpt2-small (124M)", "hf_repo": "gpt2",
+             "n_embd": 768, "n_layer": 12, "n_head": 12},
+    "355M": {"name": "gpt2-medium (355M)", "hf_repo": "gpt2-medium",
+             "n_embd": 1024, "n_layer": 24, "n_head": 16},
+    "774M": {"name": "gpt2-large (774M)", "hf_repo": "gpt2-large",
+             "n_embd": 1280, "n_layer": 36, "n_head": 20},
+    "1558M": {"name": "gpt2-xl (1558M)", "hf_repo": "gpt2-xl",
+              "n_embd": 1600, "n_layer": 48, "n_head": 25},
+}
 GPT2_SETTINGS = {  # hparams.json of each of OpenAI's sizes
-    "124M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12},
-    "355M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24},
-    "774M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1280, "n_head": 20, "n_layer": 36},
-    "1558M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1600, "n_head": 25, "n_layer": 48},
+    size: {"n_vocab": GPT2_N_VOCAB, "n_ctx": GPT2_N_CTX, "n_embd": s["n_embd"],
+           "n_head": s["n_head"], "n_layer": s["n_layer"]}
+    for size, s in GPT2_SIZES.items()
 }
 ALLOWED_SIZES = tuple(GPT2_SETTINGS)
 DATA_FILENAME = "model.ckpt.data-00000-of-00001"
@@ -55,7 +68,7 @@ TIMEOUT_S = 60
 CHUNK_SIZE = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DataError):
     """A checkpoint file is missing or unusable and could not be fetched: the message names it and
     says what to do."""
 
@@ -102,7 +115,7 @@ def download_and_load_gpt2_safetensors(model_size, models_dir, base_url=HF_BASE_
     """
     settings = gpt2_settings(model_size)
     model_dir = _model_dir(models_dir, model_size)
-    base_urls = [f"{base_url}/{HF_REPOS[model_size]}/resolve/main"]
+    base_urls = [f"{base_url}/{GPT2_SIZES[model_size]['hf_repo']}/resolve/main"]
     fetch_model_files(model_dir, base_urls, (SAFETENSORS_FILENAME, *HF_TOKENIZER_FILENAMES))
     with _explain_damaged_file(model_dir, base_urls):
         path = os.path.join(model_dir, SAFETENSORS_FILENAME)
@@ -369,11 +382,12 @@ def load_gpt2_params_from_safetensors(path, settings):
 
     Accepts Hugging Face's names with or without the `transformer.` prefix that `save_pretrained`
     writes, and skips the causal-mask buffers (`h.<i>.attn.bias`, `h.<i>.attn.masked_bias`). An
-    `lm_head.weight` of its own (an untied output head) comes back as `params["lm_head"]`; GPT-2's
-    own files have none, their head being `wte`. Its `[in, out]` Conv1D weights are OpenAI's layout already.
-    The arrays are copy-on-write views of the memory-mapped file: nothing is read until used,
-    and only what is read occupies memory, as file pages the system can drop again. Raises
-    DamagedFileError when the file is cut short, damaged or does not fit `settings`.
+    `lm_head.weight` of its own (an untied output head) comes back as `params["lm_head"]`;
+    GPT-2's own files have none, their head being `wte`. Its `[in, out]` Conv1D weights are
+    OpenAI's layout already. The arrays are copy-on-write views of the memory-mapped file:
+    nothing is read until used, and only what is read occupies memory, as file pages the system
+    can drop again. Raises DamagedFileError when the file is cut short, damaged or does not fit
+    `settings`.
     """
     header, data_start = _read_safetensors_header(path)
     entries = {}

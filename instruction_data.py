@@ -6,25 +6,12 @@ a finetuned model is always asked in the format it learned. The judge script imp
 module too, so it can build the chapter's prompts without loading torch.
 """
 
-import json
-
-
-class DataError(ValueError):
-    """Input that cannot be used (a data file, a checkpoint, a setting); the message names the
-    file, entry and field, and what to do."""
+from script_utils import DataError, read_json
 
 
 def load_json_entries(file_path, fields=("instruction", "input", "output")):
     """Read a JSON list of entries and check that each has string values for `fields`."""
-    try:
-        with open(file_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{file_path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{file_path}: is a folder, not a JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{file_path}: not valid JSON ({exc})") from None
+    data = read_json(file_path)
     if not isinstance(data, list):
         raise DataError(f"{file_path}: expected a JSON list of entries, "
                         f"got {type(data).__name__}")
@@ -40,6 +27,19 @@ def load_json_entries(file_path, fields=("instruction", "input", "output")):
                 raise DataError(f"{file_path}: entry {i} field '{field}' must be a string, "
                                 f"got {type(entry[field]).__name__}")
     return data
+
+
+def warn_if_truncated(dataset, allowed_max_length, split_name):
+    """Print one line counting the entries that the collate function will cut short."""
+    too_long = sum(len(token_ids(dataset[i])) > allowed_max_length for i in range(len(dataset)))
+    if too_long:
+        print(f"Warning: {too_long} of {len(dataset)} {split_name} entries are longer than "
+              f"{allowed_max_length} tokens and will be truncated")
+
+
+def token_ids(item):
+    """The token ids of a dataset item (the masking exercise stores more beside them)."""
+    return item[1] if isinstance(item, tuple) else item
 
 
 class AlpacaPrompt:

@@ -12,7 +12,6 @@ loss computes the output head only where a target counts; and `train_model_simpl
 optional `hooks`, through which the chapter script adds resuming, Ctrl-C and torchrun.
 """
 
-import os
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
 from torch.utils.data import DataLoader, Dataset
 
-from script_utils import atomic_write
+from script_utils import atomic_write, image_format
 
 #####################################
 # Chapter 2: text <-> token ids
@@ -708,9 +707,8 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="l
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
     if save_path is not None:
-        fmt = os.path.splitext(save_path)[1].lstrip(".") or "pdf"
         with atomic_write(save_path) as f:
-            fig.savefig(f, format=fmt)
+            fig.savefig(f, format=image_format(save_path, "pdf"))
         print(f"Plot saved as {save_path}")
     return fig
 
