@@ -17,17 +17,16 @@ gpt2-medium355M-sft-lora.pth; a combination joins the names with "_" (alpaca52k_
 from dataclasses import replace
 from functools import partial
 
+from finetune_cli import build_parser
 from gpt_instruction_finetuning import (
     ALPACA,
     END_OF_TEXT,
     Experiment,
     InstructionDataset,
-    build_parser,
     custom_collate_fn,
     main,
-    token_ids,
 )
-from instruction_data import Phi3Prompt
+from instruction_data import Phi3Prompt, token_ids
 from lora import count_trainable, merge_lora, replace_linear_with_lora
 from previous_chapters import IGNORE_INDEX
 from script_utils import fail

@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from finetuned_model import load_finetuned_model
 from gpt_download import DownloadError, gpt2_tokenizer
-from gpt_instruction_finetuning import END_OF_TEXT, load_finetuned_model
+from gpt_instruction_finetuning import END_OF_TEXT
 from instruction_data import DataError
 from lora import lora_config, merge_lora
 from script_utils import fail, save_json

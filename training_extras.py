@@ -17,6 +17,8 @@
 
 import contextlib
 import csv
+import hashlib
+import json
 import os
 import pickle
 import signal
@@ -28,12 +30,12 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from instruction_data import DataError
 from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
-from script_utils import atomic_write
+from script_utils import DataError, atomic_write, fail
 
 #####################################
 # torchrun
@@ -44,7 +46,8 @@ def init_distributed(device):
     """Join the process group when torchrun started this process; return (device, rank, world).
 
     A plain `python` run has no process group: rank 0 of a world of 1 on `device`. Under
-    torchrun, GPUs talk through nccl (one GPU per process) and CPUs through gloo.
+    torchrun, GPUs talk through nccl (one GPU per process) and CPUs through gloo, and the
+    printing of ranks other than 0 is silenced.
     """
     if "WORLD_SIZE" not in os.environ:
         return device, 0, 1
@@ -55,6 +58,8 @@ def init_distributed(device):
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     return device, dist.get_rank(), dist.get_world_size()
 
 
@@ -247,6 +252,142 @@ def stop_on_ctrl_c():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+#####################################
+# Precision, compiling, and the size of generation batches
+#####################################
+
+
+def precision_context(device, precision):
+    """The context the loss and the generation are computed in: bf16 autocast, or nothing.
+
+    Under autocast the matrix products run in bfloat16 while the weights, the optimizer and
+    the loss stay float32 (cross-entropy runs in float32 under autocast). Entered where the
+    loss is computed (`ChapterTraining`, `print_initial_losses`) and around generation.
+    """
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def choose_attention_kernels(device):
+    """On CUDA, leave the cuDNN kernel out of `scaled_dot_product_attention`.
+
+    PyTorch picks it first under bf16 on recent GPUs, and it builds a graph for every new shape:
+    generation meets a new one at every step, and each batch brings its own length. The flash
+    and memory-efficient kernels, chosen instead, need no such preparation.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def compiled_for_training(model, device):
+    """`model` compiled with torch.compile, for the training loop only (generation runs the
+    eager model, whose KV cache changes shape every step).
+
+    Rows come padded to a few lengths (`GPTModel.length_multiple`), so after the second shape
+    one dynamic-shape graph serves them all; on CUDA, "reduce-overhead" replays each step as
+    CUDA graphs instead of launching hundreds of small kernels from Python.
+    """
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(model, mode=mode)
+
+
+def training_model(model, compile_model, device):
+    """The model the training loop calls: compiled with --compile, and wrapped in
+    DistributedDataParallel under torchrun. Generation and saving use `model` as it is."""
+    if compile_model:
+        model = compiled_for_training(model, device)
+    if not dist.is_initialized():
+        return model
+    # Gradients are averaged over the processes after each backward.
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False)  # the only buffers are constant causal masks
+
+
+def default_gen_batch_size(model, prompt_lengths, max_new_tokens):
+    """Test entries answered at once when --gen_batch_size is not given: 8 on a CPU; on CUDA
+    the whole test set, or as many as half the free memory holds float32 keys and values for."""
+    device = model.pos_emb.weight.device
+    if device.type != "cuda":
+        return 8
+    positions = min(model.pos_emb.num_embeddings, max(prompt_lengths) + max_new_tokens)
+    emb_dim, vocab_size = model.tok_emb.embedding_dim, model.tok_emb.num_embeddings
+    row_bytes = 2 * len(model.trf_blocks) * positions * emb_dim * 4
+    row_bytes += 2 * vocab_size * 4  # the last position's logits, twice over
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(len(prompt_lengths), free_bytes // 2 // row_bytes))
+
+
+#####################################
+# The run's bookkeeping: its settings, and what becomes of its checkpoint
+#####################################
+
+
+def run_settings(args, experiment, model_name, train_data):
+    """What a checkpoint's training depended on: resuming with anything else would mix runs."""
+    return {"--model": model_name, "--seed": args.seed, "--lr": args.lr,
+            "--weight_decay": args.weight_decay, "--batch_size": experiment.batch_size,
+            "--precision": args.precision, "training data": fingerprint(train_data),
+            "experiment": experiment.name, **experiment.settings}
+
+
+def fingerprint(entries):
+    """A short hash of the entries' content: any edit to the training data changes it."""
+    text = json.dumps(entries, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def will_resume(resume, checkpoint):
+    """Whether this run continues `checkpoint` (--resume). Without --resume an existing
+    checkpoint is about to be replaced: say so before any training, and how to continue it."""
+    exists = os.path.exists(checkpoint)
+    if resume and not exists:
+        print(f"No checkpoint at {checkpoint}; starting from the beginning")
+    if not resume and exists:
+        print(f"Note: {checkpoint} holds an unfinished run; this run starts over and replaces "
+              "it at its first epoch end. To continue that run instead, stop now (Ctrl-C) "
+              "and run the same command with --resume.")
+    return resume and exists
+
+
+def epochs_to_train(requested, checkpoint, progress, default):
+    """The epoch count to train to: --epochs (`requested`), else the resumed run's own
+    (`default` for a new run). Raises DataError when --epochs is below the epochs the
+    checkpoint has already trained."""
+    if progress is None:
+        return requested or default
+    planned = progress.get("num_epochs", default)
+    print(f"Resuming from {checkpoint}: epoch {progress['epoch'] + 1} of "
+          f"{requested or planned}, {progress['global_step'] + 1} steps done")
+    if requested is not None and requested < progress["epoch"]:
+        raise DataError(f"--epochs {requested}: {checkpoint} has already trained "
+                        f"{progress['epoch']} epochs; pass --epochs {progress['epoch']} or "
+                        f"more, or leave --epochs out to finish its {planned}")
+    return requested or planned
+
+
+def remove_checkpoint(checkpoint, keep):
+    """Delete the checkpoint once every output of the run is written (it is as large as the
+    model and its optimizer state together), unless --keep_checkpoint."""
+    if keep or not os.path.exists(checkpoint):
+        return
+    os.remove(checkpoint)
+    print(f"Removed {checkpoint}: the run is complete (--keep_checkpoint keeps it)")
+
+
+@contextmanager
+def saving_failures_reported(checkpoint, what_is_kept):
+    """Turn a failed write into one line that says where the finished work is kept."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" {exc.filename}" if exc.filename else ""
+        fail(f"could not write{where} ({reason}); {what_is_kept} are saved in {checkpoint}: "
+             "fix this, then run the same command with --resume", code=1)
 
 
 #####################################

@@ -35,6 +35,7 @@ import torch
 from common import chapter_data, gpt2_config, machine_line, table
 
 import gpt_instruction_finetuning as ft
+import training_extras as extras
 from gpt_download import gpt2_tokenizer
 from previous_chapters import GPTModel, calc_loss_loader, train_model_simple
 from training_extras import ChapterTraining
@@ -137,14 +138,14 @@ def book_job(weights, settings, device, tokenizer):
 def our_job(weights, settings, device, tokenizer, precision, compile_model):
     """The chapter script's way with `--precision` and `--compile`; returns the figures."""
     train_loader, val_loader, val, test = chapter_loaders(settings, tokenizer, device)
-    ctx = ft.precision_context(device, precision)
-    ft.choose_attention_kernels(device)
+    ctx = extras.precision_context(device, precision)
+    extras.choose_attention_kernels(device)
     start = clock(device)
     config = gpt2_config(settings["model"])
     model = GPTModel(config)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
-    train_model = ft.compiled_for_training(model, device) if compile_model else model
+    train_model = extras.compiled_for_training(model, device) if compile_model else model
     loaded = clock(device)
     with torch.no_grad(), ctx:
         initial = (calc_loss_loader(train_loader, model, device, num_batches=5),
@@ -158,12 +159,9 @@ def our_job(weights, settings, device, tokenizer, precision, compile_model):
                            settings["epochs"], 5, 5, ft.format_input(val[0]), tokenizer, hooks)
     trained = clock(device)
     model.eval()
-    prompt_lengths = [len(tokenizer.encode(ft.format_input(entry))) for entry in test]
-    batch_size = ft.default_gen_batch_size(device, config, prompt_lengths,
-                                           settings["max_new_tokens"], precision)
-    with ctx:
+    with ctx:  # batches sized to the device, as the script sizes them
         ft.generate_responses(model, test, tokenizer, config["context_length"],
-                              settings["max_new_tokens"], batch_size)
+                              settings["max_new_tokens"])
     answered = clock(device)
     return {"load": loaded - start, "initial losses": checked - loaded,
             "training": trained - checked, "answers": answered - trained, "initial": initial,

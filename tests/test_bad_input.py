@@ -8,14 +8,14 @@ after training exits 1 and leaves a checkpoint that --resume finishes from witho
 import json
 import os
 import random
-import re
 import shutil
-import subprocess
-import sys
+from functools import partial
 from unittest import mock
 
 import pytest
 import torch
+from helpers import assert_error, run_in_process
+from helpers import run_script as run_any_script
 
 import exercise_experiments as ex
 import gpt_instruction_finetuning as ft
@@ -32,36 +32,7 @@ OUTPUTS = ["Smalltestmodel-sft-standalone.json", "Smalltestmodel-sft-standalone.
 #####################################
 
 
-def run_in_process(entry_point, argv, capsys):
-    """Call a script's entry point with `argv`; return (exit code, stdout, stderr)."""
-    try:
-        entry_point(argv)
-        code = 0
-    except SystemExit as exc:
-        code = 0 if exc.code is None else exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_script(*args, cwd):
-    """Run gpt_instruction_finetuning.py as a user would; return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "gpt_instruction_finetuning.py"),
-                           *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def assert_error(err, *parts, values=()):
-    """Assert that `err` is one 'Error:' line (besides progress bars) holding every substring in
-    `parts` and every word in `values`."""
-    assert "Traceback" not in err, err
-    rest = re.sub(r"\r[^\r\n]*\n?", "", err)  # progress bars: tqdm redraws them after \r
-    assert rest.endswith("\n") and rest.count("\n") == 1 and "\r" not in rest, err
-    line = rest[:-1]
-    assert line.startswith("Error: "), line
-    for part in parts:
-        assert part in line, (part, line)
-    words = {word.rstrip(".") for word in re.findall(r"[\w.+-]+", line)}
-    for value in values:
-        assert value in words, (value, line)
+run_script = partial(run_any_script, "gpt_instruction_finetuning.py")  # as a user runs it
 
 
 def files(folder):

@@ -4,13 +4,16 @@ evaluation: each gives the fp32 CPU path's numbers (run here on the CPU)."""
 import copy
 import sys
 from functools import partial
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import finetune_cli as cli
 import gpt_instruction_finetuning as ft
+import training_extras as extras
 from instruction_data import DataError
 from previous_chapters import (
     GPTModel,
@@ -43,20 +46,27 @@ def whole_rows(model):
     return model
 
 
+def assert_same_losses_and_gradients(batches, model, reference, trained=None, atol=1e-6):
+    """Each batch's loss through `model`, and the gradients it leaves on `trained` (the model's
+    parameters; `model` itself by default), equal those of `reference`."""
+    trained = trained or model
+    for inputs, targets in batches:
+        trained.zero_grad()
+        reference.zero_grad()
+        got = calc_loss_batch(inputs, targets, model, "cpu")
+        expected = calc_loss_batch(inputs, targets, reference, "cpu")
+        got.backward()
+        expected.backward()
+        assert torch.allclose(got, expected, atol=atol)
+        for (name, a), b in zip(trained.named_parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(a.grad, b.grad, atol=atol), name
+
+
 def test_whole_rows_give_the_packed_losses_and_gradients(cfg, chapter_batches):
     torch.manual_seed(0)
     packed = GPTModel(cfg)
-    whole = whole_rows(copy.deepcopy(packed))
-    for inputs, targets in chapter_batches[:3]:
-        packed.zero_grad()
-        whole.zero_grad()
-        expected = calc_loss_batch(inputs, targets, packed, "cpu")
-        got = calc_loss_batch(inputs, targets, whole, "cpu")
-        expected.backward()
-        got.backward()
-        assert torch.allclose(got, expected, atol=1e-6)
-        for (name, a), b in zip(packed.named_parameters(), whole.parameters(), strict=True):
-            assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    assert_same_losses_and_gradients(chapter_batches[:3], whole_rows(copy.deepcopy(packed)),
+                                     packed)
 
 
 def test_whole_rows_are_padded_to_a_few_lengths(cfg):
@@ -131,13 +141,13 @@ def test_bf16_losses_stay_close_to_fp32_and_the_weights_stay_fp32(cfg, chapter_b
     model = GPTModel(cfg)
     inputs, targets = chapter_batches[0]
     fp32 = calc_loss_batch(inputs, targets, model, "cpu")
-    with ft.precision_context(torch.device("cpu"), "bf16"):
+    with extras.precision_context(torch.device("cpu"), "bf16"):
         bf16 = calc_loss_batch(inputs, targets, model, "cpu")
     assert bf16.dtype == torch.float32
     assert bf16.item() == pytest.approx(fp32.item(), rel=0.02)
     assert bf16.item() != fp32.item()  # it did compute in bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    with ft.precision_context(torch.device("cpu"), "fp32"):
+    with extras.precision_context(torch.device("cpu"), "fp32"):
         assert calc_loss_batch(inputs, targets, model, "cpu").item() == fp32.item()
 
 
@@ -147,73 +157,71 @@ def test_compiled_training_model_gives_the_eager_losses_and_gradients(cfg,
     model = GPTModel(cfg)
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
-    compiled = ft.compiled_for_training(model, torch.device("cpu"))
-    for inputs, targets in chapter_batches[:2]:
-        model.zero_grad()
-        reference.zero_grad()
-        got = calc_loss_batch(inputs, targets, compiled, "cpu")
-        expected = calc_loss_batch(inputs, targets, reference, "cpu")
-        got.backward()
-        expected.backward()
-        assert torch.allclose(got, expected, atol=1e-5)
-        for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
-            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    compiled = extras.compiled_for_training(model, torch.device("cpu"))
+    assert_same_losses_and_gradients(chapter_batches[:2], compiled, reference, trained=model,
+                                     atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
     assert type(model) is GPTModel and set(model.state_dict()) == set(reference.state_dict())
 
 
 def test_without_compile_the_training_model_is_the_model(cfg):
     model = GPTModel(cfg)
-    args = ft.build_parser().parse_args([])
-    assert ft.prepare_for_training(model, ft.Experiment(), args, torch.device("cpu")) is model
+    assert extras.training_model(model, False, torch.device("cpu")) is model
+
+
+def gpt2_medium_on(device):
+    """Stands in for GPT-2 355M on `device`: the sizes the generation batch is computed from."""
+    return SimpleNamespace(
+        pos_emb=SimpleNamespace(weight=SimpleNamespace(device=device), num_embeddings=1024),
+        tok_emb=SimpleNamespace(embedding_dim=1024, num_embeddings=50257), trf_blocks=[None] * 24)
 
 
 def test_generation_batch_size_follows_the_device():
-    config = {**ft.BASE_CONFIG, "emb_dim": 1024, "n_layers": 24, "n_heads": 16}
-    sized = partial(ft.default_gen_batch_size, config=config, prompt_lengths=[100] * 110,
-                    max_new_tokens=256, precision="fp32")
-    assert sized(torch.device("cpu")) == 8
+    sized = partial(extras.default_gen_batch_size, prompt_lengths=[100] * 110,
+                    max_new_tokens=256)
+    assert sized(gpt2_medium_on(torch.device("cpu"))) == 8
+    cuda = gpt2_medium_on(torch.device("cuda"))
     gib = 1 << 30
     with mock.patch("torch.cuda.mem_get_info", return_value=(100 * gib, 141 * gib)):
-        assert sized(torch.device("cuda")) == 110  # the whole test set at once
+        assert sized(cuda) == 110  # the whole test set at once
     with mock.patch("torch.cuda.mem_get_info", return_value=(4 * gib, 8 * gib)):
         # 2 GiB for keys and values of 24 layers x 356 positions x 1024 x 4 bytes x 2
-        assert sized(torch.device("cuda")) == 2 * gib // (2 * 24 * 356 * 1024 * 4 + 8 * 50257)
+        assert sized(cuda) == 2 * gib // (2 * 24 * 356 * 1024 * 4 + 8 * 50257)
 
 
 def test_bf16_is_refused_on_a_gpu_without_bfloat16_units():
     with mock.patch("torch.cuda.is_bf16_supported", return_value=False), \
             mock.patch("torch.cuda.get_device_name", return_value="Tesla T4"), \
             pytest.raises(DataError) as error:
-        ft.check_precision("bf16", False, torch.device("cuda"))
+        cli.check_precision("bf16", False, torch.device("cuda"))
     assert str(error.value) == ("--precision bf16: Tesla T4 has no bfloat16 units (they came "
                                 "with Ampere GPUs); use --precision fp32")
 
 
 def test_compile_is_refused_where_it_cannot_run():
     with mock.patch.object(sys, "platform", "win32"), pytest.raises(DataError) as error:
-        ft.check_precision("fp32", True, torch.device("cpu"))
+        cli.check_precision("fp32", True, torch.device("cpu"))
     assert str(error.value).startswith("--compile: torch.compile does not run on Windows")
     with mock.patch("importlib.util.find_spec", return_value=None), \
             pytest.raises(DataError) as error:
-        ft.check_precision("fp32", True, torch.device("cuda"))
+        cli.check_precision("fp32", True, torch.device("cuda"))
     assert str(error.value) == ("--compile: torch.compile needs Triton on a GPU and it is not "
                                 "installed; pip install triton, or leave --compile out")
 
 
 def test_bf16_on_a_cpu_without_bfloat16_warns_once(capsys):
-    with mock.patch.object(ft, "cpu_has_bf16", return_value=False):
-        ft.check_precision("bf16", False, torch.device("cpu"))
+    with mock.patch.object(cli, "cpu_has_bf16", return_value=False):
+        cli.check_precision("bf16", False, torch.device("cpu"))
     assert capsys.readouterr().out == ("Warning: this CPU has no bfloat16 instructions; "
                                        "--precision bf16 will be slower than fp32 here\n")
-    with mock.patch.object(ft, "cpu_has_bf16", return_value=True):
-        ft.check_precision("bf16", False, torch.device("cpu"))
+    with mock.patch.object(cli, "cpu_has_bf16", return_value=True):
+        cli.check_precision("bf16", False, torch.device("cpu"))
     assert capsys.readouterr().out == ""
 
 
 def test_cudnn_attention_is_left_out_on_cuda_only():
     with mock.patch("torch.backends.cuda.enable_cudnn_sdp") as enable:
-        ft.choose_attention_kernels(torch.device("cpu"))
+        extras.choose_attention_kernels(torch.device("cpu"))
         assert enable.call_count == 0
-        ft.choose_attention_kernels(torch.device("cuda"))
+        extras.choose_attention_kernels(torch.device("cuda"))
     enable.assert_called_once_with(False)

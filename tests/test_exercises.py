@@ -4,12 +4,15 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import run_script as run_any_script
 
 import exercise_experiments as ex
+import finetuned_model
 import gpt_instruction_finetuning as ft
 import lora
 from previous_chapters import GPTModel, calc_loss_batch
@@ -21,10 +24,7 @@ NO_INPUT = {"instruction": "What is an antonym of 'complicated'?", "input": "",
             "output": "An antonym of 'complicated' is 'simple'."}
 
 
-def run_script(*args, cwd):
-    """Run the script as a user would; return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "exercise_experiments.py"), *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+run_script = partial(run_any_script, "exercise_experiments.py")  # as a user runs it
 
 
 def parse(*argv):
@@ -255,7 +255,7 @@ def test_each_experiment_end_to_end(tmp_path, instruction_data_path, option, nam
         assert "out_head.lora.B" in state
         lora.replace_linear_with_lora(model, rank=16, alpha=16)
     model.load_state_dict(state)  # strict: every weight present, nothing extra
-    loaded, info, prompt_style = ft.load_finetuned_model(
+    loaded, info, prompt_style = finetuned_model.load_finetuned_model(
         str(tmp_path / f"Smalltestmodel-sft-{name}.pth"))  # rebuilt from the JSON beside it
     assert (info["experiment"], prompt_style.name) == (
         name, "phi3" if option == "phi3_prompt" else "alpaca")
@@ -295,31 +295,32 @@ def test_alpaca_52k_file_with_merged_lora(tmp_path):
     assert [e["instruction"] for e in responses] == [e["instruction"] for e in entries[34:38]]
 
 
-def test_unmerged_lora_pth_without_json_loads_with_its_rank_and_the_books_alpha(tmp_path):
+def trained_lora_model(rank, alpha):
+    """The test model with LoRA layers whose update is no longer zero, as after training."""
     torch.manual_seed(0)
     model = GPTModel(ft.TEST_MODE_CONFIG)
-    lora.replace_linear_with_lora(model, rank=4, alpha=16)
+    lora.replace_linear_with_lora(model, rank=rank, alpha=alpha)
     for name, param in model.named_parameters():
         if name.endswith(".lora.B"):
-            nn.init.normal_(param)  # as after training: the update is no longer zero
+            nn.init.normal_(param)
+    return model
+
+
+def test_unmerged_lora_pth_without_json_loads_with_its_rank_and_the_books_alpha(tmp_path):
+    model = trained_lora_model(rank=4, alpha=16)
     torch.save(model.state_dict(), tmp_path / "lora.pth")
-    loaded, info, prompt_style = ft.load_finetuned_model(str(tmp_path / "lora.pth"))
+    loaded, info, prompt_style = finetuned_model.load_finetuned_model(str(tmp_path / "lora.pth"))
     assert prompt_style.name == "alpaca" and "settings" not in info
     idx = torch.randint(0, 50257, (1, 6))
     assert torch.equal(loaded(idx), model.eval()(idx))
 
 
 def test_lora_alpha_is_read_from_the_saved_config(tmp_path):
-    torch.manual_seed(0)
-    model = GPTModel(ft.TEST_MODE_CONFIG)
-    lora.replace_linear_with_lora(model, rank=2, alpha=3.5)
-    for name, param in model.named_parameters():
-        if name.endswith(".lora.B"):
-            nn.init.normal_(param)
+    model = trained_lora_model(rank=2, alpha=3.5)
     info = {"config": {**ft.TEST_MODE_CONFIG, "lora": lora.lora_config(model)},
             "prompt_style": "alpaca"}
     ft.save_finetuned_model(model, str(tmp_path / "m.pth"), info)
-    loaded, saved_info, _ = ft.load_finetuned_model(str(tmp_path / "m.pth"))
+    loaded, saved_info, _ = finetuned_model.load_finetuned_model(str(tmp_path / "m.pth"))
     assert saved_info["config"]["lora"] == {"rank": 2, "alpha": 3.5}
     idx = torch.randint(0, 50257, (1, 6))
     assert torch.equal(loaded(idx), model.eval()(idx))

@@ -8,8 +8,8 @@ import os
 import pytest
 import tiktoken.load
 import torch
+from helpers import assert_error
 from safetensors import safe_open
-from test_bad_input import assert_error
 
 import export_hf
 import gpt_instruction_finetuning as ft

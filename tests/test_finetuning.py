@@ -7,12 +7,19 @@ import re
 import subprocess
 import sys
 import threading
+from functools import partial
 from unittest import mock
 
 import pytest
 import torch
+from helpers import run_in_process
+from helpers import run_script as run_any_script
 
+import finetune_cli as cli
+import finetuned_model
 import gpt_instruction_finetuning as ft
+import instruction_data
+import training_extras as extras
 from previous_chapters import (
     GPTModel,
     generate,
@@ -24,10 +31,7 @@ from training_extras import plot_losses_from_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(*args, cwd):
-    """Run the script as a user would; return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "gpt_instruction_finetuning.py"),
-                           *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+run_script = partial(run_any_script, "gpt_instruction_finetuning.py")  # as a user runs it
 
 
 def test_split_of_the_chapter_dataset(instruction_data_path):
@@ -81,10 +85,10 @@ def test_truncation_warning_counts_long_entries(tokenizer, capsys):
     dataset = ft.InstructionDataset([{"instruction": "word " * 40, "input": "", "output": "x"},
                                      {"instruction": "short", "input": "", "output": "x"}],
                                     tokenizer)
-    ft.warn_if_truncated(dataset, 60, "training")
+    instruction_data.warn_if_truncated(dataset, 60, "training")
     assert capsys.readouterr().out == (
         "Warning: 1 of 2 training entries are longer than 60 tokens and will be truncated\n")
-    ft.warn_if_truncated(dataset, 1024, "training")
+    instruction_data.warn_if_truncated(dataset, 1024, "training")
     assert capsys.readouterr().out == ""
 
 
@@ -153,7 +157,7 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
         "train_loss": info["train_loss"], "val_loss": info["val_loss"],
         "settings": {"--model": "Small test model", "--seed": 123, "--lr": 5e-5,
                      "--weight_decay": 0.1, "--batch_size": 8, "--precision": "fp32",
-                     "training data": ft.fingerprint(dataset[:10]),
+                     "training data": extras.fingerprint(dataset[:10]),
                      "experiment": "standalone"},
     }
     assert f"Train loss {info['train_loss']:.3f}, Val loss {info['val_loss']:.3f}" \
@@ -305,10 +309,9 @@ BAD_INPUTS = [
 def test_bad_data_gives_one_line_and_exit_2(tmp_path, capsys, content, message):
     path = tmp_path / "data.json"
     path.write_text(content)
-    with pytest.raises(SystemExit) as exit_info:
-        ft.main(["--test_mode", "--data_path", str(path), "--output_dir", str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"Error: {path}: {message}\n"
+    argv = ["--test_mode", "--data_path", str(path), "--output_dir", str(tmp_path)]
+    code, _, err = run_in_process(ft.main, argv, capsys)
+    assert (code, err) == (2, f"Error: {path}: {message}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
 
@@ -372,7 +375,7 @@ def test_dataset_download_failure_is_one_clear_error(tmp_path, data_server):
 
 
 def test_help_explains_every_flag():
-    text = ft.build_parser().format_help()
+    text = cli.build_parser().format_help()
     for flag in ["--model", "--models_dir", "--data_path", "--output_dir", "--epochs",
                  "--batch_size", "--lr", "--weight_decay", "--seed", "--eval_freq", "--eval_iter",
                  "--max_new_tokens", "--gen_batch_size", "--device", "--resume", "--test_mode",
@@ -382,11 +385,12 @@ def test_help_explains_every_flag():
     for default in ["(default: 355M)", "(default: 5e-05)", "(default: tf)", "(default: auto)"]:
         assert flat.count(default) == 1, default
     assert "default: None" not in flat and "default: False" not in flat
-    args = ft.build_parser().parse_args([])
+    args = cli.build_parser().parse_args([])
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
             args.eval_iter, args.max_new_tokens) == ("355M", None, 5e-5, 0.1, 123, 5, 5, 256)
     assert "training epochs (default: 2; with --resume, the interrupted run's own)" in flat
-    assert ft.epochs_to_train(args, "checkpoint.pth", None) == 2
+    assert extras.epochs_to_train(args.epochs, "checkpoint.pth", None, cli.DEFAULT_EPOCHS) == 2
+    assert cli.DEFAULT_EPOCHS == 2  # the chapter's
 
 
 def saved_tiny_model(tmp_path, cfg, info=None):
@@ -406,7 +410,7 @@ def test_finetuned_model_loads_with_its_json(tmp_path):
     model, path = saved_tiny_model(tmp_path, cfg, {"config": cfg, "prompt_style": "phi3"})
     assert json.loads((tmp_path / "model.json").read_text()) == {
         "config": cfg, "prompt_style": "phi3"}
-    loaded, info, prompt_style = ft.load_finetuned_model(path)
+    loaded, info, prompt_style = finetuned_model.load_finetuned_model(path)
     assert info["config"] == cfg and prompt_style.name == "phi3"
     assert not loaded.training
     idx = torch.randint(0, 50257, (1, 7))
@@ -415,7 +419,7 @@ def test_finetuned_model_loads_with_its_json(tmp_path):
 
 def test_bare_pth_loads_with_config_read_off_its_shapes(tmp_path):
     model, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG)
-    loaded, info, prompt_style = ft.load_finetuned_model(path)
+    loaded, info, prompt_style = finetuned_model.load_finetuned_model(path)
     assert info == {"config": ft.TEST_MODE_CONFIG, "prompt_style": "alpaca"}
     assert prompt_style is ft.ALPACA
     idx = torch.randint(0, 50257, (2, 5))
@@ -425,7 +429,7 @@ def test_bare_pth_loads_with_config_read_off_its_shapes(tmp_path):
 def test_finetuned_model_that_cannot_load_is_one_clear_error(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(ft.DataError, match=f"^{missing}: file not found; finetune first"):
-        ft.load_finetuned_model(str(missing))
+        finetuned_model.load_finetuned_model(str(missing))
 
     _, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG)
     data = open(path, "rb").read()
@@ -433,19 +437,19 @@ def test_finetuned_model_that_cannot_load_is_one_clear_error(tmp_path):
         f.write(data[:len(data) // 2])  # a copy cut short
     with pytest.raises(ft.DataError, match=f"^{path}: damaged or not a PyTorch weight file "
                                            r"\(.*\); finetune again or copy the file anew$"):
-        ft.load_finetuned_model(path)
+        finetuned_model.load_finetuned_model(path)
 
     _, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG,
                                {"config": {**ft.TEST_MODE_CONFIG, "emb_dim": 16},
                                 "prompt_style": "alpaca"})
     with pytest.raises(ft.DataError, match=f"^{path}: the weights do not fit the model "
                                            f"described by {tmp_path}/model.json"):
-        ft.load_finetuned_model(path)
+        finetuned_model.load_finetuned_model(path)
 
     (tmp_path / "model.json").write_text('{"config": {}, "prompt_style": "chatml"}')
     with pytest.raises(ft.DataError, match="model.json: needs a 'config' object and a "
                                            "'prompt_style' of alpaca, phi3; delete it"):
-        ft.load_finetuned_model(path)
+        finetuned_model.load_finetuned_model(path)
 
 
 def test_gitignore_covers_every_file_a_run_writes(tmp_path, instruction_data_path):

@@ -1,0 +1,196 @@
+"""The command line of the chapter script (and of the exercises, which add their own flags):
+the flags with the chapter's values as defaults, and every check of them made before any work
+starts, each refusal one DataError naming the flag and what to do."""
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+
+from gpt_download import GPT2_SIZES
+from script_utils import DataError, check_writable_folder
+
+DEFAULT_EPOCHS = 2  # the chapter's; a resumed run keeps its own
+
+
+def build_parser(description=None):
+    """The chapter script's flags, with the chapter's values as defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_and_data_flags(parser)
+    add_training_flags(parser)
+    add_run_flags(parser)
+    return parser
+
+
+def add_model_and_data_flags(parser):
+    """Which GPT-2 and which data; where files are read and written."""
+    parser.add_argument("--model", default="355M", choices=list(GPT2_SIZES),
+                        help="GPT-2 size to finetune (355M is gpt2-medium)")
+    parser.add_argument("--models_dir", default="gpt2",
+                        help="folder that holds (or receives) OpenAI's checkpoints")
+    parser.add_argument("--weights", default="tf", choices=["tf", "safetensors"],
+                        help="read OpenAI's TensorFlow checkpoint (the chapter's way), or the "
+                             "same weights as model.safetensors, which needs no TensorFlow")
+    parser.add_argument("--data_path", default=None,
+                        help="JSON list of instruction/input/output entries (default: the "
+                             "chapter's dataset, downloaded to the working folder when missing)")
+    parser.add_argument("--output_dir", default=".",
+                        help="where the plot, metrics, responses, weights and checkpoint go")
+    parser.add_argument("--test_mode", action="store_true",
+                        help="a tiny random model on 10/10/10 entries: the whole pipeline in "
+                             "seconds; downloads the dataset only")
+
+
+def add_training_flags(parser):
+    """The chapter's hyperparameters, and how a step is computed."""
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"training epochs (default: {DEFAULT_EPOCHS}; with --resume, the "
+                             "interrupted run's own)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="training batch size (default: 8; 4 for the Alpaca 52k exercise)")
+    parser.add_argument("--micro_batch_size", type=int, default=None,
+                        help="compute each batch this many entries at a time, accumulating "
+                             "gradients: the same training with less memory")
+    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    parser.add_argument("--seed", type=int, default=123,
+                        help="seed for shuffling and initialization")
+    parser.add_argument("--eval_freq", type=int, default=5, help="evaluate every this many steps")
+    parser.add_argument("--eval_iter", type=int, default=5, help="batches per loss estimate")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16 computes the losses and the answers in bfloat16 autocast, "
+                             "for GPUs with bf16 units (Ampere or newer)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training steps with torch.compile (CUDA with "
+                             "Triton; the first steps wait while it compiles)")
+
+
+def add_run_flags(parser):
+    """The answers, the device, and resuming."""
+    parser.add_argument("--max_new_tokens", type=int, default=256,
+                        help="longest response generated for a test entry")
+    parser.add_argument("--gen_batch_size", type=int, default=None,
+                        help="test entries answered at once (default: 8 on a CPU; on a GPU the "
+                             "whole test set, as memory allows); the answers are the same as "
+                             "one at a time")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint that an interrupted run left")
+    parser.add_argument("--keep_checkpoint", action="store_true",
+                        help="keep the checkpoint after a finished run (it is removed once "
+                             "all outputs are written)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """--help keeps the usage examples' line breaks and shows each flag's default; switches
+    (default off) and flags whose help explains their default show none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_args(args):
+    """Refuse flag values that cannot work, before anything is downloaded or loaded.
+
+    Raises DataError naming the flag and its value. Replaces `args.device` with the device.
+    """
+    for name in ("epochs", "batch_size", "micro_batch_size", "gen_batch_size", "eval_freq",
+                 "eval_iter"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DataError(f"--{name} must be at least 1, got {value}")
+    if not args.lr > 0:
+        raise DataError(f"--lr must be above 0, got {args.lr}")
+    if not args.weight_decay >= 0:
+        raise DataError(f"--weight_decay must not be negative, got {args.weight_decay}")
+    if args.max_new_tokens < 0:
+        raise DataError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
+    args.device = pick_device(args.device)
+    check_precision(args.precision, args.compile, args.device)
+    check_paths(args)
+
+
+def pick_device(name):
+    """Return the torch device for `name`; 'auto' prefers cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DataError(f"--device {name}: not a device; use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine; "
+                        "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                        "CUDA device(s); use --device cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"--device {name}: MPS is not available on this machine; "
+                        "use --device cpu")
+    return device
+
+
+def check_precision(precision, compile_model, device):
+    """Refuse bf16 on a GPU without bfloat16 units and --compile where it cannot run; warn that
+    bf16 on a CPU without bfloat16 instructions is slower than fp32."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DataError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
+                        "bfloat16 units (they came with Ampere GPUs); use --precision fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        print("Warning: this CPU has no bfloat16 instructions; --precision bf16 will be slower "
+              "than fp32 here")
+    if compile_model and sys.platform == "win32":
+        raise DataError("--compile: torch.compile does not run on Windows; leave --compile "
+                        "out (or run under WSL)")
+    if compile_model and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise DataError("--compile: torch.compile needs Triton on a GPU and it is not "
+                        "installed; pip install triton, or leave --compile out")
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX on x86)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def check_paths(args):
+    """Refuse a data file, output folder or models folder that cannot be used, before training.
+
+    The output folder is created when missing and must take a file.
+    """
+    if args.data_path is not None:
+        if not os.path.exists(args.data_path):
+            raise DataError(f"{args.data_path}: file not found (--data_path)")
+        if not os.path.isfile(args.data_path):
+            raise DataError(f"--data_path {args.data_path}: is a folder, not a JSON file")
+    if os.path.exists(args.models_dir) and not os.path.isdir(args.models_dir):
+        raise DataError(f"--models_dir {args.models_dir}: is a file, not a folder; "
+                        "pass another folder with --models_dir")
+    check_writable_folder("--output_dir", args.output_dir, create=True)
+
+
+def check_batch_sizes(size, micro, world_size, num_train, data_path):
+    """Refuse a batch of `size` that the training set, the processes or --micro_batch_size
+    `micro` cannot be split into."""
+    if num_train < size:
+        raise DataError(f"{data_path}: {num_train} training entries are fewer than one "
+                        f"batch of {size}")
+    if size % world_size:
+        raise DataError(f"--batch_size {size} is the global batch: it must be a multiple "
+                        f"of the {world_size} processes")
+    if micro is not None and (size // world_size) % micro:
+        share = "" if world_size == 1 else f" per process ({world_size} processes)"
+        raise DataError(f"--micro_batch_size {micro}: the batch of {size // world_size}{share} "
+                        "must be a multiple of it; pick a divisor of --batch_size")
