@@ -347,9 +347,9 @@ def will_resume(resume, checkpoint):
     if resume and not exists:
         print(f"No checkpoint at {checkpoint}; starting from the beginning")
     if not resume and exists:
-        print(f"Note: {checkpoint} holds an unfinished run; this run starts over and replaces "
-              "it at its first epoch end. To continue that run instead, stop now (Ctrl-C) "
-              "and run the same command with --resume.")
+        print(f"Note: {checkpoint} holds an earlier run's progress; this run starts over and "
+              "replaces it at its first epoch end. To continue that run instead, stop now "
+              "(Ctrl-C) and run the same command with --resume.")
     return resume and exists
 
 

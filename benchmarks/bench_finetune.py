@@ -45,6 +45,7 @@ from common import (
 )
 
 import gpt_instruction_finetuning as ft
+import training_extras as extras
 from gpt_instruction_finetuning import format_input, generate_responses
 from previous_chapters import (
     GPTModel,
@@ -52,7 +53,6 @@ from previous_chapters import (
     text_to_token_ids,
     token_ids_to_text,
 )
-from training_extras import ChapterTraining
 
 
 def book_answers(model, entries, tokenizer, max_new_tokens, use_cache):
@@ -130,6 +130,13 @@ def bench_training(size, steps, precision="fp32", compile_forward=False):
     return rows
 
 
+def peak_memory(device):
+    """The peak memory so far, in bytes: the CUDA allocator's, or the process's resident set."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_of_training(size, precision, compile_forward, steps=2):
     """Run in a fresh process: peak memory (bytes, label) of `steps` fast training steps."""
     device = device_name()
@@ -137,41 +144,47 @@ def peak_memory_of_training(size, precision, compile_forward, steps=2):
                                             compile_forward=compile_forward)
     for inputs, targets in real_batches(steps):
         step(model, optimizer, inputs, targets)
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated(), "CUDA allocator peak"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU peak resident memory"
+    label = "CUDA allocator peak" if device == "cuda" else "CPU peak resident memory"
+    return peak_memory(device), label
 
 
 def micro_batch_training(size, micro_batch_size, steps):
-    """Run in a fresh process: (peak memory in bytes, median step in seconds) of `steps`
-    training steps computed `micro_batch_size` rows at a time, as the chapter script does."""
+    """Run in a fresh process: the peak memory (bytes) of forward and backward passes alone, of
+    whole training steps, and their median time (seconds), each batch computed
+    `micro_batch_size` rows at a time as the chapter script does.
+
+    The forward and backward passes come first, before AdamW has made its moments: their peak
+    is the weights, the gradients and the activations, the part micro-batches shrink."""
     device = device_name()
     torch.manual_seed(0)
     model = GPTModel(gpt2_config(size)).to(device).train()
     optimizer = ft.make_optimizer(model, 5e-5, 0.1)
-    hooks = ChapterTraining(1, torch.device(device), micro_batch_size=micro_batch_size)
+    hooks = extras.ChapterTraining(1, torch.device(device), micro_batch_size=micro_batch_size)
+    batches = real_batches(steps)
+    for inputs, targets in batches[:2]:
+        optimizer.zero_grad()
+        hooks.batch_loss(inputs, targets, model, device).backward()
+    backward_peak = peak_memory(device)
 
     def step(inputs, targets):
         optimizer.zero_grad()
         hooks.batch_loss(inputs, targets, model, device).backward()
         optimizer.step()
 
-    seconds = [timed(partial(step, inputs, targets))[0] for inputs, targets in real_batches(steps)]
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak, statistics.median(seconds[1:])
+    seconds = [timed(partial(step, inputs, targets))[0] for inputs, targets in batches]
+    return backward_peak, peak_memory(device), statistics.median(seconds[1:])
 
 
 def bench_micro_batches(size, steps):
     """Rows of the micro-batch table: peak memory and step time for 8, 2 and 1 rows at a time."""
-    rows = [[f"GPT-2 {size}, batch 8, {device_name()}", "peak memory", "median step"]]
+    rows = [[f"GPT-2 {size}, batch 8, {device_name()}", "peak, forward + backward",
+             "peak, whole step", "median step"]]
     for micro in (8, 2, 1):
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            peak, seconds = pool.apply(micro_batch_training, (size, micro, steps))
-        rows.append([f"--micro_batch_size {micro}", f"{peak / 2**30:.2f} GiB",
-                     f"{seconds:.2f} s"])
+            backward_peak, step_peak, seconds = pool.apply(micro_batch_training,
+                                                           (size, micro, steps))
+        rows.append([f"--micro_batch_size {micro}", f"{backward_peak / 2**30:.2f} GiB",
+                     f"{step_peak / 2**30:.2f} GiB", f"{seconds:.2f} s"])
     return rows
 
 

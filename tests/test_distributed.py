@@ -36,8 +36,9 @@ def test_shards_of_the_global_batches_match_the_chapters_batches():
     assert [b.tolist() for b in alone] == chapter  # one process: the chapter's exact order
 
 
-def finetune(tmp_path, name, nproc, instruction_data_path):
-    """Run the test-mode pipeline with `nproc` processes (0: plain python); return its folder."""
+def finetune(tmp_path, name, nproc, instruction_data_path, *flags):
+    """Run the test-mode pipeline with `nproc` processes (0: plain python) and `flags`; return
+    its folder and its stdout."""
     out = tmp_path / name
     launcher = ([sys.executable] if nproc == 0 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -45,7 +46,7 @@ def finetune(tmp_path, name, nproc, instruction_data_path):
     result = subprocess.run(
         [*launcher, os.path.join(REPO, "gpt_instruction_finetuning.py"), "--test_mode",
          "--data_path", str(instruction_data_path), "--batch_size", "4", "--max_new_tokens", "5",
-         "--output_dir", str(out)],
+         "--output_dir", str(out), *flags],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result.stdout
@@ -83,3 +84,11 @@ def test_torchrun_with_one_process_keeps_the_chapters_shuffling(tmp_path, single
     weights = torch.load(out / MODEL_FILE, weights_only=True)
     for name, tensor in single_process[0].items():
         assert torch.equal(weights[name], tensor), name
+
+
+def test_two_processes_with_micro_batches_give_the_single_process_weights(
+        tmp_path, single_process, instruction_data_path):
+    out, _ = finetune(tmp_path, "micro", 2, instruction_data_path, "--micro_batch_size", "1")
+    weights = torch.load(out / MODEL_FILE, weights_only=True)
+    for name, tensor in single_process[0].items():
+        assert torch.allclose(weights[name], tensor, atol=1e-6, rtol=0), name

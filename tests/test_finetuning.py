@@ -259,9 +259,9 @@ def test_a_rerun_says_it_replaces_an_unfinished_runs_checkpoint(tmp_path, instru
     ft.main(common)
     lines = capsys.readouterr().out.splitlines()
     checkpoint = tmp_path / "checkpoint-Smalltestmodel-standalone.pth"
-    note = (f"Note: {checkpoint} holds an unfinished run; this run starts over and replaces it "
-            "at its first epoch end. To continue that run instead, stop now (Ctrl-C) and run "
-            "the same command with --resume.")
+    note = (f"Note: {checkpoint} holds an earlier run's progress; this run starts over and "
+            "replaces it at its first epoch end. To continue that run instead, stop now "
+            "(Ctrl-C) and run the same command with --resume.")
     assert lines.index(note) < lines.index("Initial losses")
     assert not checkpoint.exists()  # this run finished: its checkpoint is removed
 

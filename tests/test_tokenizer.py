@@ -195,3 +195,38 @@ def test_suite_runs_offline_beside_the_shared_data(tmp_path, closed_port, instru
         with_tiktoken_cache=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("1 passed")
+
+
+def offline_env(tmp_path):
+    """The environment of a user with no network and an empty tiktoken cache: every request
+    goes to a proxy on a closed loopback port, so it fails at once, as offline."""
+    cache = tmp_path / "empty-tiktoken-cache"
+    cache.mkdir()
+    closed = "http://127.0.0.1:9"
+    return {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache), "HTTPS_PROXY": closed,
+            "HTTP_PROXY": closed, "https_proxy": closed, "http_proxy": closed}
+
+
+def test_script_runs_offline_with_the_tokenizer_files_of_a_gpt2_download(
+        tmp_path, gpt2_vocab_dir, instruction_data_path):
+    place_vocab(gpt2_vocab_dir, tmp_path / "gpt2" / "355M")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "gpt_instruction_finetuning.py"), "--test_mode",
+         "--data_path", str(instruction_data_path), "--epochs", "1", "--max_new_tokens", "5"],
+        cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Model saved as ./Smalltestmodel-sft-standalone.pth" in result.stdout.splitlines()
+
+
+def test_script_offline_without_tokenizer_files_names_the_fixes(tmp_path,
+                                                               instruction_data_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "gpt_instruction_finetuning.py"), "--test_mode",
+         "--data_path", str(instruction_data_path)],
+        cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("Error: ")
+    for part in ("TIKTOKEN_CACHE_DIR", "encoder.json", "vocab.bpe"):
+        assert part in result.stderr
+    assert not (tmp_path / "Smalltestmodel-sft-standalone.pth").exists()
