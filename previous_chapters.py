@@ -12,7 +12,6 @@ loss computes the output head only where a target counts; and `train_model_simpl
 optional `hooks`, through which the chapter script adds resuming, Ctrl-C and torchrun.
 """
 
-
 import matplotlib.pyplot as plt
 import numpy as np
 import tiktoken

@@ -11,6 +11,9 @@
   autocast context, a batch computed a few rows at a time with gradients accumulated, and the
   chapter's 5 + 5 evaluation batches in one forward pass where rows are not packed (GPUs).
 - A metrics log: one CSV row per evaluation, appended as training goes.
+- The run's set-up and bookkeeping: the bf16 autocast context, the attention kernels and
+  torch.compile for the training model, the size of generation batches, the settings a
+  checkpoint records, and what becomes of the checkpoint (resumed, replaced, removed).
 
 `ChapterTraining` bundles these as the `hooks` of `previous_chapters.train_model_simple`.
 """
