@@ -4,6 +4,7 @@ starts, each refusal one DataError naming the flag and what to do."""
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 
@@ -13,6 +14,7 @@ from gpt_download import GPT2_SIZES
 from script_utils import DataError, check_writable_folder
 
 DEFAULT_EPOCHS = 2  # the chapter's; a resumed run keeps its own
+SEED_RANGE = (-2**63, 2**64 - 1)  # the seeds torch.manual_seed accepts
 
 
 def build_parser(description=None):
@@ -34,8 +36,10 @@ def add_model_and_data_flags(parser):
                         help="read OpenAI's TensorFlow checkpoint (the chapter's way), or the "
                              "same weights as model.safetensors, which needs no TensorFlow")
     parser.add_argument("--data_path", default=None,
-                        help="JSON list of instruction/input/output entries (default: the "
-                             "chapter's dataset, downloaded to the working folder when missing)")
+                        help="your dataset: a JSON list of instruction/input/output entries, or "
+                             "JSON Lines (one entry a line); input may be left out (default: "
+                             "the chapter's dataset, downloaded to the working folder when "
+                             "missing)")
     parser.add_argument("--output_dir", default=".",
                         help="where the plot, metrics, responses, weights and checkpoint go")
     parser.add_argument("--test_mode", action="store_true",
@@ -105,10 +109,14 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DataError(f"--{name} must be at least 1, got {value}")
-    if not args.lr > 0:
-        raise DataError(f"--lr must be above 0, got {args.lr}")
-    if not args.weight_decay >= 0:
-        raise DataError(f"--weight_decay must not be negative, got {args.weight_decay}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise DataError(f"--lr must be a finite number above 0, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise DataError(f"--weight_decay must be a finite number, not negative, got "
+                        f"{args.weight_decay}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise DataError(f"--seed must be from {SEED_RANGE[0]} to {SEED_RANGE[1]} (what "
+                        f"torch.manual_seed takes), got {args.seed}")
     if args.max_new_tokens < 0:
         raise DataError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
     args.device = pick_device(args.device)
@@ -173,8 +181,11 @@ def check_paths(args):
     if args.data_path is not None:
         if not os.path.exists(args.data_path):
             raise DataError(f"{args.data_path}: file not found (--data_path)")
-        if not os.path.isfile(args.data_path):
+        if os.path.isdir(args.data_path):
             raise DataError(f"--data_path {args.data_path}: is a folder, not a JSON file")
+        if not os.path.isfile(args.data_path):
+            raise DataError(f"--data_path {args.data_path}: not a regular file (a device or "
+                            "pipe); save the dataset as a JSON or JSON Lines file")
     if os.path.exists(args.models_dir) and not os.path.isdir(args.models_dir):
         raise DataError(f"--models_dir {args.models_dir}: is a file, not a folder; "
                         "pass another folder with --models_dir")

@@ -6,27 +6,93 @@ a finetuned model is always asked in the format it learned. The judge script imp
 module too, so it can build the chapter's prompts without loading torch.
 """
 
+import json
+
 from script_utils import DataError, read_json
 
 
 def load_json_entries(file_path, fields=("instruction", "input", "output")):
-    """Read a JSON list of entries and check that each has string values for `fields`."""
-    data = read_json(file_path)
-    if not isinstance(data, list):
-        raise DataError(f"{file_path}: expected a JSON list of entries, "
-                        f"got {type(data).__name__}")
-    if not data:
+    """Read a dataset of entries and check that each has string values for `fields`.
+
+    The file is the book's JSON list of entries, or JSON Lines: one entry a line (a `.jsonl`
+    file, or any file whose first character is "{"). An entry without `input`, or with
+    `"input": null`, has no input: it gets the chapter's empty string, so every entry, and the
+    answers file written from them, has the book's fields. Other fields are kept as they are.
+    Raises DataError naming the file and the entry (its line in JSON Lines) that is wrong.
+    """
+    if is_json_lines(file_path):
+        numbered = read_json_lines(file_path)
+        where = "line"
+    else:
+        data = read_json(file_path)
+        if not isinstance(data, list):
+            raise DataError(f"{file_path}: expected a JSON list of entries (or JSON Lines, one "
+                            f"entry a line), got {type(data).__name__}")
+        numbered = list(enumerate(data))
+        where = "entry"
+    if not numbered:
         raise DataError(f"{file_path}: the dataset is empty")
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise DataError(f"{file_path}: entry {i} is not an object")
-        for field in fields:
-            if field not in entry:
-                raise DataError(f"{file_path}: entry {i} has no '{field}' field")
-            if not isinstance(entry[field], str):
-                raise DataError(f"{file_path}: entry {i} field '{field}' must be a string, "
-                                f"got {type(entry[field]).__name__}")
-    return data
+    for number, entry in numbered:
+        check_entry(entry, fields, f"{file_path}: {where} {number}")
+    return [entry for _, entry in numbered]
+
+
+def is_json_lines(file_path):
+    """True for a JSON Lines file: named .jsonl, or starting with "{" (a JSON list starts with
+    "["). An unreadable file is left to the reader, which names the problem."""
+    if str(file_path).lower().endswith(".jsonl"):
+        return True
+    try:
+        with open(file_path, encoding="utf-8") as f:
+            start = f.read(4096).lstrip("\ufeff \t\r\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return start.startswith("{")
+
+
+def read_json_lines(file_path):
+    """The (line number, value) of each non-blank line of a JSON Lines file, numbered from 1."""
+    try:
+        with open(file_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{file_path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{file_path}: is a folder, not a JSON Lines file") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file_path}: not UTF-8 text ({exc})") from None
+    numbered = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            numbered.append((number, json.loads(line)))
+        except ValueError as exc:
+            raise DataError(f"{file_path}: line {number} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise DataError(f"{file_path}: line {number} is nested too deeply") from None
+    return numbered
+
+
+def check_entry(entry, fields, name):
+    """Check one entry in place; `name` says where it is ("data.jsonl: line 3"). A missing or
+    null `input` becomes "" (no input); strings must be text that can be tokenized."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{name} is not an object")
+    if "input" in fields and entry.get("input") is None:
+        entry["input"] = ""
+    for field in fields:
+        if field not in entry:
+            raise DataError(f"{name} has no '{field}' field")
+        value = entry[field]
+        if not isinstance(value, str):
+            raise DataError(f"{name} field '{field}' must be a string, "
+                            f"got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{name} field '{field}' holds a lone surrogate escape (such as "
+                            "\\ud800), which is not text; fix or remove it") from None
 
 
 def warn_if_truncated(dataset, allowed_max_length, split_name):
@@ -54,7 +120,7 @@ class AlpacaPrompt:
     def format_input(self, entry):
         """Return the prompt for `entry`: preamble, instruction, and the input when there is one."""
         instruction_text = f"{self.preamble}\n\n### Instruction:\n{entry['instruction']}"
-        input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+        input_text = f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""
         return instruction_text + input_text
 
     def format_response(self, entry):
@@ -73,7 +139,7 @@ class Phi3Prompt:
 
     def format_input(self, entry):
         """Return the prompt for `entry`: the user tag, instruction, and input when there is one."""
-        input_text = f"\n{entry['input']}" if entry["input"] else ""
+        input_text = f"\n{entry['input']}" if entry.get("input") else ""
         return f"<|user|>\n{entry['instruction']}{input_text}"
 
     def format_response(self, entry):

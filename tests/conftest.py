@@ -7,6 +7,7 @@ missing.
 """
 
 import os
+import signal
 import socket
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,15 @@ if "TIKTOKEN_CACHE_DIR" in os.environ:
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
 elif SHARED_DATA.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_DATA / "tiktoken-cache")
+
+
+for ignored in (signal.SIGINT, signal.SIGHUP):
+    # A shell that starts the suite in the background (or nohup) makes it ignore these, and
+    # the scripts that tests start would inherit that: the tests that press Ctrl-C or hang up
+    # on a script need the signals delivered as in a terminal.
+    if signal.getsignal(ignored) is signal.SIG_IGN:
+        signal.signal(ignored, signal.default_int_handler if ignored == signal.SIGINT
+                      else signal.SIG_DFL)
 
 
 def pytest_configure(config):
