@@ -7,9 +7,10 @@ book's chapter-7 `previous_chapters.py` is here with the book's signature, and a
 saved by either loads into the other's GPTModel.
 
 Beyond the book, `generate` keeps a key/value cache so that each new token costs one position
-instead of the whole sequence, and it can generate for several left-padded prompts at once; the
-loss computes the output head only where a target counts; and `train_model_simple` takes
-optional `hooks`, through which the chapter script adds resuming, Ctrl-C and torchrun.
+instead of the whole sequence, and it can generate for several left-padded prompts at once;
+`generate_stream` yields one prompt's tokens as they are chosen (for chat.py); the loss computes
+the output head only where a target counts; and `train_model_simple` takes optional `hooks`,
+through which the chapter script adds resuming, Ctrl-C and torchrun.
 """
 
 import matplotlib.pyplot as plt
@@ -516,28 +517,55 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     `pad_lengths` (b,) gives the number of left-padding tokens in each row of `idx`. A model that
     only returns logits (the book's GPTModel) works too, without cache and padding.
     """
+    new_tokens = list(_generation_steps(model, idx, max_new_tokens, context_size, temperature,
+                                        top_k, eos_id, use_cache, pad_lengths))  # each (b, 1)
+    return torch.cat([idx, *new_tokens], dim=1)  # (b, num_tokens + len(new_tokens))
+
+
+def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
+                    eos_id=None):
+    """Yield the ids (ints) of the tokens that `generate` appends to one prompt `idx` (1, n), each
+    as soon as it is chosen, so that a caller can show the answer while it is written.
+
+    The same steps and random draws as `generate` with the key/value cache: the ids yielded are
+    those that `generate` returns after the prompt. `eos_id` ends the stream and is not yielded.
+    """
+    if idx.shape[0] != 1:
+        raise ValueError(f"generate_stream continues one prompt, got a batch of {idx.shape[0]}")
+    for idx_next in _generation_steps(model, idx, max_new_tokens, context_size, temperature,
+                                      top_k, eos_id, use_cache=True, pad_lengths=None):
+        yield idx_next.item()
+
+
+@torch.no_grad()
+def _generation_steps(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
+                      use_cache, pad_lengths):
+    """Yield the token ids (b, 1) that each generation step of `generate` appends to `idx`.
+
+    Under `torch.no_grad()` as a decorator, gradients are off only while a step runs, not in the
+    caller's code between two steps.
+    """
     cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            if use_cache and idx.shape[1] <= context_size and hasattr(model, "features"):
-                if cache is None:
-                    capacity = min(context_size, idx.shape[1] + max_new_tokens)
-                    cache = KVCache(len(model.trf_blocks), capacity)
-                    hidden = model.features(idx, cache=cache, pad_lengths=pad_lengths)
-                else:
-                    hidden = model.features(idx[:, -1:], cache=cache, pad_lengths=pad_lengths)
-                logits = _last_position_logits(model, hidden)  # (b, vocab_size)
+    for _ in range(max_new_tokens):
+        if use_cache and idx.shape[1] <= context_size and hasattr(model, "features"):
+            if cache is None:
+                capacity = min(context_size, idx.shape[1] + max_new_tokens)
+                cache = KVCache(len(model.trf_blocks), capacity)
+                hidden = model.features(idx, cache=cache, pad_lengths=pad_lengths)
             else:
-                logits = _window_logits(model, idx, context_size, pad_lengths)
-            idx_next = _next_token(logits, temperature, top_k)  # (b, 1)
-            if eos_id is not None:
-                idx_next = idx_next.masked_fill(finished[:, None], eos_id)
-                finished |= idx_next[:, 0] == eos_id
-                if finished.all():
-                    break
-            idx = torch.cat((idx, idx_next), dim=1)  # (b, num_tokens + 1)
-    return idx
+                hidden = model.features(idx[:, -1:], cache=cache, pad_lengths=pad_lengths)
+            logits = _last_position_logits(model, hidden)  # (b, vocab_size)
+        else:
+            logits = _window_logits(model, idx, context_size, pad_lengths)
+        idx_next = _next_token(logits, temperature, top_k)  # (b, 1)
+        if eos_id is not None:
+            idx_next = idx_next.masked_fill(finished[:, None], eos_id)
+            finished |= idx_next[:, 0] == eos_id
+            if finished.all():
+                return
+        idx = torch.cat((idx, idx_next), dim=1)  # (b, num_tokens + 1)
+        yield idx_next
 
 
 def generate_batch(model, prompts, max_new_tokens, context_size, eos_id=None, pad_token_id=50256):
