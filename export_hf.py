@@ -5,7 +5,8 @@
 The folder holds config.json, model.safetensors and generation_config.json for
 `transformers.GPT2LMHeadModel`, and vocab.json, merges.txt and tokenizer_config.json for
 `transformers.AutoTokenizer`, whose chat template writes the run's own prompt (Alpaca or Phi-3).
-A model saved with unmerged LoRA layers is merged first. The logits are those of the `.pth`.
+A model saved with unmerged LoRA layers is merged first (`--lora_alpha` gives their alpha when
+the JSON beside the weights, which records it, is gone). The logits are those of the `.pth`.
 
 The chat template takes one user message, whose `content` is the entry's instruction and whose
 optional `input` key is the entry's input; an assistant message after it is the response:
@@ -23,13 +24,17 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from finetuned_model import load_finetuned_model
+from finetuned_model import check_lora_alpha, load_finetuned_model
 from gpt_download import DownloadError, gpt2_tokenizer
 from gpt_instruction_finetuning import END_OF_TEXT
 from instruction_data import DataError
@@ -38,6 +43,7 @@ from script_utils import fail, save_json
 
 FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab.json",
          "merges.txt", "tokenizer_config.json")
+ANSWER_TOKENS = 256  # the chapter's answer length (the default of --max_new_tokens)
 INSTRUCTION_MARK = "\x00instruction\x00"  # stand-ins that no prompt style writes itself
 INPUT_MARK = "\x00input\x00"
 
@@ -105,15 +111,18 @@ def _merged_pair(token, rank, ranks):
 
 
 #####################################
-# The chat template: the run's prompt style in Jinja
+# The prompt's fixed text, and the chat template in Jinja
 #####################################
 
 
-def chat_template(prompt_style):
-    """A Jinja chat template that renders a conversation as `prompt_style` formats an entry.
+def prompt_parts(prompt_style):
+    """The fixed text that `prompt_style` writes around an entry: {"prefix", "middle", "tail",
+    "header"}.
 
-    The fixed text around the instruction and input is read off the style's own `format_input`
-    and `format_response`, so the template cannot drift from the prompts the model learned.
+    format_input(entry) is prefix + instruction + tail without an input, and prefix +
+    instruction + middle + input + tail with one; header is the response header that training
+    put after the prompt. Read off the style's own `format_input` and `format_response`, so the
+    exported templates cannot drift from the prompts the model learned.
     """
     plain = prompt_style.format_input({"instruction": INSTRUCTION_MARK, "input": ""})
     full = prompt_style.format_input({"instruction": INSTRUCTION_MARK, "input": INPUT_MARK})
@@ -122,9 +131,14 @@ def chat_template(prompt_style):
     if full != prefix + INSTRUCTION_MARK + middle + INPUT_MARK + tail:
         raise ValueError(f"prompt style {prompt_style.name!r} does not put the input after the "
                          "instruction")
-    header = prompt_style.format_response({"output": ""})
-    text = {name: json.dumps(value) for name, value in
-            (("prefix", prefix), ("middle", middle), ("tail", tail), ("header", header))}
+    return {"prefix": prefix, "middle": middle, "tail": tail,
+            "header": prompt_style.format_response({"output": ""})}
+
+
+def chat_template(prompt_style):
+    """A Jinja chat template that renders a conversation as `prompt_style` formats an entry
+    (see the module's docstring for the messages it takes)."""
+    text = {name: json.dumps(value) for name, value in prompt_parts(prompt_style).items()}
     return (
         "{%- if messages | length not in [1, 2] or messages[0]['role'] != 'user'"
         " or (messages | length == 2 and messages[1]['role'] != 'assistant') -%}"
@@ -218,6 +232,7 @@ def hf_config(config, tied):
         "model_type": "gpt2",
         "vocab_size": config["vocab_size"],
         "n_positions": config["context_length"],
+        "n_ctx": config["context_length"],  # OpenAI's configs carry both; llama.cpp reads n_ctx
         "n_embd": config["emb_dim"],
         "n_layer": config["n_layers"],
         "n_head": config["n_heads"],
@@ -235,7 +250,7 @@ def hf_config(config, tied):
     }
 
 
-def generation_config(max_new_tokens=256):
+def generation_config(max_new_tokens=ANSWER_TOKENS):
     """generation_config.json: greedy decoding up to the chapter's answer length, stopping at
     (and padding with) <|endoftext|>, as the chapter generates the test set's answers."""
     return {"bos_token_id": END_OF_TEXT, "eos_token_id": END_OF_TEXT,
@@ -244,8 +259,13 @@ def generation_config(max_new_tokens=256):
 
 
 #####################################
-# Writing the folder
+# Writing a new folder whole or not at all (export_gguf.py writes its folder the same way)
 #####################################
+
+
+class WriteFailed(Exception):
+    """Writing the export failed midway (a full disk, a folder without write permission);
+    nothing was left behind. Scripts report it in one line and exit 1."""
 
 
 def check_out_dir(out_dir):
@@ -257,15 +277,128 @@ def check_out_dir(out_dir):
         raise DataError(f"{out_dir}: is a file, not a folder; pass a new folder as OUT_DIR")
 
 
-def load_for_export(model_path):
-    """The finetuned model (LoRA merged into it), its info and its prompt style."""
-    model, info, prompt_style = load_finetuned_model(model_path)
+def write_new_folder(out_dir, write):
+    """Call `write(folder)` on a new temporary folder beside `out_dir`, then rename that folder
+    to `out_dir` (checked by `check_out_dir`): the export appears complete or not at all.
+    Returns what `write` returns.
+
+    Whatever stops the writing (WriteFailed for an OSError, an interrupt, an error) removes
+    the temporary folder first.
+    """
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        temp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot write in {parent} ({exc.strerror or exc}); pass "
+                        "another OUT_DIR") from None
+    try:
+        os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp makes it private; mkdir would not
+        written = write(temp)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked before): the finished folder takes its place
+        os.rename(temp, out_dir)
+    except OSError as exc:
+        raise WriteFailed(f"{out_dir}: could not write the export ({exc.strerror or exc}); "
+                          "nothing was written. Free some space or pass another OUT_DIR, and "
+                          "run again") from None
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return written
+
+
+def current_umask():
+    """The process's file-creation mask (reading it means setting it, so it is set back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM (`kill`, a job scheduler stopping the run) raises
+    KeyboardInterrupt as Ctrl-C does, so that the export cleans up before it ends. Outside the
+    main thread nothing changes."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_export(export, out_dir):
+    """Return `export()`, or end the program with one line when it cannot finish: exit 2 for
+    bad input, 1 when writing failed, 130 when interrupted (Ctrl-C or SIGTERM). In each case
+    nothing was written to `out_dir`."""
+    try:
+        with sigterm_as_interrupt():
+            return export()
+    except (DataError, DownloadError) as exc:
+        fail(exc)
+    except WriteFailed as exc:
+        fail(exc, code=1)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: nothing was written to {out_dir}; run the same command again to "
+              "export.", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+#####################################
+# The command line, shared with export_gguf.py
+#####################################
+
+
+def add_export_arguments(parser, out_help):
+    """The arguments of both exporters: the .pth, the folder to create, --lora_alpha."""
+    parser.add_argument("model_path", metavar="MODEL.pth",
+                        help="finetuned weights saved by gpt_instruction_finetuning.py or "
+                             "exercise_experiments.py (the JSON beside them is read too)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help=out_help)
+    parser.add_argument("--lora_alpha", type=float, default=None,
+                        help="alpha of unmerged LoRA weights whose JSON is gone (the JSON "
+                             "records it; the book trains with 16)")
+
+
+def check_export_arguments(args):
+    """Refuse a bad --lora_alpha before anything is loaded (OUT_DIR is the export's check)."""
+    if args.lora_alpha is not None:
+        check_lora_alpha(args.lora_alpha, "--lora_alpha")
+
+
+def load_for_export(model_path, encoding, lora_alpha=None):
+    """The finetuned model (LoRA merged into it), its info and its prompt style.
+
+    Refuses a model whose vocabulary is not the tokenizer's (`encoding`): the export pairs the
+    two. Says when `lora_alpha` went unused: the JSON's own alpha wins.
+    """
+    model, info, prompt_style = load_finetuned_model(model_path, lora_alpha=lora_alpha)
+    vocab_size = info["config"]["vocab_size"]
+    if vocab_size != encoding.n_vocab:
+        raise DataError(f"{model_path}: has a vocabulary of {vocab_size} tokens, GPT-2's "
+                        f"tokenizer {encoding.n_vocab}; only a model finetuned from GPT-2 can be "
+                        "exported with it")
     lora = lora_config(model)
+    if lora_alpha is not None and (lora is None or "lora" in info["config"]):
+        reason = ("the weights hold no unmerged LoRA layers" if lora is None
+                  else f"the JSON beside the weights records alpha {lora['alpha']}")
+        print(f"Note: --lora_alpha {lora_alpha:g} is not used: {reason}")
     if lora is not None:
         merge_lora(model)
         print(f"Merged the LoRA layers (rank {lora['rank']}, alpha {lora['alpha']}) into the "
               "weights")
     return model, info, prompt_style
+
+
+#####################################
+# The Hugging Face folder
+#####################################
 
 
 def write_folder(folder, model, info, prompt_style, encoding):
@@ -281,8 +414,7 @@ def write_folder(folder, model, info, prompt_style, encoding):
         save_json(hf_config(config, tied), os.path.join(folder, "config.json"))
         done("config.json")
         weights_path = os.path.join(folder, "model.safetensors")
-        save_file(hf_state_dict(model), weights_path, metadata={"format": "pt"})
-        os.chmod(weights_path, 0o666 & ~current_umask())  # safetensors writes it private
+        save_weights(hf_state_dict(model), weights_path)
         done("model.safetensors")
         save_json(generation_config(), os.path.join(folder, "generation_config.json"))
         done("generation_config.json")
@@ -298,40 +430,25 @@ def write_folder(folder, model, info, prompt_style, encoding):
         done("tokenizer_config.json")
 
 
-def current_umask():
-    """The process's file-creation mask (reading it means setting it, so it is set back)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def save_weights(tensors, path):
+    """Write `tensors` as safetensors at `path`, readable as other files are; a failed write
+    (safetensors reports a full disk as its own error) is an OSError."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as exc:
+        raise OSError(str(exc).removeprefix("Error while serializing: ")) from None
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes it private
 
 
-def export(model_path, out_dir):
-    """Export the finetuned model at `model_path` to the Hugging Face folder `out_dir`.
-
-    The files are written into a temporary folder beside `out_dir`, renamed to `out_dir` only
-    when all are complete. Returns the prompt style's name and whether the head is tied.
+def export(model_path, out_dir, lora_alpha=None):
+    """Export the finetuned model at `model_path` to the Hugging Face folder `out_dir` (new or
+    empty), whole or not at all. Returns the prompt style's name and whether the head is tied.
     """
     check_out_dir(out_dir)
     encoding = gpt2_tokenizer()  # the vocabulary's one source: the tokenizer the chapter uses
-    model, info, prompt_style = load_for_export(model_path)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        temp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
-    except OSError as exc:
-        raise DataError(f"{out_dir}: cannot write in {parent} ({exc.strerror or exc}); pass "
-                        "another OUT_DIR") from None
-    try:
-        os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp makes it private; mkdir would not
-        write_folder(temp, model, info, prompt_style, encoding)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above): the finished folder takes its place
-        os.rename(temp, out_dir)
-    except OSError as exc:
-        raise DataError(f"{out_dir}: could not write the export ({exc.strerror or exc}); "
-                        "nothing was left there") from None
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    model, info, prompt_style = load_for_export(model_path, encoding, lora_alpha)
+    write_new_folder(out_dir, lambda folder: write_folder(folder, model, info, prompt_style,
+                                                          encoding))
     return prompt_style.name, is_tied(model)
 
 
@@ -356,21 +473,21 @@ def build_parser():
     """The command line: the .pth to export and the folder to create."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_path", metavar="MODEL.pth",
-                        help="finetuned weights saved by gpt_instruction_finetuning.py or "
-                             "exercise_experiments.py (the JSON beside them is read too)")
-    parser.add_argument("out_dir", metavar="OUT_DIR",
-                        help="folder to create for the Hugging Face files (new or empty)")
+    add_export_arguments(parser, "folder to create for the Hugging Face files (new or empty)")
     return parser
 
 
+def export_checked(args):
+    """The export of the command line's arguments, checked first."""
+    check_export_arguments(args)
+    return export(args.model_path, args.out_dir, args.lora_alpha)
+
+
 def main(argv=None):
-    """Export, or end with one 'Error:' line and exit 2 on bad input."""
+    """Export; or end with one line: exit 2 on bad input, 1 when writing fails, 130 when
+    interrupted."""
     args = build_parser().parse_args(argv)
-    try:
-        style_name, tied = export(args.model_path, args.out_dir)
-    except (DataError, DownloadError) as exc:
-        fail(exc)
+    style_name, tied = run_export(lambda: export_checked(args), args.out_dir)
     print_summary(args.out_dir, style_name, tied)
 
 

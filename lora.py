@@ -1,7 +1,7 @@
 """LoRA, the book's Appendix E: low-rank updates added to a model's linear layers.
 
 Exercise 7.4 finetunes with them (exercise_experiments.py --exercise_solution lora), and
-gpt_instruction_finetuning.load_finetuned_model rebuilds them for a model saved unmerged. The
+finetuned_model.load_finetuned_model rebuilds them for a model saved unmerged. The
 rank and alpha of a saved model are recorded in the "lora" entry of the config in its JSON.
 """
 
@@ -83,12 +83,10 @@ def lora_config(model):
     return None
 
 
-def lora_from_weights(state_dict, alpha=16):
-    """{"rank", "alpha"} of an unmerged LoRA state dict that came without its JSON, else None.
-
-    The rank is the width of the A matrices; alpha is not in the weights, so it is the book's 16.
-    """
+def lora_rank(state_dict):
+    """The rank of the unmerged LoRA layers in a state dict (the width of their A matrices), or
+    None when it holds none. Their alpha is not in the weights: the model's JSON records it."""
     for name, tensor in state_dict.items():
         if name.endswith(".lora.A"):
-            return {"rank": tensor.shape[1], "alpha": alpha}
+            return tensor.shape[1]
     return None

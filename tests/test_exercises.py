@@ -306,10 +306,13 @@ def trained_lora_model(rank, alpha):
     return model
 
 
-def test_unmerged_lora_pth_without_json_loads_with_its_rank_and_the_books_alpha(tmp_path):
+def test_unmerged_lora_pth_without_json_needs_its_alpha_and_loads_with_its_rank(tmp_path):
     model = trained_lora_model(rank=4, alpha=16)
     torch.save(model.state_dict(), tmp_path / "lora.pth")
-    loaded, info, prompt_style = finetuned_model.load_finetuned_model(str(tmp_path / "lora.pth"))
+    with pytest.raises(ft.DataError, match="pass --lora_alpha"):
+        finetuned_model.load_finetuned_model(str(tmp_path / "lora.pth"))
+    loaded, info, prompt_style = finetuned_model.load_finetuned_model(str(tmp_path / "lora.pth"),
+                                                                      lora_alpha=16)
     assert prompt_style.name == "alpaca" and "settings" not in info
     idx = torch.randint(0, 50257, (1, 6))
     assert torch.equal(loaded(idx), model.eval()(idx))

@@ -4,12 +4,13 @@ template; bad input ends with one line and leaves nothing behind."""
 
 import json
 import os
+import signal
 
 import pytest
 import tiktoken.load
 import torch
 from helpers import assert_error
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import export_hf
 import gpt_instruction_finetuning as ft
@@ -56,9 +57,9 @@ def run_main(argv, capsys):
     return code, out, err
 
 
-def export(pth, out_dir, capsys):
+def export(pth, out_dir, capsys, *flags):
     """Export `pth` to `out_dir` through the command line's entry point; return stdout."""
-    code, out, err = run_main([pth, out_dir], capsys)
+    code, out, err = run_main([pth, out_dir, *flags], capsys)
     assert code == 0, err
     return out
 
@@ -178,11 +179,11 @@ def test_test_mode_config_and_tensors(test_mode_export):
     assert sorted(os.listdir(folder)) == sorted(export_hf.FILES)
     config = read_json(folder / "config.json")
     assert {k: config[k] for k in ("architectures", "model_type", "vocab_size", "n_positions",
-                                   "n_embd", "n_layer", "n_head", "activation_function",
+                                   "n_ctx", "n_embd", "n_layer", "n_head", "activation_function",
                                    "layer_norm_epsilon", "bos_token_id", "eos_token_id",
                                    "tie_word_embeddings")} == {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257,
-        "n_positions": 120, "n_embd": 12, "n_layer": 1, "n_head": 2,
+        "n_positions": 120, "n_ctx": 120, "n_embd": 12, "n_layer": 1, "n_head": 2,
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
         "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": False}
     assert read_json(folder / "generation_config.json") == {
@@ -197,6 +198,8 @@ def test_test_mode_config_and_tensors(test_mode_export):
 
 def test_gpt2_124m_gives_the_same_logits_and_tokens(gpt2_124m_export):
     model, folder = gpt2_124m_export
+    config = read_json(folder / "config.json")
+    assert config["n_ctx"] == config["n_positions"] == 1024  # as in OpenAI's GPT-2 configs
     hf = load_hf(folder)
     assert_same_logits(model, hf, token_batch(50257, 1024))
     prompt = torch.tensor([[21106, 318, 281, 12064, 326, 8477, 257, 4876, 13]])
@@ -265,6 +268,44 @@ def test_unmerged_lora_model_is_exported_merged(tmp_path, capsys):
                               strict=False)
         assert (plain(idx) - model(idx)).abs().max().item() > 1e-2  # the LoRA update counts
     assert_same_logits(model, hf, idx)
+
+
+def test_unmerged_lora_pth_without_json_needs_lora_alpha(tmp_path, capsys):
+    """The JSON records alpha; without it --lora_alpha gives it, and the export is merged with
+    that alpha."""
+    config = dict(ft.TEST_MODE_CONFIG)
+    model = random_model(config)
+    replace_linear_with_lora(model, rank=2, alpha=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(0.0, 0.5)
+    model.eval()
+    pth = str(tmp_path / "lora.pth")
+    torch.save(model.state_dict(), pth)
+    assert_refused([pth, tmp_path / "hf"], capsys,
+                   f"{tmp_path / 'lora.json'}: not found, and the weights hold unmerged LoRA "
+                   "layers (rank 2)", "pass --lora_alpha")
+    assert sorted(os.listdir(tmp_path)) == ["lora.pth"]
+    out = export(pth, tmp_path / "hf", capsys, "--lora_alpha", "4")
+    assert "Merged the LoRA layers (rank 2, alpha 4.0) into the weights" in out
+    idx = token_batch(config["vocab_size"], config["context_length"])
+    assert_same_logits(model, load_hf(tmp_path / "hf"), idx)
+
+
+def test_unused_lora_alpha_is_noted(tmp_path, capsys):
+    config = dict(ft.TEST_MODE_CONFIG)
+    pth = save(random_model(config), tmp_path / "model.pth", config)
+    out = export(pth, tmp_path / "hf", capsys, "--lora_alpha", "16")
+    assert "Note: --lora_alpha 16 is not used: the weights hold no unmerged LoRA layers\n" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "inf"])
+def test_bad_lora_alpha_is_refused_before_loading(tmp_path, capsys, value):
+    assert_refused([tmp_path / "missing.pth", tmp_path / "hf", "--lora_alpha", value], capsys,
+                   f"--lora_alpha must be a finite number above 0, got {float(value)!r}")
+    assert os.listdir(tmp_path) == []
 
 
 #####################################
@@ -405,8 +446,8 @@ def test_json_config_that_builds_no_model_is_refused(tmp_path, capsys):
     config = dict(ft.TEST_MODE_CONFIG)
     pth = save(random_model(config), tmp_path / "model.pth", {**config, "n_heads": 5})
     assert_refused([pth, tmp_path / "hf"], capsys,
-                   f"{tmp_path / 'model.json'}: its config does not describe a GPTModel",
-                   "divisible by num_heads")
+                   f"{tmp_path / 'model.json'}: config key 'emb_dim' must be divisible by "
+                   "n_heads (5), got 12; fix or delete it")
     assert sorted(os.listdir(tmp_path)) == ["model.json", "model.pth"]
 
 
@@ -423,14 +464,63 @@ def test_existing_folder_is_never_replaced(tmp_path, capsys):
     assert (folder / "notes.txt").read_text() == "mine"
 
 
-def test_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch):
-    """A write that fails midway (a full disk) ends with one line; no folder, no temporary."""
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+def test_vocabulary_other_than_gpt2s_is_refused(tmp_path, capsys):
+    config = {**ft.TEST_MODE_CONFIG, "vocab_size": 1000}
+    pth = save(random_model(config), tmp_path / "model.pth", config)
+    assert_refused([pth, tmp_path / "hf"], capsys,
+                   f"{pth}: has a vocabulary of 1000 tokens, GPT-2's tokenizer 50257")
+    assert sorted(os.listdir(tmp_path)) == ["model.json", "model.pth"]
+
+
+def assert_stopped(argv, capsys, code, line):
+    """The export ends with exit `code` and, after the progress bar, the one line `line`."""
+    got, _, err = run_main(argv, capsys)
+    assert got == code
+    assert "Traceback" not in err
+    assert err.rstrip("\n").split("\n")[-1].split("\r")[-1] == line, err
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch, error):
+    """A write that fails midway (a full disk) ends with one line and exit 1; no folder, no
+    temporary. safetensors reports a full disk as its own error."""
+    def full_disk(tensors, path, metadata):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise error
 
     config = dict(ft.TEST_MODE_CONFIG)
     pth = save(random_model(config), tmp_path / "model.pth", config)
     monkeypatch.setattr(export_hf, "save_file", full_disk)
-    assert_refused([pth, tmp_path / "hf"], capsys,
-                   f"{tmp_path / 'hf'}: could not write the export (No space left on device)")
+    reason = "No space left on device" if isinstance(error, OSError) else \
+        "I/O error: No space left on device (os error 28)"
+    assert_stopped([pth, tmp_path / "hf"], capsys, 1,
+                   f"Error: {tmp_path / 'hf'}: could not write the export ({reason}); nothing "
+                   "was written. Free some space or pass another OUT_DIR, and run again")
     assert sorted(os.listdir(tmp_path)) == ["model.json", "model.pth"]
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_interrupted_write_leaves_nothing(tmp_path, capsys, monkeypatch, stop):
+    """Ctrl-C or SIGTERM while the weights are written: exit 130, one line, an empty OUT_DIR
+    stays empty and no temporary folder is left."""
+    def interrupted(tensors, path, metadata):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGTERM)
+
+    config = dict(ft.TEST_MODE_CONFIG)
+    pth = save(random_model(config), tmp_path / "model.pth", config)
+    (tmp_path / "hf").mkdir()
+    monkeypatch.setattr(export_hf, "save_file", interrupted)
+    assert_stopped([pth, tmp_path / "hf"], capsys, 130,
+                   f"Interrupted: nothing was written to {tmp_path / 'hf'}; run the same "
+                   "command again to export.")
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.json", "model.pth"]
+    assert os.listdir(tmp_path / "hf") == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
