@@ -5,22 +5,28 @@
 
 The judge sees the chapter's prompt for each entry (instruction, input, correct output, the
 model's response) and answers with a number from 0 to 100; the script prints how many replies
-were scores and their average, median, spread and a bootstrap interval. `--prompt rubric` asks
-with a rubric instead: a 1-5 scale with each score's criterion spelled out, the correct output
-defining a 5, and brief feedback before a final "Score: N" line. `--backend openai` talks to
-any OpenAI-compatible server (llama.cpp server, vLLM, LM Studio) instead of Ollama. `--url`
-takes a chat endpoint or a server address as OLLAMA_HOST is written (127.0.0.1:11434,
-http://judge-host:11434); an address without a path gets the backend's API path. A warning
-counts the prompts that may be longer than the judge's context (num_ctx 2048 tokens, estimated
-from their length), which Ollama cuts without saying so.
+were scores and their average, median, spread, a bootstrap interval and the lowest-scored
+entries. `--prompt rubric` asks with a rubric instead: a 1-5 scale with each score's criterion
+spelled out, the correct output defining a 5, and brief feedback before a final "Score: N"
+line. `--backend openai` talks to any OpenAI-compatible server (llama.cpp server, vLLM, LM
+Studio) instead of Ollama. `--url` takes a chat endpoint or a server address as OLLAMA_HOST is
+written (127.0.0.1:11434, http://judge-host:11434); an address without a path gets the
+backend's API path. Without --url, Ollama is found where OLLAMA_HOST says, as its own clients
+find it. A warning counts the prompts that may be longer than the judge's context (num_ctx 2048
+tokens, estimated from their length), which Ollama cuts without saying so. Each reply must be
+complete within --timeout seconds and is capped at --max_reply_tokens tokens, so that a judge
+that rambles or a server that never finishes cannot stall the run.
 
-Every reply is saved as it arrives, one JSON line naming the judge (backend/model) and the
-SHA-256 of the exact prompt sent, in <input>-scores.jsonl beside the input (or --output). A rerun
-reuses a saved score only when both match: an interrupted run continues where it stopped, while
-new responses (a new finetuning run), another judge (--model phi3) or the other prompt are asked
-again. Lines are only ever appended, so earlier judges' scores stay on disk, and the summary
-counts only the current judge's scores for the current responses and prompt. A rerun whose
-scores are all saved prints its summary without asking, or even checking, the judge.
+Every complete reply is saved as it arrives, one JSON line naming the judge (backend/model),
+the SHA-256 of the exact prompt sent and the entry (index, instruction), in
+<input>-scores.jsonl beside the input (or --output); a reply cut short is not saved. A rerun
+reuses a saved score only when both judge and prompt match: an interrupted run (Ctrl-C, a full
+disk, a judge gone away) continues where it stopped, while new responses (a new finetuning run),
+another judge (--model phi3) or the other prompt are asked again. Lines are only ever appended,
+so earlier judges' scores stay on disk, and the summary counts only the current judge's scores
+for the current responses and prompt. A rerun whose scores are all saved prints its summary
+without asking, or even checking, the judge. `--write_scores` writes a copy of the responses
+with each entry's score and the judge's reply beside its response.
 
 Compare runs by giving several files (each with its own score file, or all in one --output)
 or several keys of one file (the book's model-evaluation data: --json_key "model 1 response"
@@ -50,7 +56,14 @@ from functools import partial
 from tqdm import tqdm
 
 from instruction_data import format_input, load_json_entries
-from script_utils import DataError, atomic_write, check_writable_folder, fail, image_format
+from script_utils import (
+    DataError,
+    atomic_write,
+    check_writable_folder,
+    fail,
+    image_format,
+    save_json,
+)
 
 OLLAMA_URL = "http://localhost:11434/api/chat"
 OPENAI_URL = "http://localhost:8000/v1/chat/completions"
@@ -60,6 +73,9 @@ ENDPOINT_NAMES = {"ollama": "Ollama's chat endpoint",
 OLLAMA_PORT = 11434  # where Ollama listens when OLLAMA_HOST names no port
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the chapter's deterministic judge
 CHARS_PER_TOKEN = 3  # English averages about 4 characters per token; 3 errs towards warning
+BUSY = (429, 503)  # "too many requests", "unavailable": the judge asks to be asked later
+MAX_RETRY_WAIT = 60  # seconds: the longest wait a server's Retry-After gets
+LOWEST_SHOWN = 3  # the lowest-scored entries the summary names
 
 _thread = threading.local()  # each thread's requests.Session
 
@@ -69,8 +85,18 @@ class JudgeError(RuntimeError):
 
 
 class JudgeUnreachable(JudgeError):
-    """No answer came: the connection failed or dropped, or the reply took too long. A rerun
-    continues once the judge answers again."""
+    """No complete answer came: the connection failed or dropped, the reply took too long or
+    was cut short, or the judge stayed too busy to answer. A rerun continues once the judge
+    answers again."""
+
+
+class ScoreFileError(OSError):
+    """The score file could not be written (a full disk, say): every line before stays whole."""
+
+
+class IncompleteReply(Exception):
+    """A reply that ended before the server said it was complete (no `done`, no
+    `finish_reason`): part of an answer, which must not be saved as the answer."""
 
 
 #####################################
@@ -141,15 +167,24 @@ def failure_reason(exc):
 
 
 def served_models(root, backend, timeout):
-    """The model names the server at `root` lists (Ollama's /api/tags, or /v1/models)."""
+    """The model names the server at `root` lists (Ollama's /api/tags, or /v1/models). A list
+    that is null or missing, as Ollama sends with no model pulled, holds none. Raises
+    ValueError when the answer is no model list."""
     path = "/v1/models" if backend == "openai" else "/api/tags"
     response = session().get(root + path, timeout=timeout, allow_redirects=False)
     if response.status_code != 200:
         raise ValueError(f"HTTP {response.status_code}")
-    payload = response.json()
-    if backend == "openai":
-        return {m.get("id") for m in payload.get("data", [])}
-    return {m.get("name") for m in payload.get("models", [])}
+    try:
+        payload = response.json()
+    except RecursionError:
+        raise ValueError("its model list is nested too deeply to be JSON") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} sent no model list")
+    listed, field = (payload.get("data"), "id") if backend == "openai" else (
+        payload.get("models"), "name")
+    if not isinstance(listed, list):
+        return set()
+    return {m.get(field) for m in listed if isinstance(m, dict)}
 
 
 def missing_model(model, root, backend, detail=""):
@@ -189,21 +224,52 @@ def check_judge(url, model, backend="ollama", timeout=10):
 #####################################
 
 
-def request_body(prompt, model, backend):
-    """The JSON body of one chat request: Ollama's /api/chat or OpenAI's chat completions."""
+def one_line(text, width=80):
+    """`text` fit for a one-line message: runs of whitespace (newlines too) as one space, cut
+    to `width` characters with "...", and a lone surrogate (which no output encoding takes)
+    written as its escape, such as \\ud800."""
+    line = " ".join(text.split())
+    if len(line) > width:
+        line = line[:width] + "..."
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def request_body(prompt, model, backend, max_tokens=None):
+    """The JSON body of one chat request: Ollama's /api/chat or OpenAI's chat completions.
+    `max_tokens` caps the reply's length (Ollama's options.num_predict, OpenAI's max_tokens):
+    a judge that rambles stops there, and a shorter reply is the same with or without it."""
     messages = [{"role": "user", "content": prompt}]
     if backend == "openai":
-        return {"model": model, "messages": messages, "temperature": 0, "seed": 123}
-    return {"model": model, "messages": messages, "options": OPTIONS}
+        body = {"model": model, "messages": messages, "temperature": 0, "seed": 123}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        return body
+    options = OPTIONS if max_tokens is None else {**OPTIONS, "num_predict": max_tokens}
+    return {"model": model, "messages": messages, "options": options}
+
+
+def message_text(message):
+    """The text of a chat message: its content, "" when that is null or missing (a server
+    with nothing to say). Raises ValueError for content that is no text."""
+    content = (message or {}).get("content")
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise ValueError(f"the content is {type(content).__name__}, not text")
+    return content
 
 
 def read_reply(data, backend):
     """Return the reply text: Ollama streams JSON lines of `message.content` pieces until one
-    says `done`; an OpenAI-compatible server returns one JSON object. Raises ValueError when the
-    data is no reply, such as Ollama's {"error": ...} line after a failure mid-stream (which
-    would otherwise be saved as a reply without a score)."""
+    says `done`; an OpenAI-compatible server returns one JSON object whose choice names its
+    `finish_reason`. Data without that end is a reply cut short: IncompleteReply. Raises
+    ValueError when the data is no reply, such as Ollama's {"error": ...} line after a failure
+    mid-stream (which would otherwise be saved as a reply without a score)."""
     if backend == "openai":
-        return json.loads(data)["choices"][0]["message"]["content"]
+        choice = json.loads(data)["choices"][0]
+        if choice.get("finish_reason") is None:
+            raise IncompleteReply("no finish_reason")
+        return message_text(choice["message"])
     pieces = []
     for line in data.splitlines():
         if not line.strip():
@@ -211,37 +277,78 @@ def read_reply(data, backend):
         chunk = json.loads(line)
         if "error" in chunk:
             raise ValueError(chunk["error"])
-        pieces.append(chunk.get("message", {}).get("content", ""))
+        pieces.append(message_text(chunk.get("message")))
         if chunk.get("done"):
-            break
-    return "".join(pieces)
+            return "".join(pieces)
+    raise IncompleteReply('no line said "done"')
 
 
-def post_json(url, body, timeout, retries, backoff):
-    """POST `body` as JSON on this thread's session and return the response.
+@contextlib.contextmanager
+def reply_deadline(response, seconds):
+    """Within the block, the rest of `response` must arrive within `seconds`: a timer then
+    shuts its connection, so that a read that waits (on a server that stalls, or streams on and
+    on) ends at once with an error. Yields an Event that is set when the time ran out."""
+    expired = threading.Event()
 
-    Failed connections, dropped connections, timeouts and server errors (HTTP 5xx) are retried
-    `retries` times, after waits of backoff, 2 x backoff, ... seconds. The last 5xx response
-    is returned; when the last try got no answer, JudgeUnreachable is raised.
-    """
+    def cut_off():
+        expired.set()
+        with contextlib.suppress(RuntimeError, ValueError, OSError):  # read already, or closed
+            response.raw.shutdown()
+
+    timer = threading.Timer(max(seconds, 0.0), cut_off)
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+        timer.join()  # no shutdown can reach the connection once it serves another request
+
+
+def exchange(url, body, timeout):
+    """POST `body` as JSON on this thread's session; return the response and its whole body,
+    read within `timeout` seconds of sending (connecting, waiting and streaming together).
+    Raises JudgeUnreachable when no whole answer came in that time or the connection failed."""
     import requests
+    from urllib3 import Timeout
 
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+    start = time.monotonic()
+    expired = threading.Event()
+    try:
+        response = session().post(url, json=body, timeout=Timeout(total=timeout), stream=True,
+                                  allow_redirects=False)
+        with reply_deadline(response, start + timeout - time.monotonic()) as expired:
+            data = response.content
+    except (requests.ConnectionError, requests.Timeout,
+            requests.exceptions.ChunkedEncodingError) as exc:
+        reason = failure_reason(exc)
+        if expired.is_set() or isinstance(exc, requests.Timeout) or reason == "timed out":
+            raise JudgeUnreachable(f"no complete answer from {url} within {timeout:g} s "
+                                   "(--timeout)") from None
+        raise JudgeUnreachable(f"no answer from {url}: {reason}") from None
+    except requests.RequestException as exc:  # an answer that HTTP cannot read, say
+        raise JudgeError(f"{url} sent no readable answer: {failure_reason(exc)}") from None
+    return response, data
+
+
+def retry_after(response):
+    """The seconds that the server's Retry-After header asks to wait (a number of seconds or a
+    date), at most MAX_RETRY_WAIT; None without a usable one. (The date parser is imported here,
+    so that a run that only reads saved scores does not spend start-up time on it.)"""
+    import email.utils
+    from datetime import datetime, timezone
+
+    value = response.headers.get("Retry-After", "")
+    try:
+        seconds = float(value)
+    except ValueError:
         try:
-            response = session().post(url, json=body, timeout=timeout, allow_redirects=False)
-        except (requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError) as exc:
-            reason = failure_reason(exc)
-            if isinstance(exc, requests.Timeout) or reason == "timed out":
-                error = JudgeUnreachable(f"no answer from {url} within {timeout:g} s (--timeout)")
-            else:
-                error = JudgeUnreachable(f"no answer from {url}: {reason}")
-            continue
-        if response.status_code < 500 or attempt == retries:
-            return response
-    raise error
+            seconds = (email.utils.parsedate_to_datetime(value)
+                       - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError):  # no date, or one without a time zone
+            return None
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_WAIT)
 
 
 def error_text(response):
@@ -249,18 +356,19 @@ def error_text(response):
     JSON body, the error message of an OpenAI-style one, or the body as it is."""
     try:
         error = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         error = response.text
     if isinstance(error, dict):
         error = error.get("error", error.get("message", error))
         if isinstance(error, dict):
             error = error.get("message", error)
-    return " ".join(str(error).split())[:300]
+    return one_line(str(error), 300)
 
 
 def http_error(url, response, model, backend):
     """The JudgeError for an HTTP error answer, with the advice that fits it: a 404 about the
-    model names the model to get, another 404 names the chat endpoint to use."""
+    model names the model to get, another 404 names the chat endpoint to use, a judge that is
+    too busy (HTTP 429, 503) is one to ask again later."""
     status, text = response.status_code, error_text(response)
     root = server_root(url)
     if status == 404 and "model" in text.lower():
@@ -269,23 +377,53 @@ def http_error(url, response, model, backend):
         return JudgeError(f"{url} answered HTTP 404 ({text}), so it is not "
                           f"{ENDPOINT_NAMES[backend]}; use --url {root}{API_PATHS[backend]} "
                           f"(or just --url {root})")
+    if status in BUSY:
+        return JudgeUnreachable(f"{url} answered HTTP {status} ({text}) to every try: the judge "
+                                "is busy; use fewer --workers or more --retries")
     return JudgeError(f"{url} answered HTTP {status}: {text}")
 
 
-def query_model(prompt, model="llama3", url=OLLAMA_URL, backend="ollama", timeout=120,
-                retries=3, backoff=1.0):
-    """Send `prompt` to the judge at `url` (its chat endpoint or server address) and return
-    the reply text. Connection errors, timeouts and HTTP 5xx are retried (see post_json).
-    Raises JudgeUnreachable when no answer came, JudgeError for any other failure."""
-    url = chat_url(url, backend)
-    response = post_json(url, request_body(prompt, model, backend), timeout, retries, backoff)
-    if response.status_code >= 300:
-        raise http_error(url, response, model, backend)
+def reply_text(url, data, backend):
+    """The reply in the answer `data` from `url` (see read_reply). Raises JudgeUnreachable for a
+    reply cut short, which another try may get whole, JudgeError for data that is no answer."""
     try:
-        return read_reply(response.content, backend)
-    except (ValueError, LookupError, TypeError, AttributeError):
+        return read_reply(data, backend)
+    except IncompleteReply as exc:
+        raise JudgeUnreachable(f"the reply from {url} ended before it was complete ({exc})"
+                               ) from None
+    except (ValueError, LookupError, TypeError, AttributeError, RecursionError):
         raise JudgeError(f"{url} sent a reply that is not a chat answer: "
-                         f"{response.content[:200].decode('utf-8', 'replace')}") from None
+                         f"{one_line(data[:400].decode('utf-8', 'replace'), 200)}") from None
+
+
+def query_model(prompt, model="llama3", url=OLLAMA_URL, backend="ollama", timeout=120,
+                retries=3, backoff=1.0, max_tokens=None):
+    """Send `prompt` to the judge at `url` (its chat endpoint or server address) and return
+    the reply text, which must be complete within `timeout` seconds; `max_tokens` caps its
+    length (see request_body).
+
+    Failed or dropped connections, replies late or cut short, busy answers (HTTP 429) and server
+    errors (HTTP 5xx) are retried `retries` times, after waits of backoff, 2 x backoff, ...
+    seconds, or as long as the server's Retry-After asks (at most MAX_RETRY_WAIT). Raises
+    JudgeUnreachable when no complete answer came, JudgeError for any other failure."""
+    url = chat_url(url, backend)
+    body = request_body(prompt, model, backend, max_tokens)
+    for attempt in range(retries + 1):
+        wait = None
+        try:
+            response, data = exchange(url, body, timeout)
+            status = response.status_code
+            if status in BUSY or status >= 500:
+                error, wait = http_error(url, response, model, backend), retry_after(response)
+            elif status >= 300:
+                raise http_error(url, response, model, backend)
+            else:
+                return reply_text(url, data, backend)
+        except JudgeUnreachable as exc:
+            error = exc
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt if wait is None else wait)
+    raise error
 
 
 #####################################
@@ -360,12 +498,13 @@ def parse_rubric_score(reply):
 
 
 # How the judge is asked (--prompt) and what its answer means. `scale_note` is added to the
-# average's line; the chapter's prompt keeps the chapter's output.
-PromptStyle = namedtuple("PromptStyle", "build parse low high scale_note bins")
+# average's line; the chapter's prompt keeps the chapter's output. `max_tokens` caps a reply:
+# room for "I'd rate it 85 out of 100." and more, or for the rubric's feedback and score line.
+PromptStyle = namedtuple("PromptStyle", "build parse low high scale_note bins max_tokens")
 PROMPT_STYLES = {
-    "score": PromptStyle(judge_prompt, parse_score, 0, 100, "", range(0, 105, 5)),
+    "score": PromptStyle(judge_prompt, parse_score, 0, 100, "", range(0, 105, 5), 64),
     "rubric": PromptStyle(rubric_prompt, parse_rubric_score, 1, 5, " on a 1-5 scale",
-                          [x - 0.5 for x in range(1, 7)]),
+                          [x - 0.5 for x in range(1, 7)], 256),
 }
 
 
@@ -377,16 +516,20 @@ def entry_prompts(json_data, json_key, style=PROMPT_STYLES["score"]):
 
 
 def prompt_sha256(prompt):
-    """The hex SHA-256 of a prompt: what a saved score was the answer to."""
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+    """The hex SHA-256 of a prompt: what a saved score was the answer to. A lone surrogate
+    (which JSON allows as an escape) is hashed as its code point, as the request sends it."""
+    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class ScoreStore:
-    """The judge's replies, one JSON line each: {"judge", "prompt_sha256", "score", "reply"}.
+    """The judge's replies, one JSON line each: {"judge", "prompt_sha256", "index",
+    "instruction", "score", "reply"}, where index and instruction name the (first) entry the
+    prompt was built from; lines written before they were added have neither.
 
     Lines are only ever appended, so a run that is stopped keeps every reply that arrived and
-    earlier judges' replies stay on disk. A last line cut short by a kill is skipped. With
-    `path` None the replies are kept in memory only.
+    earlier judges' replies stay on disk. A last line cut short by a kill or a full disk is
+    skipped, as is any line that is no record. With `path` None the replies are kept in memory
+    only.
     """
 
     def __init__(self, path=None):
@@ -404,25 +547,37 @@ class ScoreStore:
         """Index one saved line by (judge, prompt hash); lines that are not records are skipped."""
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line of deeply nested JSON
             return
         if (isinstance(record, dict) and isinstance(record.get("judge"), str)
                 and isinstance(record.get("prompt_sha256"), str)
                 and (record.get("score") is None or type(record.get("score")) is int)):
             self.records[record["judge"], record["prompt_sha256"]] = record
 
-    def find(self, judge, prompt):
-        """The saved record of `judge` answering exactly `prompt`, or None."""
+    def saved(self, judge, prompt):
+        """The saved record of `judge` answering exactly `prompt`, whatever its score, or None."""
         return self.records.get((judge, prompt_sha256(prompt)))
 
-    def add(self, judge, prompt, score, reply):
-        """Save one reply, appended and flushed at once."""
-        record = {"judge": judge, "prompt_sha256": prompt_sha256(prompt), "score": score,
-                  "reply": reply}
+    def find(self, judge, prompt, style=PROMPT_STYLES["score"]):
+        """The saved record of `judge` answering exactly `prompt`, or None. A score outside the
+        scale of `style`, which only an edited file holds, counts as none, so it is asked again."""
+        record = self.saved(judge, prompt)
+        score = None if record is None else record["score"]
+        return None if score is not None and not style.low <= score <= style.high else record
+
+    def add(self, judge, prompt, score, reply, index, instruction):
+        """Save one reply to the prompt of entry `index`, appended and flushed at once. Raises
+        ScoreFileError when the file cannot be written."""
+        record = {"judge": judge, "prompt_sha256": prompt_sha256(prompt), "index": index,
+                  "instruction": instruction, "score": score, "reply": reply}
         self.records[judge, record["prompt_sha256"]] = record
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("\n" * self.needs_newline + json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write("\n" * self.needs_newline + json.dumps(record) + "\n")
+            except OSError as exc:
+                self.needs_newline = True  # the line may be cut short
+                raise ScoreFileError(exc.errno, exc.strerror) from exc
             self.needs_newline = False
 
 
@@ -433,24 +588,45 @@ def cancel(futures):
         future.cancel()
 
 
-def score_prompts(prompts, judge, ask, workers=1, store=None, style=PROMPT_STYLES["score"]):
-    """Return the score for each prompt: None where the reply held no score, the lowest score
-    (0, or 1 on the rubric's scale) for a None prompt (an empty response, not asked).
+def score_prompts(prompts, entries, judge, ask, workers=1, store=None,
+                  style=PROMPT_STYLES["score"]):
+    """Return the score for each prompt (built from the entry of `entries` at the same place):
+    None where the reply held no score, the lowest score (0, or 1 on the rubric's scale) for a
+    None prompt (an empty response, not asked).
 
     Only prompts without a saved reply of `judge` in `store` are asked, each once, by `workers`
     threads calling `ask(prompt)` (Ollama serves several at once with OLLAMA_NUM_PARALLEL); each
-    reply is read by `style.parse` and saved as it arrives. The result does not depend on
-    `workers`. When a request fails no more are sent, the replies to those in flight are still
-    saved, and the error is raised.
+    reply is read by `style.parse` and saved as it arrives, with the index and instruction of
+    the first entry that has the prompt. The result does not depend on `workers`. When a request
+    fails no more are sent, the replies to those in flight are still saved, and the error is
+    raised. On Ctrl-C too the replies in flight are awaited and saved (a second Ctrl-C stops the
+    wait), then KeyboardInterrupt is raised.
     """
     store = ScoreStore() if store is None else store
-    todo = Counter(p for p in prompts if p is not None and store.find(judge, p) is None)
+    todo = Counter(p for p in prompts if p is not None and store.find(judge, p, style) is None)
+    first = {}
+    for index, prompt in enumerate(prompts):
+        first.setdefault(prompt, index)
+    saved = set()
+
+    def save(future):
+        """Save the reply of one finished request and report it when it holds no score."""
+        prompt, reply = futures[future], future.result()
+        score = style.parse(reply)
+        index = first[prompt]
+        store.add(judge, prompt, score, reply, index, entries[index]["instruction"])
+        saved.add(future)
+        if score is None:  # on one line, a rubric reply's feedback too
+            tqdm.write(f"Could not convert score: {one_line(reply) or '(an empty reply)'}")
+
     error = None
+    futures = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(ask, prompt): prompt for prompt in todo}
-        with tqdm(total=len(prompts), initial=len(prompts) - todo.total(),
-                  desc="Scoring entries") as bar:
-            try:
+        try:
+            for prompt in todo:
+                futures[pool.submit(ask, prompt)] = prompt
+            with tqdm(total=len(prompts), initial=len(prompts) - todo.total(),
+                      desc="Scoring entries") as bar:
                 for future in as_completed(futures):
                     if future.cancelled():
                         continue
@@ -458,18 +634,23 @@ def score_prompts(prompts, judge, ask, workers=1, store=None, style=PROMPT_STYLE
                         error = error or future.exception()
                         cancel(futures)
                         continue
-                    reply = future.result()
-                    score = style.parse(reply)
-                    store.add(judge, futures[future], score, reply)
-                    if score is None:  # on one line, a rubric reply's feedback too
-                        tqdm.write(f"Could not convert score: {' '.join(reply.split())}")
+                    save(future)
                     bar.update(todo[futures[future]])
-            except BaseException:  # Ctrl-C: send no more requests
-                cancel(futures)
-                raise
+        except KeyboardInterrupt:
+            cancel(futures)
+            with contextlib.suppress(KeyboardInterrupt):
+                pool.shutdown(wait=True)  # the replies in flight arrive within --timeout
+            for future in futures:
+                if (future.done() and not future.cancelled() and future not in saved
+                        and future.exception() is None):
+                    save(future)
+            raise
+        except BaseException:  # ScoreFileError: send no more requests
+            cancel(futures)
+            raise
     if error is not None:
         raise error
-    return [style.low if p is None else store.find(judge, p)["score"] for p in prompts]
+    return [style.low if p is None else store.find(judge, p, style)["score"] for p in prompts]
 
 
 def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, workers=1,
@@ -478,10 +659,11 @@ def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, w
     order (the book's function). Replies that are not scores are reported and left out.
     `prompt_style` is "score" (the chapter's 0-100 prompt) or "rubric" (1-5); `store` (a
     ScoreStore) reuses and keeps this judge's replies; `query_options` go to query_model
-    (timeout, retries, backoff)."""
+    (timeout, retries, backoff, max_tokens: the prompt style's cap unless given)."""
     style = PROMPT_STYLES[prompt_style]
-    ask = partial(query_model, model=model, url=url, backend=backend, **query_options)
-    scores = score_prompts(entry_prompts(json_data, json_key, style),
+    ask = partial(query_model, model=model, url=url, backend=backend,
+                  **{"max_tokens": style.max_tokens, **query_options})
+    scores = score_prompts(entry_prompts(json_data, json_key, style), json_data,
                            judge_name(backend, model), ask, workers, store, style)
     return [score for score in scores if score is not None]
 
@@ -502,10 +684,19 @@ def bootstrap_interval(values, resamples=10_000, seed=123):
     return float(low), float(high)
 
 
-def summarize(scores, num_entries, style=PROMPT_STYLES["score"]):
-    """The summary lines: how many replies counted, mean (with the scale named when it is the
-    rubric's), median, spread, 95% interval."""
+def count_lines(scores, num_entries, empty=0, style=PROMPT_STYLES["score"]):
+    """How many replies counted, and how many empty responses got the lowest score unasked."""
     lines = [f"Number of scores: {len(scores)} of {num_entries}"]
+    if empty:
+        lines.append(f"{empty} empty response{'s' if empty > 1 else ''} scored {style.low} "
+                     "without asking the judge")
+    return lines
+
+
+def summarize(scores, num_entries, style=PROMPT_STYLES["score"], empty=0):
+    """The summary lines: how many replies counted (and empty responses), mean (with the scale
+    named when it is the rubric's), median, spread, 95% interval."""
+    lines = count_lines(scores, num_entries, empty, style)
     if not scores:
         return lines + ["Average score: n/a (no reply was a score)"]
     lines += [f"Average score: {statistics.mean(scores):.2f}{style.scale_note}",
@@ -515,6 +706,31 @@ def summarize(scores, num_entries, style=PROMPT_STYLES["score"]):
         lines += [f"Standard deviation: {statistics.stdev(scores):.2f}",
                   f"95% bootstrap interval of the mean: [{low:.2f}, {high:.2f}]"]
     return lines
+
+
+def lowest_lines(entries, scores, count=LOWEST_SHOWN):
+    """The `count` lowest-scored entries, the answers worth reading first: index, score and
+    instruction (on one line) of each, ties in entry order."""
+    lowest = sorted((score, index) for index, score in enumerate(scores)
+                    if score is not None)[:count]
+    if not lowest:
+        return []
+    return ["Lowest scores:"] + [
+        f"  entry {index}, score {score}: {one_line(entries[index]['instruction'], 60)}"
+        for score, index in lowest]
+
+
+def unparsed_warning(prompts, scores, store_path):
+    """The warning when most replies of the judge (more than half of the non-empty responses'
+    replies) hold no score: then the judge ignores the prompt's format and an average of the
+    few that do would mislead. None otherwise."""
+    replies = sum(p is not None for p in prompts)
+    unparsed = sum(p is not None and s is None for p, s in zip(prompts, scores, strict=True))
+    if unparsed * 2 <= replies:
+        return None
+    return (f"Warning: {unparsed} of {replies} replies of the judge hold no score, so it does not "
+            "answer in the prompt's format and no average is given; the replies are in "
+            f"{store_path}; try another --model or --prompt")
 
 
 def keyed_scores(entries, scores):
@@ -601,7 +817,8 @@ def build_parser():
     parser.add_argument("--url", default=None,
                         help=f"the judge's chat endpoint, or its server's address as "
                              f"OLLAMA_HOST is written, such as 127.0.0.1:11434 (default: "
-                             f"{OLLAMA_URL}; with --backend openai: {OPENAI_URL})")
+                             f"OLLAMA_HOST when set, else {OLLAMA_URL}; with --backend "
+                             f"openai: {OPENAI_URL})")
     parser.add_argument("--backend", default="ollama", choices=["ollama", "openai"],
                         help="ollama, or openai for any OpenAI-compatible server")
     parser.add_argument("--prompt", default="score", choices=list(PROMPT_STYLES),
@@ -611,10 +828,18 @@ def build_parser():
                         help="field that holds the response to score (default: model_response); "
                              "several keys of one file are compared")
     parser.add_argument("--timeout", type=float, default=120,
-                        help="seconds to wait for one reply (default: 120)")
+                        help="seconds within which each reply must be complete, from sending "
+                             "the request to the reply's end; one still streaming then is cut "
+                             "off and asked again (default: 120)")
     parser.add_argument("--retries", type=int, default=3,
-                        help="retries after a connection or server error, with growing waits "
-                             "(default: 3)")
+                        help="retries after a connection or server error, a late or cut reply "
+                             "or a busy judge (HTTP 429, 503), with growing waits or as long as "
+                             "the server asks, up to a minute (default: 3)")
+    parser.add_argument("--max_reply_tokens", type=int, default=None,
+                        help="the most tokens the judge may write per reply: Ollama's "
+                             "num_predict, or max_tokens with --backend openai (default: "
+                             f"{PROMPT_STYLES['score'].max_tokens} with --prompt score, "
+                             f"{PROMPT_STYLES['rubric'].max_tokens} with --prompt rubric)")
     parser.add_argument("--workers", type=int, default=1,
                         help="requests in flight at once (default: 1)")
     parser.add_argument("--output", default=None,
@@ -624,6 +849,10 @@ def build_parser():
     parser.add_argument("--plot", default=None,
                         help="save a histogram of the scores here, one per file or key "
                              "(format from the extension: .png, .pdf, .svg, ...)")
+    parser.add_argument("--write_scores", default=None, metavar="PATH",
+                        help="also write a copy of the responses file here with each entry's "
+                             "score and the judge's reply added (fields <json_key>_score and "
+                             "<json_key>_judge_reply); one --file_path only")
     return parser
 
 
@@ -639,6 +868,18 @@ def check_writable(flag, path):
         fail(f"{flag} {path}: cannot be written")
 
 
+def judge_address(args):
+    """Where the judge is: --url, else for Ollama the OLLAMA_HOST environment variable as
+    Ollama's own clients read it (spaces and quotes around it dropped; unset when empty), else
+    the backend's default endpoint."""
+    if args.url is not None:
+        return args.url
+    host = os.environ.get("OLLAMA_HOST", "").strip().strip("\"'")
+    if args.backend == "ollama" and host:
+        return host
+    return OPENAI_URL if args.backend == "openai" else OLLAMA_URL
+
+
 def check_flags(args):
     """Exit with one Error line naming the flag when a flag's value cannot work."""
     if args.workers < 1:
@@ -647,15 +888,23 @@ def check_flags(args):
         fail(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
     if args.retries < 0:
         fail(f"--retries must be 0 or more, got {args.retries}")
+    if args.max_reply_tokens is not None and args.max_reply_tokens < 1:
+        fail(f"--max_reply_tokens must be at least 1, got {args.max_reply_tokens}")
     if len(args.file_path) > 1 and len(args.json_key) > 1:
         fail("compare several --file_path or several --json_key, not both at once")
-    if args.url is not None:
-        try:
-            chat_url(args.url, args.backend)
-        except ValueError:
-            fail(f"--url {args.url}: expected a server address such as 127.0.0.1:11434 or "
-                 "http://host:port, or a chat endpoint such as "
-                 f"{OPENAI_URL if args.backend == 'openai' else OLLAMA_URL}")
+    if args.write_scores is not None and len(args.file_path) > 1:
+        fail("--write_scores copies one responses file; give one --file_path with it")
+    address = judge_address(args)
+    try:
+        chat_url(address, args.backend)
+    except ValueError:
+        source = f"--url {address}" if args.url is not None else f"OLLAMA_HOST={address}"
+        fail(f"{source}: expected a server address such as 127.0.0.1:11434 or "
+             "http://host:port, or a chat endpoint such as "
+             f"{OPENAI_URL if args.backend == 'openai' else OLLAMA_URL}"
+             + ("" if args.url is not None else "; correct it or pass --url"))
+    if args.write_scores is not None:
+        check_writable("--write_scores", args.write_scores)
     if args.plot is not None:
         check_writable("--plot", args.plot)
         from matplotlib.backend_bases import FigureCanvasBase
@@ -665,6 +914,32 @@ def check_flags(args):
         if plot_format not in formats:
             fail(f"--plot {args.plot}: unknown image format '{plot_format}'; "
                  f"use one of {', '.join(sorted(formats))}")
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file (through links too), existing or not."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_outputs(args, runs):
+    """Exit with one Error line when an output would be written onto an input or onto another
+    output: the score file (--output, or the one beside an input), --write_scores or --plot
+    naming a --file_path, or two of them naming one file."""
+    outputs = [("--output" if args.output else "score file", path)
+               for path in dict.fromkeys(run.store_path for run in runs)]
+    outputs += [(flag, path) for flag, path in (("--write_scores", args.write_scores),
+                                                ("--plot", args.plot)) if path is not None]
+    for i, (flag, path) in enumerate(outputs):
+        advice = "pass --output" if flag == "score file" else f"pass another {flag}"
+        for file_path in args.file_path:
+            if same_file(path, file_path):
+                fail(f"{flag} {path}: is the input --file_path {file_path}, which writing "
+                     f"there would damage; {advice}")
+        for other_flag, other in outputs[:i]:
+            if same_file(path, other):
+                fail(f"{flag} {path}: is also the {other_flag}; {advice}")
 
 
 Run = namedtuple("Run", "label entries key store_path")  # one file's responses under one key
@@ -699,33 +974,83 @@ def warn_long_prompts(prompts):
               file=sys.stderr)
 
 
-def unanswered(prompts, store, judge):
+def unanswered(prompts, store, judge, style=PROMPT_STYLES["score"]):
     """How many of `prompts` have no saved reply of `judge` yet (None, an empty response, is
     never asked)."""
-    return sum(p is not None and store.find(judge, p) is None for p in prompts)
+    return sum(p is not None and store.find(judge, p, style) is None for p in prompts)
 
 
-def score_run(prompts, store, judge, ask, workers, backend, style):
-    """Score one run's prompts, saying first what is reused (when anything is); return the
-    score per entry. When no answer comes the message says that a rerun continues; other
-    judge errors get their own advice."""
+def out_of_scale(prompts, store, judge, style):
+    """How many of `prompts` have a saved score of `judge` outside the style's scale."""
+    return sum(p is not None and store.saved(judge, p) is not None
+               and store.find(judge, p, style) is None for p in prompts)
+
+
+def write_failure(path, exc, store_paths):
+    """The one line for an output that could not be written (a full disk, say)."""
+    return (f"could not write {path} ({exc.strerror or exc}); the scores so far are in "
+            f"{', '.join(store_paths)}; free space and rerun: it continues")
+
+
+def score_run(prompts, entries, store, judge, ask, workers, backend, style):
+    """Score one run's prompts, saying first what is reused (when anything is) and which saved
+    scores lie outside the scale; return the score per entry. When no answer comes the message
+    says that a rerun continues; other judge errors get their own advice."""
     if backend == "ollama":
         warn_long_prompts(prompts)
-    asked = unanswered(prompts, store, judge)
+    ignored = out_of_scale(prompts, store, judge, style)
+    if ignored:
+        print(f"Ignoring {ignored} saved score{'s' if ignored > 1 else ''} outside the "
+              f"{style.low}-{style.high} scale in {store.path}; asking the judge again")
+    asked = unanswered(prompts, store, judge, style)
     reused = sum(p is not None for p in prompts) - asked
     if reused:
         print(f"Reusing saved scores for {reused} of {len(prompts)} entries from "
               f"{store.path}; asking the judge about {asked}")
     try:
-        return score_prompts(prompts, judge, ask, workers, store, style)
+        return score_prompts(prompts, entries, judge, ask, workers, store, style)
     except JudgeUnreachable as exc:
         fail(f"{exc}. The scores so far are in {store.path}; run again to continue.", code=1)
     except JudgeError as exc:
         fail(str(exc), code=1)
+    except ScoreFileError as exc:
+        fail(write_failure(store.path, exc, [store.path]), code=1)
     except KeyboardInterrupt:
         print(f"\nInterrupted. The scores so far are in {store.path}; run again to continue.",
               file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def report_run(run, prompts, scores, store_path, style):
+    """Print one run's summary and its lowest-scored entries; when most replies hold no score,
+    only its counts and the warning instead. Return whether it warned."""
+    valid = [score for score in scores if score is not None]
+    empty = prompts.count(None)
+    warning = unparsed_warning(prompts, scores, store_path)
+    if warning:
+        print("\n".join(count_lines(valid, len(scores), empty, style)))
+        print(warning, file=sys.stderr)
+        return True
+    print("\n".join(summarize(valid, len(scores), style, empty)
+                    + lowest_lines(run.entries, scores)))
+    return False
+
+
+def saved_replies(prompts, store, judge, style):
+    """The judge's saved reply to each prompt; None for an empty response, never asked."""
+    return [None if p is None else store.find(judge, p, style)["reply"] for p in prompts]
+
+
+def scored_copy(entries, runs, scores_per_run, replies_per_run):
+    """Copies of `entries` with each run's score and judge's reply beside its response:
+    "<key>_score" and "<key>_judge_reply" (null where the response is empty and was not
+    asked)."""
+    copies = [dict(entry) for entry in entries]
+    for run, scores, replies in zip(runs, scores_per_run, replies_per_run, strict=True):
+        for copy, score, reply in zip(copies, scores, replies, strict=True):
+            copy[f"{run.key}_score"] = score
+            copy[f"{run.key}_judge_reply"] = reply
+    return copies
 
 
 def preload(module):
@@ -742,20 +1067,20 @@ def preload(module):
 
 def main(argv=None):
     """Check flags, files and the judge, score every entry, print the summary (and with several
-    files or keys the comparison). Exit 2 on bad input, 1 when the judge is down or fails.
-    The judge is checked only when there is something to ask it: a rerun whose scores are all
-    saved prints its summary without a judge running."""
+    files or keys the comparison). Exit 2 on bad input, 1 when the judge is down or fails, or
+    when most of its replies hold no score. The judge is checked only when there is something
+    to ask it: a rerun whose scores are all saved prints its summary without a judge running."""
     args = build_parser().parse_args(argv)
     check_flags(args)
-    url = chat_url(args.url or (OPENAI_URL if args.backend == "openai" else OLLAMA_URL),
-                   args.backend)
+    url = chat_url(judge_address(args), args.backend)
     style = PROMPT_STYLES[args.prompt]
     runs = load_runs(args)
+    check_outputs(args, runs)
     stores = {path: ScoreStore(path) for path in dict.fromkeys(run.store_path for run in runs)}
 
     judge = judge_name(args.backend, args.model)
     prompts_per_run = [entry_prompts(run.entries, run.key, style) for run in runs]
-    if any(unanswered(prompts, stores[run.store_path], judge)
+    if any(unanswered(prompts, stores[run.store_path], judge, style)
            for run, prompts in zip(runs, prompts_per_run, strict=True)):
         problem = check_judge(url, args.model, args.backend)
         if problem is not None:
@@ -764,22 +1089,40 @@ def main(argv=None):
         preload("numpy")
 
     ask = partial(query_model, model=args.model, url=url, backend=args.backend,
-                  timeout=args.timeout, retries=args.retries)
+                  timeout=args.timeout, retries=args.retries,
+                  max_tokens=args.max_reply_tokens or style.max_tokens)
     scores_per_run = []
+    warned = False
     for run, prompts in zip(runs, prompts_per_run, strict=True):
         if len(runs) > 1:
             print(f"--- {run.label} ---")
-        scores = score_run(prompts, stores[run.store_path], judge, ask, args.workers,
-                           args.backend, style)
-        print("\n".join(summarize([s for s in scores if s is not None], len(scores), style)))
+        store = stores[run.store_path]
+        scores = score_run(prompts, run.entries, store, judge, ask, args.workers, args.backend,
+                           style)
+        warned |= report_run(run, prompts, scores, store.path, style)
         scores_per_run.append(scores)
     if len(runs) > 1:
         header = "File" if len(args.file_path) > 1 else "Key"
         print("\n".join(comparison_lines(header, runs, scores_per_run, style)))
+    if args.write_scores:
+        replies_per_run = [saved_replies(prompts, stores[run.store_path], judge, style)
+                           for run, prompts in zip(runs, prompts_per_run, strict=True)]
+        try:
+            save_json(scored_copy(runs[0].entries, runs, scores_per_run, replies_per_run),
+                      args.write_scores)
+        except OSError as exc:
+            fail(write_failure(args.write_scores, exc, list(stores)), code=1)
+        print(f"Responses with their scores and the judge's replies saved as "
+              f"{args.write_scores}")
     labeled = [(run.label if len(runs) > 1 else None, [s for s in scores if s is not None])
                for run, scores in zip(runs, scores_per_run, strict=True)]
     if args.plot and any(scores for _, scores in labeled):
-        plot_scores(labeled, args.plot, style)
+        try:
+            plot_scores(labeled, args.plot, style)
+        except OSError as exc:
+            fail(write_failure(args.plot, exc, list(stores)), code=1)
+    if warned:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ response repeats: the share of the output's words found in the response, 0-100 o
 
 The tests start a `FakeJudge` in their own process: it checks each request body as the chapter's
 protocol has it (answering 400 otherwise), records the prompts it was asked, answers per model
-response, and can be told to fail or be slow. It speaks HTTP/1.1 and keeps connections open
-between requests, as Ollama does. It only ever listens on 127.0.0.1.
+response, and can be told to be slow or to misbehave as real servers do: fail, be busy, stream
+on and on, end a reply before its end, send null content or bytes that are no answer. It
+speaks HTTP/1.1, streams Ollama's replies in chunks and keeps connections open between
+requests, as Ollama does. It only ever listens on 127.0.0.1.
 """
 
 import argparse
@@ -25,10 +27,23 @@ import time
 
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 PATHS = {"ollama": ("/api/chat", "/api/tags"), "openai": ("/v1/chat/completions", "/v1/models")}
+ENDLESS_PIECES = 600  # a reply that streams on and on: at most this many pieces,
+ENDLESS_PIECE_S = 0.05  # one each this many seconds (30 s in all), until the client hangs up
 SCORE_PROMPT = re.compile(r"correct output `(.*)`, score the model response `(.*)` on a scale",
                           re.S)
 RUBRIC_PROMPT = re.compile(r"<reference_answer>\n(.*)\n</reference_answer>\n<response>\n(.*)\n"
                            r"</response>", re.S)
+
+
+def chunk(text):
+    """`text` as one chunk of HTTP/1.1's chunked transfer encoding."""
+    data = text.encode()
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def token_cap(value):
+    """Whether `value` can cap a reply's length: a whole number of tokens from 1."""
+    return type(value) is int and value >= 1
 
 
 def word_overlap(reference, response):
@@ -41,19 +56,23 @@ def word_overlap(reference, response):
 
 class FakeJudge:
     """Start with `FakeJudge(answers)`; `answers` maps a model response to the judge's reply to
-    the chapter's prompt, `rubric_answers` to its reply to the rubric prompt. `backends` are
-    the APIs served ("ollama", "openai"); `port` 0 takes a free one."""
+    the chapter's prompt, `rubric_answers` to its reply to the rubric prompt. `models` None is
+    Ollama with no model pulled (its /api/tags lists null). `backends` are the APIs served
+    ("ollama", "openai"); `port` 0 takes a free one."""
 
     def __init__(self, answers=None, models=("llama3:latest",), openai_models=("judge",),
                  delay=0.0, rubric_answers=None, backends=("ollama", "openai"), port=0):
         self.answers = dict(answers or {})
         self.rubric_answers = dict(rubric_answers or {})
-        self.models = list(models)
+        self.models = None if models is None else list(models)
         self.openai_models = list(openai_models)
         self.delay = delay
         self.paths = {path for backend in backends for path in PATHS[backend]}
-        # Per chat request, in order: an HTTP status, a (status, JSON body) pair, "drop" (hang
-        # up without an answer) or "close" (answer, then close the connection).
+        # Per chat request, in order (None: answer as usual): an HTTP status, a (status, JSON
+        # body) pair or a (status, JSON body, headers) triple, bytes (sent as the 200 answer's
+        # body), "drop" (hang up without an answer), "close" (answer, then close the
+        # connection), "endless" (stream on and on), "cut" (a reply that ends without saying it
+        # is complete) or "null" (a complete reply whose content is null).
         self.failures = []
         self.requests = []  # every request, in order: (method, path)
         self.connections = set()  # the client ports requests came from: one per connection
@@ -76,7 +95,8 @@ class FakeJudge:
                     judge.connections.add(self.client_address[1])
                 served = self.path in judge.paths
                 if served and self.path == "/api/tags":
-                    self.send_json(200, {"models": [{"name": m} for m in judge.models]})
+                    self.send_json(200, {"models": None if judge.models is None else
+                                         [{"name": m} for m in judge.models]})
                 elif served and self.path == "/v1/models":
                     self.send_json(200, {"data": [{"id": m} for m in judge.openai_models]})
                 else:
@@ -97,6 +117,8 @@ class FakeJudge:
                     return self.send_json(failure, {"error": "overloaded"})
                 if isinstance(failure, tuple):
                     return self.send_json(*failure)
+                if isinstance(failure, bytes):
+                    return self.send_data(200, "application/json", failure)
                 if self.path not in judge.paths or self.path.endswith(("/tags", "/models")):
                     return self.page_not_found()
                 problem = judge.check(self.path, body)
@@ -105,41 +127,79 @@ class FakeJudge:
                 prompt = body["messages"][0]["content"]
                 with judge.lock:
                     judge.prompts.append(prompt)
-                time.sleep(judge.delay)
-                reply = judge.reply(prompt)
-                if self.path == "/api/chat":
-                    self.stream(reply, body["model"])
+                if judge.delay:
+                    time.sleep(judge.delay)
+                reply = None if failure == "null" else judge.reply(prompt)
+                if failure == "endless":
+                    self.stream_endlessly(body["model"])
+                elif self.path == "/api/chat":
+                    self.stream(reply, body["model"], done=failure != "cut")
                 else:
-                    self.send_json(200, {"choices": [{"message": {"role": "assistant",
-                                                                  "content": reply}}]})
+                    self.send_json(200, {"choices": [{
+                        "message": {"role": "assistant", "content": reply},
+                        "finish_reason": None if failure == "cut" else "stop"}]})
                 if failure == "close":  # as a server closing an idle kept-open connection
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     judge.closed.set()
 
-            def send_json(self, status, payload):
-                self.send_data(status, "application/json", json.dumps(payload).encode())
+            def send_json(self, status, payload, headers=None):
+                self.send_data(status, "application/json", json.dumps(payload).encode(),
+                               headers)
 
             def page_not_found(self):
                 """What Ollama's router answers for a path it does not serve."""
                 self.send_data(404, "text/plain", b"404 page not found")
 
-            def send_data(self, status, content_type, data):
+            def send_data(self, status, content_type, data, headers=None):
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
-            def stream(self, reply, model):
-                """Ollama's reply: JSON lines with a few characters each, then done."""
-                lines = [json.dumps({"model": model, "message": {"role": "assistant",
-                                                                 "content": reply[i:i + 3]},
-                                     "done": False}) for i in range(0, len(reply), 3)]
-                lines.append(json.dumps({"model": model, "message": {"role": "assistant",
-                                                                     "content": ""},
-                                         "done": True}))
-                self.send_data(200, "application/x-ndjson", ("\n".join(lines) + "\n").encode())
+            def start_stream(self):
+                """The headers of a streamed answer, as Ollama sends them: chunked, no length."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+
+            def stream(self, reply, model, done=True):
+                """Ollama's reply, written at once: a chunk per JSON line of a few characters,
+                then (when `done`) the line that says done, and the end of the stream. A None
+                reply is one line whose content is null."""
+                if reply is None:
+                    lines = [{"model": model, "message": {"role": "assistant", "content": None},
+                              "done": True, "done_reason": "stop"}]
+                else:
+                    lines = [{"model": model, "message": {"role": "assistant",
+                                                          "content": reply[i:i + 3]},
+                              "done": False} for i in range(0, len(reply), 3)]
+                    if done:
+                        lines.append({"model": model,
+                                      "message": {"role": "assistant", "content": ""},
+                                      "done": True, "done_reason": "stop"})
+                self.start_stream()
+                self.wfile.write(b"".join(chunk(json.dumps(line) + "\n") for line in lines)
+                                 + b"0\r\n\r\n")
+
+            def stream_endlessly(self, model):
+                """A reply that never says done: a piece each ENDLESS_PIECE_S seconds until the
+                client hangs up (or ENDLESS_PIECES were sent)."""
+                self.start_stream()
+                line = json.dumps({"model": model, "message": {"role": "assistant",
+                                                               "content": "and "},
+                                   "done": False}) + "\n"
+                self.close_connection = True
+                try:
+                    for _ in range(ENDLESS_PIECES):
+                        self.wfile.write(chunk(line))
+                        time.sleep(ENDLESS_PIECE_S)
+                except OSError:  # the client hung up
+                    pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -157,13 +217,18 @@ class FakeJudge:
             return 400, {"error": "expected one user message"}
         missing = f'model "{body.get("model")}" not found, try pulling it first'
         if path == "/api/chat":
-            if body.get("options") != OPTIONS:
-                return 400, {"error": f"options must be {OPTIONS}"}
-            if body["model"] not in self.models and f"{body['model']}:latest" not in self.models:
+            options = dict(body.get("options") or {})
+            if not token_cap(options.pop("num_predict", 1)) or options != OPTIONS:
+                return 400, {"error": f"options must be {OPTIONS}, with or without a "
+                                      "num_predict from 1"}
+            models = self.models or []
+            if body["model"] not in models and f"{body['model']}:latest" not in models:
                 return 404, {"error": missing}
         else:
             if body.get("temperature") != 0 or body.get("seed") != 123:
                 return 400, {"error": "expected temperature 0 and seed 123"}
+            if not token_cap(body.get("max_tokens", 1)):
+                return 400, {"error": "max_tokens must be from 1"}
             if body["model"] not in self.openai_models:
                 return 404, {"error": {"message": missing, "type": "api_error"}}
         return None

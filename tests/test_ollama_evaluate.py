@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import requests
 from fake_judge import FakeJudge
-from helpers import run_in_process, run_script
+from helpers import assert_error, run_in_process, run_script
 
 import ollama_evaluate as oe
 from instruction_data import format_input
@@ -71,21 +72,23 @@ def test_happy_path_end_to_end(tmp_path, judge):
     result = evaluate("--file_path", str(path), "--url", judge.url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:5] == ["Ollama running: True", "Number of scores: 3 of 3",
+    assert lines[:6] == ["Ollama running: True", "Number of scores: 3 of 3",
+                         "1 empty response scored 0 without asking the judge",
                          "Average score: 35.00", "Median score: 15.00",
                          "Standard deviation: 48.22"]
     low, high = map(float, re.fullmatch(r"95% bootstrap interval of the mean: "
-                                        r"\[(\d+\.\d\d), (\d+\.\d\d)\]", lines[5]).groups())
+                                        r"\[(\d+\.\d\d), (\d+\.\d\d)\]", lines[6]).groups())
     assert 0 <= low < 35 < high <= 90
-    assert len(lines) == 6
+    assert lines[7:] == ["Lowest scores:", "  entry 2, score 0: Task 2",
+                         "  entry 1, score 15: Task 1", "  entry 0, score 90: Task 0"]
     assert "Scoring entries: 100%" in result.stderr
     assert len(judge.prompts) == 2  # the empty response scores 0 without asking
     good, bad = sorted(judge.prompts, key=lambda prompt: "`bad`" in prompt)
     assert sorted(records(tmp_path / "responses-scores.jsonl"), key=lambda r: r["score"]) == [
-        {"judge": "ollama/llama3", "prompt_sha256": oe.prompt_sha256(bad), "score": 15,
-         "reply": "I'd rate it 15 out of 100."},
-        {"judge": "ollama/llama3", "prompt_sha256": oe.prompt_sha256(good), "score": 90,
-         "reply": "90"}]
+        {"judge": "ollama/llama3", "prompt_sha256": oe.prompt_sha256(bad), "index": 1,
+         "instruction": "Task 1", "score": 15, "reply": "I'd rate it 15 out of 100."},
+        {"judge": "ollama/llama3", "prompt_sha256": oe.prompt_sha256(good), "index": 0,
+         "instruction": "Task 0", "score": 90, "reply": "90"}]
 
 
 def test_request_follows_the_chapters_protocol(judge):
@@ -228,9 +231,11 @@ def test_score_file_keeps_unknown_lines_and_appends_after_a_cut_line(tmp_path):
     store = oe.ScoreStore(str(path))
     assert store.find("ollama/llama3", "p") == good
     assert store.find("ollama/phi3", "p") is None and store.find("ollama/llama3", "q") is None
-    store.add("ollama/phi3", "p", None, "no idea")
+    store.add("ollama/phi3", "p", None, "no idea", 7, "Task 7")
     assert path.read_text().splitlines()[:5] == lines
-    assert json.loads(path.read_text().splitlines()[5])["judge"] == "ollama/phi3"
+    assert json.loads(path.read_text().splitlines()[5]) == {
+        "judge": "ollama/phi3", "prompt_sha256": oe.prompt_sha256("p"), "index": 7,
+        "instruction": "Task 7", "score": None, "reply": "no idea"}
     assert oe.ScoreStore(str(path)).find("ollama/phi3", "p")["reply"] == "no idea"
 
 
@@ -464,9 +469,8 @@ def test_histogram_per_file(tmp_path, judge, capsys, monkeypatch, names):
 
 BAD_INPUTS = [
     ("[1]", "entry 0 is not an object"),
-    ("{oops", "not valid JSON (Expecting property name enclosed in double quotes: line 1 "
-              "column 2 (char 1))"),
-    ('{"a": 1}', "expected a JSON list of entries, got dict"),
+    ("[oops", "not valid JSON (Expecting value: line 1 column 2 (char 1))"),
+    ("3", "expected a JSON list of entries (or JSON Lines, one entry a line), got int"),
     ('[{"instruction": "a", "input": "", "model_response": "r"}]', "entry 0 has no 'output' field"),
     ('[{"instruction": "a", "input": "", "output": "o", "model_response": "r"}, '
      '{"instruction": "a", "input": "", "output": "o"}]', "entry 1 has no 'model_response' field"),
@@ -511,6 +515,22 @@ BAD_FLAGS = [
                                        "does not exist"),
     (["--plot", "folder"], "--plot folder: is a folder, not a file"),
     (["--plot", "scores.xyz"], "--plot scores.xyz: unknown image format 'xyz'; use one of "),
+    (["--max_reply_tokens", "0"], "--max_reply_tokens must be at least 1, got 0"),
+    (["--write_scores", "copy.json", "--file_path", "a.json", "b.json"],
+     "--write_scores copies one responses file; give one --file_path with it"),
+    (["--write_scores", "folder"], "--write_scores folder: is a folder, not a file"),
+    (["--output", "a.json"], "--output a.json: is the input --file_path a.json, which writing "
+                             "there would damage; pass another --output"),
+    (["--output", "link.json"], "--output link.json: is the input --file_path a.json, which "
+                                "writing there would damage; pass another --output"),
+    (["--file_path", "a.json", "b.json", "--output", "b.json"],
+     "--output b.json: is the input --file_path b.json, which writing there would damage; "
+     "pass another --output"),
+    (["--write_scores", "a.json"], "--write_scores a.json: is the input --file_path a.json, "
+                                   "which writing there would damage; pass another "
+                                   "--write_scores"),
+    (["--output", "scores.png", "--plot", "scores.png"], "--plot scores.png: is also the "
+                                                         "--output; pass another --plot"),
 ]
 
 
@@ -521,6 +541,7 @@ def test_bad_flags_are_one_line_and_exit_2_before_any_request(tmp_path, judge, c
     (tmp_path / "folder").mkdir()
     write(tmp_path, [entry("good")], "a.json")
     write(tmp_path, [entry("good")], "b.json")
+    (tmp_path / "link.json").symlink_to("a.json")
     files = [] if "--file_path" in flags else ["--file_path", "a.json"]
     if "--json_key" in flags:
         files += ["b.json"]
@@ -637,8 +658,8 @@ def test_a_timeout_says_a_rerun_continues(tmp_path):
         slow.close()
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
-        f"Error: no answer from {slow.url} within 0.1 s (--timeout). The scores so far are in "
-        f"{tmp_path}/responses-scores.jsonl; run again to continue.")
+        f"Error: no complete answer from {slow.url} within 0.1 s (--timeout). The scores so far "
+        f"are in {tmp_path}/responses-scores.jsonl; run again to continue.")
     assert "Traceback" not in result.stderr
 
 
@@ -780,9 +801,11 @@ def test_rubric_judge_end_to_end(tmp_path):
         server.close()
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:6] == ["Ollama running: True", "Could not convert score: Very good. Score: 7",
-                         "Number of scores: 4 of 5", "Average score: 2.50 on a 1-5 scale",
-                         "Median score: 2.00", "Standard deviation: 1.91"]
+    assert lines[:7] == ["Ollama running: True", "Could not convert score: Very good. Score: 7",
+                         "Number of scores: 4 of 5",
+                         "1 empty response scored 1 without asking the judge",
+                         "Average score: 2.50 on a 1-5 scale", "Median score: 2.00",
+                         "Standard deviation: 1.91"]
     prompts = [oe.rubric_prompt(e, "model_response") for e in RUBRIC_ENTRIES]
     assert sorted(server.prompts) == sorted(prompts[:3] + prompts[4:])
     saved = {r["prompt_sha256"]: r["score"] for r in records(tmp_path / "responses-scores.jsonl")}
@@ -838,6 +861,354 @@ def test_rubric_histogram_has_one_bar_per_score(tmp_path, monkeypatch):
                    oe.PROMPT_STYLES["rubric"])
     assert drawn == [([5, 3, 1], [0.5, 1.5, 2.5, 3.5, 4.5, 5.5])]
     assert (tmp_path / "scores.png").read_bytes().startswith(b"\x89PNG")
+
+
+# --- whole replies within the deadline, capped, complete ---
+
+def test_a_reply_that_streams_on_and_on_ends_at_the_timeout(tmp_path, judge, capsys):
+    judge.failures = ["endless"]
+    path = write(tmp_path, [entry("good", 0)])
+    code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url,
+                                              "--timeout", "0.5", "--retries", "0"], capsys)
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        f"Error: no complete answer from {judge.url} within 0.5 s (--timeout). The scores so "
+        f"far are in {tmp_path}/responses-scores.jsonl; run again to continue.")
+    assert not (tmp_path / "responses-scores.jsonl").exists()
+    assert oe.query_model("score the model response `good` on a scale", url=judge.url,
+                          retries=0) == "90"  # the cut connection is not used again
+
+
+def test_help_says_the_timeout_bounds_the_whole_reply(capsys):
+    code, out, _ = run_in_process(oe.main, ["--help"], capsys)
+    assert code == 0
+    assert ("--timeout TIMEOUT seconds within which each reply must be complete, from "
+            "sending the request to the reply's end") in " ".join(out.split())
+
+
+@pytest.mark.parametrize(("flags", "cap"), [
+    ([], 64), (["--prompt", "rubric"], 256), (["--max_reply_tokens", "10"], 10),
+    (["--prompt", "rubric", "--max_reply_tokens", "400"], 400),
+])
+def test_each_request_caps_the_reply_length(tmp_path, judge, capsys, flags, cap):
+    path = write(tmp_path, [entry("good", 0)])
+    code, _, _ = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url, *flags],
+                                capsys)
+    assert code == 0
+    assert judge.bodies[0]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048,
+                                          "num_predict": cap}
+    code, _, _ = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.openai_url,
+                                          "--backend", "openai", "--model", "judge", *flags],
+                                capsys)
+    assert code == 0
+    assert judge.bodies[1]["max_tokens"] == cap
+
+
+def test_the_book_function_caps_replies_by_prompt_style(judge):
+    oe.generate_model_scores([entry("good")], "model_response", url=judge.url)
+    oe.generate_model_scores([entry("good")], "model_response", url=judge.url,
+                             prompt_style="rubric")
+    oe.generate_model_scores([entry("good")], "model_response", url=judge.url, max_tokens=5)
+    assert [body["options"]["num_predict"] for body in judge.bodies] == [64, 256, 5]
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_a_reply_cut_before_its_end_is_not_saved_and_a_rerun_asks_again(tmp_path, judge, capsys,
+                                                                        backend):
+    path = write(tmp_path, [entry("good", 0)])
+    scores = tmp_path / "responses-scores.jsonl"
+    url, flags = ((judge.url, []) if backend == "ollama" else
+                  (judge.openai_url, ["--backend", "openai", "--model", "judge"]))
+    judge.failures = ["cut"]
+    code, _, err = run_in_process(oe.main, ["--file_path", str(path), "--url", url, *flags,
+                                            "--retries", "0"], capsys)
+    end = 'no line said "done"' if backend == "ollama" else "no finish_reason"
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        f"Error: the reply from {url} ended before it was complete ({end}). The scores so far "
+        f"are in {scores}; run again to continue.")
+    assert not scores.exists()
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(path), "--url", url, *flags],
+                                  capsys)
+    assert code == 0 and "Average score: 90.00" in out.splitlines()
+    assert [r["reply"] for r in records(scores)] == ["90"]
+
+
+def test_a_cut_reply_is_retried(judge):
+    judge.failures = ["cut", "cut"]
+    assert oe.query_model("score the model response `good` on a scale", url=judge.url,
+                          backoff=0) == "90"
+    assert len(judge.bodies) == 3
+
+
+def test_a_reply_without_a_score_is_shown_on_one_short_line(tmp_path, judge, capsys):
+    judge.answers = {"long": "No score.\n\n" + "x" * 100}
+    path = write(tmp_path, [entry("long", 0), entry("good", 1), entry("good", 2)])
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url], capsys)
+    assert code == 0
+    assert f"Could not convert score: No score. {'x' * 70}..." in out.splitlines()
+
+
+# --- busy judges and odd answers ---
+
+def test_a_busy_judge_is_asked_again_after_the_wait_it_names(judge, monkeypatch):
+    waits = []
+    monkeypatch.setattr(oe, "time", SimpleNamespace(sleep=waits.append,
+                                                    monotonic=time.monotonic))
+    judge.failures = [(429, {"error": "slow down"}, {"Retry-After": "2"}),
+                      (503, {"error": "busy"}, {"Retry-After": "3600"}), 429, None]
+    assert oe.query_model("score the model response `good` on a scale", url=judge.url,
+                          backoff=0.25) == "90"
+    assert waits == [2.0, 60.0, 1.0]  # as asked; at most a minute; else backoff x 2 ** 2
+    judge.failures = [429, 429]
+    with pytest.raises(oe.JudgeUnreachable) as error:
+        oe.query_model("x", url=judge.url, retries=1, backoff=0)
+    assert str(error.value) == (f"{judge.url} answered HTTP 429 (overloaded) to every try: the "
+                                "judge is busy; use fewer --workers or more --retries")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("5", 5.0), ("0.5", 0.5), ("-3", 0.0), ("86400", 60.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ("soon", None), ("nan", None), ("", None),
+])
+def test_retry_after(value, seconds):
+    response = requests.Response()
+    response.headers["Retry-After"] = value
+    assert oe.retry_after(response) == seconds
+
+
+def test_ollama_with_no_model_pulled_names_the_pull(tmp_path, capsys):
+    empty = FakeJudge(models=None)  # its /api/tags says {"models": null}
+    try:
+        path = write(tmp_path, [entry("good")])
+        code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", empty.url],
+                                        capsys)
+    finally:
+        empty.close()
+    assert (code, out) == (1, "")
+    assert err == (f"Error: model 'llama3' is not available on the Ollama server at "
+                   f"{empty.root}; run: ollama pull llama3\n")
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_null_content_is_an_empty_reply(tmp_path, judge, capsys, backend):
+    url, flags = ((judge.url, []) if backend == "ollama" else
+                  (judge.openai_url, ["--backend", "openai", "--model", "judge"]))
+    judge.failures = ["null"]
+    path = write(tmp_path, [entry("good", 0), entry("good", 1), entry("good", 2)])
+    code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", url, *flags],
+                                    capsys)
+    assert code == 0 and "Traceback" not in err
+    assert "Could not convert score: (an empty reply)" in out.splitlines()
+    assert "Number of scores: 2 of 3" in out.splitlines()
+    assert sorted(r["reply"] for r in records(tmp_path / "responses-scores.jsonl")) == [
+        "", "90", "90"]
+
+
+def test_lone_surrogates_are_sent_hashed_and_printed(tmp_path, judge, capsys):
+    e = entry("\ud800 answer", 0)
+    store = oe.ScoreStore(str(tmp_path / "scores.jsonl"))
+    assert oe.generate_model_scores([e], "model_response", url=judge.url, store=store) == [0]
+    prompt = oe.judge_prompt(e, "model_response")
+    assert judge.prompts == [prompt]  # sent as the JSON escape \ud800 and read back
+    assert records(tmp_path / "scores.jsonl")[0]["prompt_sha256"] == oe.prompt_sha256(prompt)
+    judge.answers = {"good": "\udc80 is no score"}
+    path = write(tmp_path, [entry("good", 0), entry("bad", 1), entry("bad", 2)])
+    code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url],
+                                    capsys)
+    assert code == 0 and "Traceback" not in err
+    assert "Could not convert score: \\udc80 is no score" in out.splitlines()
+    out.encode("utf-8")  # printable: no lone surrogate reached the output
+    write(tmp_path, [entry("\ud800", 0)], "surrogate.json")  # json.dumps writes the escape
+    code, _, err = run_in_process(oe.main, ["--file_path", str(tmp_path / "surrogate.json"),
+                                            "--url", judge.url], capsys)
+    assert code == 2
+    assert_error(err, f"{tmp_path}/surrogate.json: entry 0 field 'model_response'")
+
+
+def test_a_reply_of_deeply_nested_json_is_one_line(tmp_path, judge, capsys):
+    judge.failures = [b"[" * 100_000]
+    path = write(tmp_path, [entry("good", 0)])
+    code, _, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url],
+                                  capsys)
+    assert code == 1
+    assert_error(err, f"{judge.url} sent a reply that is not a chat answer: [[[")
+
+
+# --- the score file ---
+
+def test_a_deeply_nested_line_in_the_score_file_is_skipped(tmp_path, judge, capsys):
+    path = write(tmp_path, [entry("good", 0)])
+    (tmp_path / "responses-scores.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url],
+                                    capsys)
+    assert code == 0 and "Traceback" not in err
+    assert "Average score: 90.00" in out.splitlines()
+
+
+def test_saved_scores_outside_the_scale_are_ignored_and_asked_again(tmp_path, judge, capsys):
+    path = write(tmp_path, [entry("good", 0), entry("bad", 1), entry("good", 2)])
+    scores = tmp_path / "responses-scores.jsonl"
+    oe.main(["--file_path", str(path), "--url", judge.url])
+    assert "Average score: 65.00" in capsys.readouterr().out
+    edited = records(scores)
+    edited[0]["score"], edited[1]["score"] = 150, -40
+    scores.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url], capsys)
+    assert code == 0
+    assert out.splitlines()[:5] == [
+        "Ollama running: True",
+        f"Ignoring 2 saved scores outside the 0-100 scale in {scores}; asking the judge again",
+        f"Reusing saved scores for 1 of 3 entries from {scores}; asking the judge about 2",
+        "Number of scores: 3 of 3", "Average score: 65.00"]
+    assert len(judge.prompts) == 5
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url], capsys)
+    assert "Ignoring" not in out and "Average score: 65.00" in out  # the new replies count
+
+
+def test_ctrl_c_saves_every_reply_that_arrived(tmp_path):
+    slow = FakeJudge(ANSWERS, delay=0.3)
+    path = write(tmp_path, [entry("good", i) for i in range(8)])
+    scores = tmp_path / "responses-scores.jsonl"
+    try:
+        process = subprocess.Popen([sys.executable, os.path.join(REPO, "ollama_evaluate.py"),
+                                    "--file_path", str(path), "--url", slow.url,
+                                    "--workers", "2"],
+                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                len(slow.prompts) < 4 or not scores.exists()
+                or len(scores.read_text().splitlines()) < 2):
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)  # two replies saved, two requests in flight
+        _, err = process.communicate(timeout=60)
+    finally:
+        slow.close()
+    assert process.returncode == 130
+    assert err.splitlines()[-1] == (f"Interrupted. The scores so far are in {scores}; run again "
+                                    "to continue.")
+    saved = {r["prompt_sha256"] for r in records(scores)}
+    assert len(slow.prompts) >= 4
+    assert saved == {oe.prompt_sha256(prompt) for prompt in slow.prompts}
+
+
+def run_with_file_size_limit(limit, *args, cwd):
+    """The script run as a user runs it, on a system where no file may grow past `limit` bytes
+    (as on a full disk, writes fail; Python ignores the signal such a write would raise)."""
+    code = ("import resource, runpy, sys; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            f"sys.path.insert(0, {REPO!r}); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "ollama_evaluate.py"),
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_a_full_disk_stops_with_one_line_and_a_rerun_continues(tmp_path, judge):
+    path = write(tmp_path, [entry("good", i) for i in range(3)])
+    scores = tmp_path / "responses-scores.jsonl"
+    result = run_with_file_size_limit(250, "--file_path", str(path), "--url", judge.url,
+                                      cwd=tmp_path)  # room for one reply's line
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: could not write {scores} (File too large); the scores so far are in {scores}; "
+        "free space and rerun: it continues")
+    result = evaluate("--file_path", str(path), "--url", judge.url, cwd=tmp_path)
+    assert result.returncode == 0
+    assert (f"Reusing saved scores for 1 of 3 entries from {scores}; asking the judge about 2"
+            in result.stdout.splitlines())
+    assert "Number of scores: 3 of 3" in result.stdout.splitlines()
+
+
+def test_a_copy_that_cannot_be_written_leaves_nothing_behind(tmp_path, judge):
+    path = write(tmp_path, [{**entry("good", i), "output": "word " * 600} for i in range(2)])
+    copy = tmp_path / "scored.json"
+    result = run_with_file_size_limit(2000, "--file_path", str(path), "--url", judge.url,
+                                      "--write_scores", str(copy), cwd=tmp_path)
+    scores = tmp_path / "responses-scores.jsonl"
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: could not write {copy} (File too large); the scores so far are in {scores}; "
+        "free space and rerun: it continues")
+    assert len(records(scores)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["responses-scores.jsonl", "responses.json"]
+
+
+# --- the judge's address from OLLAMA_HOST ---
+
+def test_ollama_host_names_the_judge_when_url_is_not_given(tmp_path, judge, capsys, monkeypatch):
+    path = write(tmp_path, [entry("good", 0)])
+    monkeypatch.setenv("OLLAMA_HOST", judge.root.removeprefix("http://"))
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(path)], capsys)
+    assert code == 0 and "Average score: 90.00" in out.splitlines()
+    assert judge.requests == [("GET", "/api/tags"), ("POST", "/api/chat")]
+    monkeypatch.setenv("OLLAMA_HOST", "localhost:port")
+    code, _, err = run_in_process(oe.main, ["--file_path", str(path)], capsys)
+    assert (code, err) == (2, "Error: OLLAMA_HOST=localhost:port: expected a server address "
+                              "such as 127.0.0.1:11434 or http://host:port, or a chat endpoint "
+                              "such as http://localhost:11434/api/chat; correct it or pass "
+                              "--url\n")
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(write(tmp_path, [entry("bad")],
+                                                                      "b.json")),
+                                            "--url", judge.url], capsys)  # --url comes first
+    assert code == 0 and "Average score: 15.00" in out.splitlines()
+
+
+# --- the summary and the scored copy ---
+
+def test_a_judge_that_ignores_the_format_gets_no_average_and_exit_1(tmp_path, judge, capsys):
+    path = write(tmp_path, [entry("odd", 0), entry("good", 1), entry("odd", 2), entry("", 3)])
+    scores = tmp_path / "responses-scores.jsonl"
+    warning = (f"Warning: 2 of 3 replies of the judge hold no score, so it does not answer in "
+               f"the prompt's format and no average is given; the replies are in {scores}; try "
+               "another --model or --prompt")
+    code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url],
+                                    capsys)
+    assert code == 1
+    assert out.splitlines() == ["Ollama running: True",
+                                "Could not convert score: I cannot score this.",
+                                "Could not convert score: I cannot score this.",
+                                "Number of scores: 2 of 4",
+                                "1 empty response scored 0 without asking the judge"]
+    assert err.splitlines()[-1] == warning
+    assert len(records(scores)) == 3
+    code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url],
+                                    capsys)  # the saved replies say the same
+    assert code == 1 and err.splitlines()[-1] == warning
+    half = write(tmp_path, [entry("odd", 0), entry("good", 1)], "half.json")
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(half), "--url", judge.url], capsys)
+    assert code == 0 and "Average score: 90.00" in out.splitlines()
+
+
+def test_lowest_lines_name_the_entries_on_one_line_each():
+    entries = [{"instruction": f"Task {i}"} for i in range(5)]
+    entries[3]["instruction"] = "Rewrite\nthe sentence " + "y" * 60
+    assert oe.lowest_lines(entries, [40, None, 10, 10, 90]) == [
+        "Lowest scores:", "  entry 2, score 10: Task 2",
+        f"  entry 3, score 10: Rewrite the sentence {'y' * 39}...",
+        "  entry 0, score 40: Task 0"]
+    assert oe.lowest_lines(entries, [None] * 5) == []
+
+
+def test_write_scores_puts_each_score_and_reply_beside_its_response(tmp_path, judge, capsys):
+    keys = ["model 1 response", "model 2 response"]
+    entries = [{**entry("good", i, keys[0]), keys[1]: ["bad", "odd", ""][i], "id": i}
+               for i in range(3)]
+    path = write(tmp_path, entries)
+    copy = tmp_path / "scored.json"
+    code, out, _ = run_in_process(oe.main, ["--file_path", str(path), "--json_key", *keys,
+                                            "--url", judge.url, "--write_scores", str(copy)],
+                                  capsys)
+    assert code == 0
+    assert f"Responses with their scores and the judge's replies saved as {copy}" in out
+    replies = [("I'd rate it 15 out of 100.", 15), ("I cannot score this.", None), (None, 0)]
+    assert json.loads(copy.read_text()) == [
+        {**e, "model 1 response_score": 90, "model 1 response_judge_reply": "90",
+         "model 2 response_score": score, "model 2 response_judge_reply": reply}
+        for e, (reply, score) in zip(entries, replies, strict=True)]
+    assert json.loads(path.read_text()) == entries
 
 
 # --- the fake judge as a program ---
