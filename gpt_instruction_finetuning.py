@@ -10,10 +10,13 @@ JSON file beside them that says how to rebuild and prompt the model).
 
 The sections follow the chapter: 7.2 dataset, 7.3 batches, 7.4 data loaders, 7.5 pretrained
 model, 7.6 finetuning, 7.7 responses and saving; `run` then goes through them in order. The
-flags and their checks live in finetune_cli.py; torchrun, resuming, the progress bar and the
-metrics log in training_extras.py; loading a saved model back in finetuned_model.py.
+flags and their checks live in finetune_cli.py; torchrun, resuming, stopping, the progress bar,
+the metrics log and the run's files (one run at a time, nothing saved lost on an interrupt, a
+full disk or a diverging loss) in training_extras.py; loading a saved model back in
+finetuned_model.py.
 """
 
+import math
 import os
 import re
 import time
@@ -55,7 +58,14 @@ from previous_chapters import (
     token_ids_to_text,
     train_model_simple,
 )
-from script_utils import DataError, atomic_write, fail, print_versions, save_json
+from script_utils import (
+    DataError,
+    atomic_write,
+    fail,
+    print_versions,
+    save_json,
+    stop_signals_interrupt,
+)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
             "01_main-chapter-code/instruction-data.json")
@@ -271,22 +281,17 @@ def make_optimizer(model, lr, weight_decay):
 
 
 def finetune(model, train_loader, val_loader, optimizer, device, args, start_context, tokenizer,
-             hooks, checkpoint):
+             hooks):
     """The chapter's call of `train_model_simple`, timed; returns (train_losses, val_losses,
     tokens_seen, progress), progress saying how many epochs and steps were trained. Ctrl-C
-    saves `checkpoint` (after the running step) and exits 130."""
+    (or SIGTERM, SIGHUP) stops after the running step with a checkpoint (`hooks`)."""
     start_time = time.time()
     torch.manual_seed(args.seed)
-    try:
-        with hooks, extras.saving_failures_reported(checkpoint, "the epochs finished before"):
-            curves = train_model_simple(
-                model, train_loader, val_loader, optimizer, device,
-                num_epochs=hooks.num_epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
-                start_context=start_context, tokenizer=tokenizer, hooks=hooks)
-    except KeyboardInterrupt:
-        print(f"\nTraining interrupted; progress saved to {checkpoint}. "
-              "Run the same command with --resume to continue.")
-        raise SystemExit(130) from None
+    with hooks:
+        curves = train_model_simple(
+            model, train_loader, val_loader, optimizer, device,
+            num_epochs=hooks.num_epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+            start_context=start_context, tokenizer=tokenizer, hooks=hooks)
     print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
     return (*curves, hooks.progress)
 
@@ -297,20 +302,23 @@ def finetune(model, train_loader, val_loader, optimizer, device, args, start_con
 
 
 def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens,
-                       batch_size=None, prompt_style=ALPACA):
+                       batch_size=None, prompt_style=ALPACA, answer_log=None):
     """Return copies of the test entries with the model's greedy answer as `model_response`.
 
     Prompts of similar length are answered together (batched, with the KV cache); each answer
     is the same as generating for its prompt alone. `batch_size` None sizes the batches to the
-    device (`default_gen_batch_size`).
+    device (`default_gen_batch_size`). An `answer_log` (`extras.AnswerLog`) keeps the answers
+    after each batch and supplies those an interrupted run kept, which are not generated again.
     """
     prompts = [prompt_style.format_input(entry) for entry in test_data]
     encoded = [text_to_token_ids(p, tokenizer)[0].tolist() for p in prompts]
     batch_size = batch_size or extras.default_gen_batch_size(
         model, [len(ids) for ids in encoded], max_new_tokens)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
-    responses = [None] * len(test_data)
-    with tqdm(total=len(test_data), desc="Generating responses") as progress:
+    responses = answer_log.load() if answer_log is not None else [None] * len(test_data)
+    order = sorted((i for i, response in enumerate(responses) if response is None),
+                   key=lambda i: len(encoded[i]))  # less padding
+    with tqdm(total=len(test_data), initial=len(test_data) - len(order),
+              desc="Generating responses") as progress:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             answers = generate_batch(model, [encoded[i] for i in chunk], max_new_tokens,
@@ -318,6 +326,8 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             for i, answer in zip(chunk, answers, strict=True):
                 generated_text = token_ids_to_text(torch.tensor(encoded[i] + answer), tokenizer)
                 responses[i] = prompt_style.extract_response(generated_text, prompts[i])
+            if answer_log is not None:
+                answer_log.save(responses)
             progress.update(len(chunk))
     return [{**entry, "model_response": response}
             for entry, response in zip(test_data, responses, strict=True)]
@@ -333,8 +343,7 @@ def save_finetuned_model(model, path, info):
 
     `info` says how to rebuild and prompt the model: at least its "config" and "prompt_style".
     """
-    with atomic_write(path) as f:
-        torch.save(model.state_dict(), f)
+    extras.save_pth(model.state_dict(), path)  # atomically, not cut short by a Ctrl-C
     save_json(info, model_info_path(path))
 
 
@@ -348,15 +357,20 @@ def output_paths(output_dir, experiment, model_name):
         "model": os.path.join(output_dir, f"{stem}-sft-{experiment.name}.pth"),
         "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{experiment.name}.pth"),
         "metrics": os.path.join(output_dir, f"metrics-{experiment.name}.csv"),
+        "answers": os.path.join(  # kept as they come, until the responses file is written
+            output_dir, f"instruction-data-with-response-{experiment.name}.partial.json"),
+        "lock": os.path.join(output_dir, f"finetuning-{experiment.name}.lock"),  # one run
     }
 
 
-def save_results(args, experiment, model, config, model_name, tokenizer, test_data, paths,
+def save_results(args, experiment, model, config, model_name, tokenizer, test_data, files,
                  training, settings, ctx):
     """Save the loss plot, the test set responses, and the finetuned weights with their JSON.
 
-    `training` is (train_losses, val_losses, tokens_seen, progress) of the finished loop.
+    `training` is (train_losses, val_losses, tokens_seen, progress) of the finished loop;
+    `files` (`extras.RunFiles`) names the outputs and keeps the answers as they come.
     """
+    paths = files.paths
     train_losses, val_losses, tokens_seen, progress = training
     epochs_tensor = torch.linspace(0, progress["epoch"], len(train_losses))
     plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, save_path=paths["plot"])
@@ -366,7 +380,9 @@ def save_results(args, experiment, model, config, model_name, tokenizer, test_da
     with ctx:
         test_data = generate_responses(model, test_data, tokenizer, config["context_length"],
                                        args.max_new_tokens, args.gen_batch_size,
-                                       experiment.prompt_style)
+                                       experiment.prompt_style,
+                                       files.answer_log(progress, args.max_new_tokens,
+                                                        test_data))
     save_json(test_data, paths["responses"])
     print(f"Responses saved as {paths['responses']}")
 
@@ -380,12 +396,17 @@ def save_results(args, experiment, model, config, model_name, tokenizer, test_da
         "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
         "epochs": progress["epoch"], "steps": progress["global_step"] + 1, "seed": args.seed,
         "tokens_seen": progress["tokens_seen"],
-        "train_loss": train_losses[-1] if train_losses else None,
-        "val_loss": val_losses[-1] if val_losses else None,
+        "train_loss": last_finite(train_losses), "val_loss": last_finite(val_losses),
         "settings": settings,
     }
     save_finetuned_model(model, paths["model"], info)
     print(f"Model saved as {paths['model']}")
+
+
+def last_finite(losses):
+    """The last loss of a curve, or None (JSON's null) when there is none or it is not a finite
+    number (JSON has no NaN)."""
+    return losses[-1] if losses and math.isfinite(losses[-1]) else None
 
 
 #####################################
@@ -394,7 +415,9 @@ def save_results(args, experiment, model, config, model_name, tokenizer, test_da
 
 
 def run(args, experiment=None):
-    """Finetune and evaluate as the chapter does, with what `experiment` changes."""
+    """Finetune and evaluate as the chapter does, with what `experiment` changes. The run's
+    files (`extras.RunFiles`) take one run at a time, and an interrupt, a failed write or a
+    diverging loss ends the run in one line that says what is saved and how to go on."""
     device, rank, world_size = extras.init_distributed(args.device)  # only rank 0 prints
     print_versions(CHAPTER_PACKAGES)
     config, model_name = model_config(args)
@@ -402,61 +425,57 @@ def run(args, experiment=None):
     experiment = replace(  # --batch_size, and a length limit within the model's context
         experiment, batch_size=args.batch_size or experiment.batch_size,
         allowed_max_length=min(experiment.allowed_max_length, config["context_length"]))
-
-    data, (train_data, test_data, val_data) = load_data(args, experiment, rank, world_size)
-    tokenizer = gpt2_tokenizer(args.models_dir)
-    if experiment.inspect_data is not None:
-        experiment.inspect_data(data, tokenizer)
-    print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
-    print(50 * "-")
-    torch.manual_seed(args.seed)
-    train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device,
-                                             experiment.batch_size, experiment, rank,
-                                             world_size)
-
-    with extras.main_process_first(rank, world_size):
-        raw_model = load_model(args, config, device)
-    if experiment.prepare_model is not None:  # LoRA: frozen weights, trainable low-rank ones
-        raw_model = experiment.prepare_model(raw_model).to(device)
-    model = extras.training_model(raw_model, args.compile, device)
-    print("Loaded model:", model_name)
-    print(50 * "-")
-
     paths = output_paths(args.output_dir, experiment, model_name)
-    settings = extras.run_settings(args, experiment, model_name, train_data)
-    ctx = extras.precision_context(device, args.precision)
-    training = train(args, model, raw_model, (train_loader, val_loader), paths, settings, ctx,
-                     experiment.prompt_style.format_input(val_data[0]), tokenizer, rank)
-    if world_size > 1:
-        extras.leave_process_group(rank)  # ranks other than 0 end here
-    with extras.saving_failures_reported(paths["checkpoint"], "the trained weights"):
+    with extras.RunFiles(paths, args, device, rank, world_size) as files:
+        data, (train_data, test_data, val_data) = load_data(args, experiment, rank, world_size)
+        tokenizer = gpt2_tokenizer(args.models_dir)
+        if experiment.inspect_data is not None:
+            experiment.inspect_data(data, tokenizer)
+        print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
+        print(50 * "-")
+        settings = extras.run_settings(args, experiment, model_name, train_data)
+        files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)  # before the model is built
+        torch.manual_seed(args.seed)
+        train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device,
+                                                 experiment.batch_size, experiment, rank,
+                                                 world_size)
+        extras.check_counted_tokens(train_loader, args.data_path or experiment.data_file)
+
+        with extras.main_process_first(rank, world_size):
+            raw_model = load_model(args, config, device)
+        if experiment.prepare_model is not None:  # LoRA: frozen weights, trainable low-rank ones
+            raw_model = experiment.prepare_model(raw_model).to(device)
+        model = extras.training_model(raw_model, args.compile, device)
+        print("Loaded model:", model_name)
+        print(50 * "-")
+
+        ctx = extras.precision_context(device, args.precision)
+        training = train(args, model, raw_model, (train_loader, val_loader), files, ctx,
+                         experiment.prompt_style.format_input(val_data[0]), tokenizer)
+        if world_size > 1:
+            extras.leave_process_group(rank)  # ranks other than 0 end here
         save_results(args, experiment, raw_model, config, model_name, tokenizer, test_data,
-                     paths, training, settings, ctx)
-    extras.remove_checkpoint(paths["checkpoint"], args.keep_checkpoint)
+                     files, training, settings, ctx)
+        files.finish(args.keep_checkpoint)
 
 
-def train(args, model, raw_model, loaders, paths, settings, ctx, start_context, tokenizer, rank):
-    """Section 7.6 as the run does it: the initial losses (unless resuming), the optimizer, the
-    checkpoint to resume from, then finetuning; returns what `finetune` returns."""
+def train(args, model, raw_model, loaders, files, ctx, start_context, tokenizer):
+    """Section 7.6 as the run does it: the initial losses (unless resuming), the optimizer
+    (restored from the checkpoint when resuming), then finetuning; returns what `finetune`
+    returns."""
     train_loader, val_loader = loaders
     device = args.device
     extras.choose_attention_kernels(device)
-    checkpoint = paths["checkpoint"]
-    resuming = extras.will_resume(args.resume, checkpoint)
-    if not resuming:
+    if not files.resuming:
         print_initial_losses(model, train_loader, val_loader, device, ctx)
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
-    progress = None
-    if resuming:
-        progress = extras.load_checkpoint(checkpoint, raw_model, optimizer, settings)
-    epochs = extras.epochs_to_train(args.epochs, checkpoint, progress, DEFAULT_EPOCHS)
-    save = partial(extras.save_checkpoint, checkpoint, raw_model, optimizer,
-                   settings=settings) if rank == 0 else None
-    hooks = extras.ChapterTraining(epochs, device, save, progress, ctx=ctx,
-                                   micro_batch_size=args.micro_batch_size,
-                                   metrics_path=paths["metrics"])
+    progress = files.restore(raw_model, optimizer)  # None when starting over
+    hooks = extras.ChapterTraining(files.epochs, device, files.saver(raw_model, optimizer),
+                                   progress, ctx=ctx, micro_batch_size=args.micro_batch_size,
+                                   metrics_path=files.paths["metrics"],
+                                   save_on_interrupt=not files.keeps_earlier)
     return finetune(model, train_loader, val_loader, optimizer, device, args, start_context,
-                    tokenizer, hooks, checkpoint)
+                    tokenizer, hooks)
 
 
 def load_data(args, experiment, rank, world_size):
@@ -480,13 +499,15 @@ def load_data(args, experiment, rank, world_size):
 
 
 def main(argv=None, experiment=None, parser=None):
-    """Parse and check the flags, then run; bad input ends with one 'Error:' line and exit 2."""
+    """Parse and check the flags, then run; bad input ends with one 'Error:' line and exit 2.
+    SIGTERM and SIGHUP stop the run as Ctrl-C does."""
     args = (parser or build_parser(__doc__)).parse_args(argv)
-    try:
-        check_args(args)
-        run(args, experiment)
-    except DataError as exc:
-        fail(exc)
+    with stop_signals_interrupt():
+        try:
+            check_args(args)
+            run(args, experiment)
+        except DataError as exc:
+            fail(exc)
 
 
 if __name__ == "__main__":

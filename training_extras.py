@@ -2,9 +2,13 @@
 
 - torchrun: joining the process group, dealing the chapter's shuffled batches out over the
   ranks, weighting the loss and counting tokens as one process would, leaving the group cleanly.
-- Resuming: a checkpoint of the weights, optimizer, progress and random states at every epoch
-  end and on Ctrl-C, refused when it was saved with other settings; a resumed run ends with the
-  same weights as an uninterrupted one.
+- Resuming: a checkpoint of the weights, optimizer, progress (with the metrics rows) and random
+  states at every epoch end and when a signal stops training, every field checked before use
+  and refused when saved with other settings; a resumed run ends with the same weights as an
+  uninterrupted one.
+- Stopping: Ctrl-C, SIGTERM or SIGHUP stop training after the running step (saving a
+  checkpoint); training stops at the first step whose loss or gradient norm is not finite,
+  before any checkpoint or metrics row holds it.
 - A progress bar over the training steps, with an ETA, on stderr; lines printed meanwhile
   appear whole above it.
 - Precision, micro-batches and the evaluation in one pass: the loss computed under the run's
@@ -13,21 +17,28 @@
 - A metrics log: one CSV row per evaluation, appended as training goes.
 - The run's set-up and bookkeeping: the bf16 autocast context, the attention kernels and
   torch.compile for the training model, the size of generation batches, the settings a
-  checkpoint records, and what becomes of the checkpoint (resumed, replaced, removed).
+  checkpoint records, and the run's files (`RunFiles`): one run at a time per folder, what a
+  killed save left removed, the answers kept as they come, the checkpoint resumed, replaced or
+  removed, and every early end (an interrupt, a failed write, a diverging loss) one line that
+  says what is saved and how to go on.
 
-`ChapterTraining` bundles these as the `hooks` of `previous_chapters.train_model_simple`.
+`ChapterTraining` bundles the training parts as the `hooks` of
+`previous_chapters.train_model_simple`.
 """
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
+import math
 import os
 import pickle
+import reprlib
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from itertools import islice
 
 import torch
@@ -38,7 +49,23 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
-from script_utils import DataError, atomic_write, fail
+from script_utils import (
+    DataError,
+    Interrupted,
+    StopRequests,
+    WriteError,
+    atomic_write,
+    exit_code,
+    fail,
+    lock_file,
+    lock_holder,
+    read_json,
+    remove_leftover_temporaries,
+    save_json,
+    signals_held,
+    stop_line,
+    unlock_file,
+)
 
 #####################################
 # torchrun
@@ -168,7 +195,7 @@ def leave_process_group(rank):
 
 
 #####################################
-# Resuming
+# Resuming: the checkpoint, checked field by field
 #####################################
 
 
@@ -187,74 +214,169 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def first_line(exc):
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def read_pth(path, what_to_do):
-    """`torch.load` a .pth file safely, turning a damaged or foreign file into one DataError.
+    """`torch.load` a .pth file safely, turning a damaged or foreign file, or one holding a
+    weight that is not a finite number, into one DataError naming the file.
 
     `what_to_do` ends the message: how the user gets a good file back.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: damaged or not a PyTorch weight file ({reason}); "
+        raise DataError(f"{path}: damaged or not a PyTorch weight file ({first_line(exc)}); "
                         f"{what_to_do}") from None
+    name = first_nonfinite(content)
+    if name is not None:
+        raise DataError(f"{path}: '{name}' holds NaN or infinite values, not weights to go on "
+                        f"from; {what_to_do}")
+    return content
+
+
+def all_finite(tensors):
+    """Whether every entry of the floating-point tensors among `tensors` is a finite number.
+
+    Their total 2-norm, one fast pass, is finite when all entries are; only when it is not are
+    the entries looked at one by one (a slow pass), as huge finite entries overflow it too.
+    """
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not tensors:
+        return True
+    return (bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
+            or all(bool(torch.isfinite(t).all()) for t in tensors))
+
+
+def first_nonfinite(value, name=""):
+    """The dotted name of the first floating-point tensor in `value` (nested in dicts, lists
+    and tuples) that holds a NaN or an infinity; None when there is none."""
+    if isinstance(value, torch.Tensor):
+        return None if all_finite([value]) else name
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = first_nonfinite(item, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def save_pth(obj, path):
+    """`torch.save` `obj` to `path` atomically, with signals held until the file is whole
+    (`signals_held`). A failed write raises WriteError naming `path`: torch.save reports one
+    (a full disk) as a RuntimeError of its own, which names no cause."""
+    with signals_held(f"Saving {path} (do not interrupt); stopping once it is written"):
+        try:
+            with atomic_write(path) as f:
+                torch.save(obj, f)
+        except RuntimeError as exc:
+            raise WriteError(None, f"torch.save failed, most likely on a full disk: "
+                                   f"{first_line(exc)}", path) from None
 
 
 def save_checkpoint(path, model, optimizer, progress, settings):
     """Save what resuming needs: weights, optimizer moments, progress, random states, and the
     settings the run was started with."""
-    with atomic_write(path) as f:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "progress": progress, "settings": settings}, f)
+    save_pth({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+              "progress": progress, "settings": settings}, path)
 
 
-def load_checkpoint(path, model, optimizer, settings):
-    """Restore model and optimizer from `path`; return the progress to resume from.
+def is_count(value):
+    """A whole number from 0 (to Python a bool is an int too, but not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    Raises DataError naming the file when it is damaged, not this script's checkpoint, saved
-    with other `settings` (resuming would mix two runs), or made for another model.
-    """
+
+def is_number(value):
+    """An int or a float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_rng_state(value):
+    """None, or random states as `rng_states` returns them."""
+    if value is None:
+        return True
+    if not isinstance(value, dict):
+        return False
+    states = [value.get("torch"), *value.get("cuda", [])]
+    return all(isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+               for state in states)
+
+
+PROGRESS_FIELDS = {  # field of a checkpoint's progress -> (check, what the field must be)
+    "epoch": (is_count, "a whole number"),
+    "global_step": (lambda v: is_number(v) and is_count(v + 1), "a whole number from -1"),
+    "tokens_seen": (is_count, "a whole number"),
+    "train_losses": (lambda v: isinstance(v, list) and all(map(is_number, v)),
+                     "a list of numbers"),
+    "val_losses": (lambda v: isinstance(v, list) and all(map(is_number, v)),
+                   "a list of numbers"),
+    "track_tokens_seen": (lambda v: isinstance(v, list) and all(map(is_count, v)),
+                          "a list of whole numbers"),
+    "batches_done": (is_count, "a whole number"),
+    "num_epochs": (lambda v: is_count(v) and v > 0, "a whole number from 1"),
+    "seconds": (is_number, "a number"),
+    "started": (is_number, "a number"),
+    "epoch_rng": (is_rng_state, "random states or None"),
+    "rng": (is_rng_state, "random states or None"),
+    "metrics": (lambda v: isinstance(v, list) and all(
+        isinstance(row, dict) and all(is_number(row.get(k)) for k in METRICS_FIELDS)
+        for row in v), "a list of metrics rows"),
+}
+
+
+def check_checkpoint(path, checkpoint, settings):
+    """Raise DataError naming `path` (and the field) unless `checkpoint` is a whole checkpoint
+    of this script saved with `settings`: every field that resuming reads is there with the
+    right type, checked before anything is built from it."""
     fix = "delete it or run without --resume"
-    checkpoint = read_pth(path, fix)
-    if not (isinstance(checkpoint, dict)
-            and {"model", "optimizer", "progress", "settings"} <= checkpoint.keys()):
+    parts = ("model", "optimizer", "progress", "settings")
+    if not (isinstance(checkpoint, dict) and set(parts) <= checkpoint.keys()):
         raise DataError(f"{path}: not a checkpoint of this script; {fix}")
+    for part in parts:
+        if not isinstance(checkpoint[part], dict):
+            raise DataError(f"{path}: the checkpoint's '{part}' is not a dict but "
+                            f"{type(checkpoint[part]).__name__}; {fix}")
+    progress = checkpoint["progress"]
+    for name, (check, what) in PROGRESS_FIELDS.items():
+        if name not in progress:
+            raise DataError(f"{path}: the checkpoint's progress has no field '{name}'; {fix}")
+        if not check(progress[name]):
+            raise DataError(f"{path}: the checkpoint's progress field '{name}' must be {what}, "
+                            f"not {reprlib.repr(progress[name])}; {fix}")
+    lengths = [len(progress[name]) for name in
+               ("train_losses", "val_losses", "track_tokens_seen", "metrics")]
+    if len(set(lengths)) > 1:
+        raise DataError(f"{path}: the checkpoint's progress fields train_losses, val_losses, "
+                        f"track_tokens_seen and metrics differ in length "
+                        f"({', '.join(map(str, lengths))}); {fix}")
+    saved = checkpoint["settings"]
     for name, value in settings.items():
-        saved = checkpoint["settings"].get(name)
-        if saved != value:
-            raise DataError(f"{path} was saved with {name} {saved}, this run has {name} "
+        if name not in saved:
+            raise DataError(f"{path}: the checkpoint's settings have no field '{name}'; {fix}")
+        if saved[name] != value:
+            raise DataError(f"{path} was saved with {name} {saved[name]}, this run has {name} "
                             f"{value}; {fix}, or resume with the same settings")
+
+
+def restore_checkpoint(path, checkpoint, model, optimizer):
+    """Load a checked `checkpoint`'s weights and optimizer state into `model` and `optimizer`;
+    return its progress. Raises DataError naming `path` when it was made for another model."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise DataError(f"{path}: the checkpoint does not fit this model "
-                        f"({str(exc).splitlines()[0]}); {fix}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: the checkpoint does not fit this model ({first_line(exc)}); "
+                        "delete it or run without --resume") from None
     return checkpoint["progress"]
 
-
-@contextmanager
-def stop_on_ctrl_c():
-    """Let Ctrl-C finish the current training step: yield a flag that a first Ctrl-C sets.
-
-    A second Ctrl-C interrupts at once, as usual. Outside the main thread nothing changes.
-    """
-    flag = {"stop": False}
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum, frame):
-            flag["stop"] = True
-            signal.signal(signal.SIGINT, previous)
-
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 #####################################
@@ -325,7 +447,7 @@ def default_gen_batch_size(model, prompt_lengths, max_new_tokens):
 
 
 #####################################
-# The run's bookkeeping: its settings, and what becomes of its checkpoint
+# The run's bookkeeping: its settings, its files, and what of them is saved
 #####################################
 
 
@@ -362,14 +484,19 @@ def epochs_to_train(requested, checkpoint, progress, default):
     checkpoint has already trained."""
     if progress is None:
         return requested or default
-    planned = progress.get("num_epochs", default)
-    print(f"Resuming from {checkpoint}: epoch {progress['epoch'] + 1} of "
-          f"{requested or planned}, {progress['global_step'] + 1} steps done")
-    if requested is not None and requested < progress["epoch"]:
-        raise DataError(f"--epochs {requested}: {checkpoint} has already trained "
-                        f"{progress['epoch']} epochs; pass --epochs {progress['epoch']} or "
-                        f"more, or leave --epochs out to finish its {planned}")
-    return requested or planned
+    done, planned = progress["epoch"], progress["num_epochs"]
+    if requested is not None and requested < done:
+        raise DataError(f"--epochs {requested}: {checkpoint} has already trained {done} "
+                        f"epochs; pass --epochs {done} or more, or leave --epochs out to "
+                        f"finish its {planned}")
+    epochs = requested or planned
+    if done >= epochs:
+        print(f"Resuming from {checkpoint}: training finished at epoch {done}, so this run "
+              f"writes the outputs (--epochs {done + 1} or more would train further)")
+    else:
+        print(f"Resuming from {checkpoint}: epoch {done + 1} of {epochs}, "
+              f"{progress['global_step'] + 1} steps done")
+    return epochs
 
 
 def remove_checkpoint(checkpoint, keep):
@@ -381,16 +508,234 @@ def remove_checkpoint(checkpoint, keep):
     print(f"Removed {checkpoint}: the run is complete (--keep_checkpoint keeps it)")
 
 
-@contextmanager
-def saving_failures_reported(checkpoint, what_is_kept):
-    """Turn a failed write into one line that says where the finished work is kept."""
-    try:
-        yield
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+def plural(count, noun):
+    """'1 step', '2 steps': `count` and `noun`, in the plural unless the count is 1."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+class RunFiles:
+    """The files of one run in its output folder (`paths`, from `output_paths`), and what of
+    them is saved at any moment.
+
+    Entered around the run, it
+    - keeps a second run of the same outputs out of the folder while this one runs: a lock file
+      that the operating system releases when the process ends, however it ends;
+    - removes the temporary files that a save left when its process was killed;
+    - reads the checkpoint to resume from, checked before anything is built from it
+      (`check_resume`), and saves this run's checkpoints (`saver`); an earlier run's
+      checkpoint stays until this run's first epoch end;
+    - keeps the test set answers as they come (`answer_log`);
+    - ends an interrupt (Ctrl-C, SIGTERM, SIGHUP), a failed write or a diverging loss with one
+      line that says what is saved and how to go on: exit code 128 + the signal, or 1.
+    Under torchrun rank 0 holds the lock, writes and reports; all ranks exit alike.
+    """
+
+    def __init__(self, paths, args, device, rank=0, world_size=1):
+        self.paths = paths
+        self.checkpoint = paths["checkpoint"]
+        self.args = args
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.lock = None
+        self.resuming = False  # continues the checkpoint (--resume, and one is there)
+        self.earlier = False  # a checkpoint that this run did not write is at `checkpoint`
+        self.saved_steps = None  # the training steps that the checkpoint holds for this run
+        self.trained = False  # the checkpoint holds the finished training
+        self.answers = None
+        self.settings = None
+        self.resume_from = None
+        self.epochs = None
+
+    def __enter__(self):
+        refused = self.rank == 0 and not self.take_lock()
+        if self.world_size > 1:
+            refused = any_rank(refused, self.device)
+        if refused:
+            if self.rank == 0:
+                raise DataError(self.lock_refusal())
+            raise SystemExit(2)
+        self.earlier = os.path.exists(self.checkpoint)
+        if self.rank == 0:
+            self.remove_leftovers()
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        try:
+            if isinstance(exc, KeyboardInterrupt):
+                if self.rank == 0:
+                    print(stop_line(exc, *self.kept()), file=sys.stderr)
+                raise SystemExit(exit_code(exc)) from None
+            if isinstance(exc, OSError):
+                self.end(self.write_failure(exc))
+            if isinstance(exc, TrainingDiverged):
+                self.end(self.divergence(exc))
+        finally:
+            if self.lock is not None:
+                unlock_file(self.lock)
+                self.lock = None
+        return False
+
+    def take_lock(self):
+        """Hold the lock on this run's outputs; False when another run holds it."""
+        self.lock = lock_file(self.paths["lock"])
+        return self.lock is not None
+
+    def lock_refusal(self):
+        """The line that refuses this run while another holds the lock."""
+        holder = lock_holder(self.paths["lock"])
+        who = "another run" if holder is None else f"another run (process {holder})"
+        return (f"{who} is writing these outputs in {os.path.dirname(self.paths['lock']) or '.'} "
+                f"({self.paths['lock']} is locked); wait for it to end, or pass another "
+                "--output_dir")
+
+    def remove_leftovers(self):
+        """Remove what saves of these outputs left when their process was killed (a
+        checkpoint's is as large as the checkpoint), saying so in one line."""
+        count, size = remove_leftover_temporaries(self.paths.values())
+        if count:
+            print(f"Removed {plural(count, 'temporary file')} ({size / 1e6:.1f} MB) that an "
+                  f"interrupted save left in {os.path.dirname(self.checkpoint) or '.'}")
+
+    def check_resume(self, settings, requested_epochs, default_epochs):
+        """Before anything is built: say what becomes of a checkpoint that is there, read and
+        check the one to continue (--resume), and decide the epochs to train (`epochs`)."""
+        self.settings = settings
+        progress = None
+        self.resuming = will_resume(self.args.resume, self.checkpoint)
+        if self.resuming:
+            self.resume_from = read_pth(self.checkpoint, "delete it or run without --resume")
+            check_checkpoint(self.checkpoint, self.resume_from, settings)
+            progress = self.resume_from["progress"]
+            self.saved_steps = progress["global_step"] + 1
+        self.epochs = epochs_to_train(requested_epochs, self.checkpoint, progress,
+                                      default_epochs)
+        self.trained = progress is not None and progress["epoch"] >= self.epochs
+
+    @property
+    def keeps_earlier(self):
+        """Whether an earlier run's checkpoint is here that this new run replaces only at its
+        first epoch end: a stop before then keeps it, and saves nothing of this run."""
+        return self.earlier and not self.resuming
+
+    def restore(self, model, optimizer):
+        """The progress to resume from, with `model` and `optimizer` restored to it; None for
+        a run that starts over."""
+        if self.resume_from is None:
+            return None
+        checkpoint, self.resume_from = self.resume_from, None
+        return restore_checkpoint(self.checkpoint, checkpoint, model, optimizer)
+
+    def saver(self, model, optimizer):
+        """The `save_checkpoint(progress)` of `ChapterTraining`: rank 0 saves, others do not."""
+        if self.rank != 0:
+            return None
+        return lambda progress: self.save_checkpoint(model, optimizer, progress)
+
+    def save_checkpoint(self, model, optimizer, progress):
+        """Save this run's checkpoint (the first one replaces an earlier run's), and note what
+        it holds before any signal held meanwhile is acted on."""
+        with signals_held(f"Saving checkpoint {self.checkpoint} (do not interrupt); stopping "
+                          "once it is written"):
+            save_checkpoint(self.checkpoint, model, optimizer, progress, self.settings)
+            self.earlier = False
+            self.saved_steps = progress["global_step"] + 1
+            self.trained = (progress["epoch"] >= progress["num_epochs"]
+                            and progress["batches_done"] == 0)
+
+    def answer_log(self, progress, max_new_tokens, test_data):
+        """Where the test set answers of the weights of `progress` are kept as they come."""
+        key = fingerprint([progress["started"], progress["global_step"], max_new_tokens,
+                           test_data])
+        self.answers = AnswerLog(self.paths["answers"], key, len(test_data))
+        return self.answers
+
+    def finish(self, keep_checkpoint):
+        """Once every output is written: remove the kept answers, and the checkpoint unless
+        --keep_checkpoint."""
+        if self.answers is not None:
+            self.answers.remove()
+        remove_checkpoint(self.checkpoint, keep_checkpoint)
+
+    def kept(self):
+        """(what of the run is saved now, how to go on), for the line that ends it early."""
+        if self.trained:
+            what = f"the trained weights are saved in {self.checkpoint}"
+            if self.answers is not None and self.answers.count:
+                what += (f", and {self.answers.count} of {self.answers.total} test set answers "
+                         f"in {self.answers.path}")
+            return what, "run the same command with --resume to write the outputs"
+        if self.saved_steps is not None:
+            return (f"the training so far ({plural(self.saved_steps, 'step')}) is saved in "
+                    f"{self.checkpoint}", "run the same command with --resume to continue")
+        if self.earlier and self.args.resume:
+            return f"{self.checkpoint} is unchanged", "run the same command to continue it"
+        if self.earlier:
+            return (f"this run's steps were not kept, and {self.checkpoint} still holds the "
+                    "earlier run's progress", "run the same command with --resume to continue "
+                    "that run, or without --resume to start over")
+        return "nothing of this run was saved", "run the same command to start again"
+
+    def write_failure(self, exc):
+        """The line for a write that failed (`exc`, an OSError)."""
         where = f" {exc.filename}" if exc.filename else ""
-        fail(f"could not write{where} ({reason}); {what_is_kept} are saved in {checkpoint}: "
-             "fix this, then run the same command with --resume", code=1)
+        fix = "free space" if exc.errno in (errno.ENOSPC, None) else "fix this"
+        what, how = self.kept()
+        return f"could not write{where} ({exc.strerror or exc}); {what}; {fix}, then {how}"
+
+    def divergence(self, exc):
+        """The line for training that diverged (`exc`, a TrainingDiverged)."""
+        what, _ = self.kept()
+        if exc.empty_batch:
+            advice = ("check the masking and the length limit, which leave some entries "
+                      "nothing to learn")
+        else:
+            advice = f"try a lower --lr than {self.args.lr}"
+            if self.args.precision == "bf16":
+                advice += " or --precision fp32"
+        return f"training stopped at step {exc.step}: {exc.problem}; {what}; {advice}"
+
+    def end(self, message):
+        """End the run with exit code 1; rank 0 says why in one line."""
+        if self.rank == 0:
+            fail(message, code=1)
+        raise SystemExit(1)
+
+
+class AnswerLog:
+    """The test set answers generated so far, in a JSON file rewritten after each generation
+    batch, so that a run that continues an interrupted one (--resume) answers only the rest.
+
+    `key` names what the answers came from (the weights, the test set, --max_new_tokens):
+    answers kept for another key are not reused.
+    """
+
+    def __init__(self, path, key, total):
+        self.path, self.key, self.total = path, key, total
+        self.count = 0
+
+    def load(self):
+        """The answers kept for this key, one per test entry (None where there is none)."""
+        answers = [None] * self.total
+        kept = {}
+        if os.path.exists(self.path):
+            with suppress(DataError):  # a damaged file: answer everything again
+                kept = read_json(self.path)
+        if (isinstance(kept, dict) and kept.get("key") == self.key
+                and isinstance(kept.get("answers"), list) and len(kept["answers"]) == self.total
+                and all(a is None or isinstance(a, str) for a in kept["answers"])):
+            answers = kept["answers"]
+        self.count = sum(answer is not None for answer in answers)
+        if self.count:
+            print(f"Reusing {self.count} of {self.total} answers kept in {self.path}")
+        return answers
+
+    def save(self, answers):
+        """Keep `answers` (None where not answered yet)."""
+        save_json({"key": self.key, "answers": answers}, self.path)
+        self.count = sum(answer is not None for answer in answers)
+
+    def remove(self):
+        with suppress(FileNotFoundError):
+            os.remove(self.path)
 
 
 #####################################
@@ -436,40 +781,65 @@ def evaluate_in_one_pass(model, train_loader, val_loader, eval_iter):
             sum(val_losses) / len(val) if val else float("nan"))
 
 
+
+
 METRICS_FIELDS = ("epoch", "step", "tokens_seen", "train_loss", "val_loss", "seconds")
 
 
-def start_metrics_log(path, last_step=None):
-    """Begin the metrics CSV at `path`: a new file with its header, or, when resuming from
-    `last_step`, the rows of the run up to that step (later ones belong to training that the
-    checkpoint does not hold)."""
-    rows = []
-    if last_step is not None and os.path.exists(path):
-        rows = [row for row in read_metrics(path) if row["step"] <= last_step]
+def write_metrics_log(path, rows):
+    """Write the metrics CSV at `path` whole: its header and `rows`."""
     with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, METRICS_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 
 
+def rebuild_metrics_log(path, rows):
+    """Rewrite a resumed run's metrics CSV from its checkpoint's `rows`, the evaluations of the
+    weights it holds (rows logged after it belong to training that is done again). A missing
+    or damaged file, whose curve the checkpoint restores, is said so in one line."""
+    problem = None
+    if not os.path.exists(path):
+        problem = f"{path} was missing"
+    else:
+        try:
+            read_metrics(path)
+        except DataError as exc:
+            problem = str(exc)
+    write_metrics_log(path, rows)
+    if problem is not None and rows:
+        print(f"{problem}; rebuilt its {plural(len(rows), 'row')} from the checkpoint")
+
+
 def append_metrics_row(path, row):
-    """Append one evaluation's row to the metrics CSV and flush it to disk."""
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        csv.DictWriter(f, METRICS_FIELDS).writerow(row)
+    """Append one evaluation's row to the metrics CSV and flush it to disk; a failed write
+    raises WriteError naming the file."""
+    try:
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, METRICS_FIELDS).writerow(row)
+    except OSError as exc:
+        raise WriteError(exc.errno, exc.strerror or str(exc), path) from exc
 
 
 def read_metrics(path):
-    """The rows of a metrics CSV as dicts of numbers. Raises DataError naming a damaged file."""
+    """The rows of a metrics CSV as dicts of numbers. Raises DataError naming a damaged file
+    (one cut short by a crash mid-line, too)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) != METRICS_FIELDS:
                 raise ValueError(f"expected the columns {', '.join(METRICS_FIELDS)}")
-            return [{"epoch": int(r["epoch"]), "step": int(r["step"]),
-                     "tokens_seen": int(r["tokens_seen"]), "train_loss": float(r["train_loss"]),
-                     "val_loss": float(r["val_loss"]), "seconds": float(r["seconds"])}
-                    for r in reader]
-    except (ValueError, TypeError, KeyError) as exc:
+            rows = []
+            for r in reader:
+                if None in r or None in r.values():
+                    raise ValueError(f"line {reader.line_num} does not have the "
+                                     f"{len(METRICS_FIELDS)} columns")
+                rows.append({"epoch": int(r["epoch"]), "step": int(r["step"]),
+                             "tokens_seen": int(r["tokens_seen"]),
+                             "train_loss": float(r["train_loss"]),
+                             "val_loss": float(r["val_loss"]), "seconds": float(r["seconds"])})
+            return rows
+    except (ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a metrics log of this script ({exc})") from None
 
 
@@ -520,25 +890,107 @@ class PrintAboveBar:
 #####################################
 
 
+def check_counted_tokens(train_loader, data_path):
+    """Refuse a training set none of whose entries has a target that the loss counts (a masking
+    or a length limit that leaves only IGNORE_INDEX targets): every step's loss would be 0/0.
+    The entries are collated in order, a few at a time, drawing no random numbers."""
+    dataset, collate = train_loader.dataset, train_loader.collate_fn
+    for start in range(0, len(dataset), 64):
+        _, targets = collate([dataset[i] for i in range(start, min(start + 64, len(dataset)))])
+        if (targets != IGNORE_INDEX).any():
+            return
+    raise DataError(f"{data_path}: no training entry has a token that the loss counts (every "
+                    "target is masked or cut off by the length limit); check the entries' "
+                    "responses and the masking")
+
+
+class TrainingDiverged(Exception):
+    """Training produced a number that is not finite at `step` (`problem` says which);
+    `empty_batch`: the step's batch had no target that the loss counts."""
+
+    def __init__(self, step, problem, empty_batch=False):
+        super().__init__(f"step {step}: {problem}")
+        self.step, self.problem, self.empty_batch = step, problem, empty_batch
+
+
+class FiniteWatch:
+    """Finds the first training step whose loss or gradient norm is not finite.
+
+    Each step is recorded on the device that computed it, without waiting for it; `check`
+    reads the records since the last check at once and raises TrainingDiverged for the first
+    bad step. Checked before a metrics row is logged and before a checkpoint is saved (with
+    the weights themselves, which an update too large can overflow from finite gradients), so
+    that neither ever holds a diverged step. Under torchrun every rank finds the same step.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.records = []
+        self.loss = self.counted = self.last_step = None
+
+    def note_loss(self, loss, counted):
+        """The running step's loss (the whole batch's) and its count of counted targets."""
+        self.loss, self.counted = loss.detach().clone(), counted
+
+    def record(self, step, model):
+        """Record the step just taken: its loss, and the norm of the gradients it applied."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        self.records.append((step, self.loss, torch.nn.utils.get_total_norm(grads),
+                             self.counted))
+        self.last_step = step
+
+    def check(self, model=None):
+        """Raise TrainingDiverged for the first bad step recorded since the last check; with
+        `model`, also when its weights are not all finite (after the last recorded step)."""
+        records, self.records = self.records, []
+        finite = torch.stack([torch.isfinite(loss) & torch.isfinite(norm)
+                              for _, loss, norm, _ in records]).tolist() if records else []
+        bad = [record for record, ok in zip(records, finite, strict=True) if not ok]
+        step = bad[0][0] if bad else None
+        if step is None and model is not None and not all_finite(model.parameters()):
+            step = self.last_step
+        if is_distributed():  # the earliest bad step of any rank
+            none = torch.iinfo(torch.int64).max
+            found = torch.tensor(none if step is None else step, device=self.device)
+            dist.all_reduce(found, op=dist.ReduceOp.MIN)
+            step = None if found.item() == none else int(found.item())
+        if step is None:
+            return
+        _, loss, norm, counted = next((r for r in bad if r[0] == step), (step, None, None, 1))
+        if int(counted) == 0:
+            raise TrainingDiverged(step, "its batch has no token that the loss counts (every "
+                                         "target is masked)", empty_batch=True)
+        if loss is None:
+            raise TrainingDiverged(step, "the weights after it are not finite numbers")
+        if not math.isfinite(loss.item()):
+            raise TrainingDiverged(step, f"the loss is {loss.item()}")
+        raise TrainingDiverged(step, f"the gradient norm is {norm.item()}")
+
+
 class ChapterTraining(TrainingHooks):
-    """The book's training loop, resumable, stoppable with Ctrl-C, under torchrun, with a bar.
+    """The book's training loop, resumable, stoppable by a signal, under torchrun, with a bar.
 
     Use it as a context manager around `train_model_simple(..., hooks=...)`.
-    `save_checkpoint(progress)` is called at every epoch end and when Ctrl-C stops training
-    (after the running step completes; KeyboardInterrupt is raised afterwards). Passing that
-    progress back as `resume_progress`, with the model and optimizer restored to the same
-    moment, continues the run so that it ends with the same weights as an uninterrupted one.
+    `save_checkpoint(progress)` is called at every epoch end, and when Ctrl-C, SIGTERM or SIGHUP
+    stops training after the running step (Interrupted is raised afterwards; a second signal
+    stops at once). With `save_on_interrupt` False such a stop saves nothing before the run's
+    first epoch end (an earlier run's checkpoint stays). Passing that progress back as
+    `resume_progress`, with the model and optimizer restored to the same moment, continues the
+    run so that it ends with the same weights as an uninterrupted one. Training stops with
+    TrainingDiverged at the first step whose loss or gradient norm is not finite (`FiniteWatch`).
     Under torchrun, `model` is wrapped in DistributedDataParallel and the train loader yields
     each rank's share of the global batches.
 
     `ctx` (e.g. a bf16 autocast) is entered wherever the model computes a loss.
     `micro_batch_size` computes each batch that many rows at a time, accumulating gradients:
     the same update as the whole batch at once, with less memory. `metrics_path` receives one
-    CSV row per evaluation.
+    CSV row per evaluation; the rows are also kept in the progress, so a resumed run rewrites
+    the file from its checkpoint, and a new run replaces an existing file only at its first
+    checkpoint.
     """
 
     def __init__(self, num_epochs, device, save_checkpoint=None, resume_progress=None,
-                 ctx=None, micro_batch_size=None, metrics_path=None):
+                 ctx=None, micro_batch_size=None, metrics_path=None, save_on_interrupt=True):
         self.num_epochs = num_epochs
         self.device = device
         self.save_checkpoint = save_checkpoint
@@ -546,32 +998,42 @@ class ChapterTraining(TrainingHooks):
         self.ctx = ctx or nullcontext()
         self.micro_batch_size = micro_batch_size
         self.metrics_path = metrics_path if is_main_process() else None
+        self.save_on_interrupt = save_on_interrupt
         self.distributed = is_distributed()
+        self.watch = FiniteWatch(device)
         self.bar = None
 
     def __enter__(self):
         self._exit_stack = contextlib.ExitStack()
-        self.interrupt = self._exit_stack.enter_context(stop_on_ctrl_c())
+        self.stops = self._exit_stack.enter_context(StopRequests())
         stdout = PrintAboveBar(sys.stdout, self)
         self._exit_stack.callback(stdout.flush)
         self._exit_stack.enter_context(contextlib.redirect_stdout(stdout))
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type, *exc_info):
         if self.bar is not None:
             self.bar.close()
         self._exit_stack.close()
+        if exc_type is None and self.stops.signum is not None:
+            raise Interrupted(self.stops.signum)  # arrived after the last epoch's check
 
     def start(self):
-        progress = self.resume_progress or {**super().start(), "batches_done": 0,
-                                            "epoch_rng": None, "rng": None}
+        progress = self.resume_progress or {
+            **super().start(), "batches_done": 0, "epoch_rng": None, "rng": None,
+            "seconds": 0.0, "started": time.time(), "metrics": []}
         progress["num_epochs"] = self.num_epochs  # what a resumed run trains to by default
         self.progress = progress
-        self.started = time.monotonic() - progress.get("seconds", 0.0)
-        self.rows_logged = len(progress["train_losses"])
+        self.started = time.monotonic() - progress["seconds"]
+        self.saved_once = self.resume_progress is not None
+        self.metrics_live = False  # whether rows go to the file as they come
         if self.metrics_path is not None:
-            start_metrics_log(self.metrics_path,
-                              progress["global_step"] if self.resume_progress else None)
+            if self.resume_progress is not None:
+                rebuild_metrics_log(self.metrics_path, progress["metrics"])
+                self.metrics_live = True
+            elif self.save_checkpoint is None or not os.path.exists(self.metrics_path):
+                write_metrics_log(self.metrics_path, [])
+                self.metrics_live = True
         return progress
 
     def epoch_batches(self, train_loader, progress):
@@ -598,9 +1060,12 @@ class ChapterTraining(TrainingHooks):
         """The batch's loss, under `ctx`. With micro-batches, all but the last micro-batch are
         backpropagated here; the returned loss is the last one's share, whose backward in the
         training loop completes the batch's gradient."""
+        self.model = model
         if self.micro_batch_size is None and not self.distributed:
             with self.ctx:
-                return super().batch_loss(input_batch, target_batch, model, device)
+                loss = super().batch_loss(input_batch, target_batch, model, device)
+            self.watch.note_loss(loss, (target_batch != IGNORE_INDEX).sum())
+            return loss
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
         counted = (target_batch != IGNORE_INDEX).sum()  # the whole batch's counted targets
         ranks = 1
@@ -609,14 +1074,19 @@ class ChapterTraining(TrainingHooks):
             ranks = dist.get_world_size()
         size = self.micro_batch_size or len(input_batch)
         parts = list(zip(input_batch.split(size), target_batch.split(size), strict=True))
+        shares = []
         for inputs, targets in parts[:-1]:
             with model.no_sync() if self.distributed else nullcontext():  # sync on the last
                 with self.ctx:
                     loss_sum, _ = token_loss_sum(inputs, targets, model)
-                (loss_sum * ranks / counted).backward()
+                share = loss_sum * ranks / counted
+                share.backward()
+            shares.append(share.detach())
         with self.ctx:
             loss_sum, _ = token_loss_sum(*parts[-1], model)
-        return loss_sum * ranks / counted
+        loss = loss_sum * ranks / counted
+        self.watch.note_loss(sum(shares, loss.detach()), counted)
+        return loss
 
     def batch_tokens(self, input_batch):
         if self.distributed:
@@ -640,30 +1110,59 @@ class ChapterTraining(TrainingHooks):
     def step_done(self, progress):
         progress["batches_done"] += 1
         progress["seconds"] = time.monotonic() - self.started
-        if self.metrics_path is not None and len(progress["train_losses"]) > self.rows_logged:
-            self.rows_logged += 1
-            append_metrics_row(self.metrics_path, {
-                "epoch": progress["epoch"] + 1, "step": progress["global_step"],
-                "tokens_seen": progress["tokens_seen"],
-                "train_loss": progress["train_losses"][-1],
-                "val_loss": progress["val_losses"][-1], "seconds": round(progress["seconds"], 3)})
+        self.watch.record(progress["global_step"], self.model)
+        if len(progress["train_losses"]) > len(progress["metrics"]):
+            self.watch.check()
+            if not math.isfinite(progress["train_losses"][-1]):
+                raise TrainingDiverged(progress["global_step"], "the training loss after it is "
+                                       f"{progress['train_losses'][-1]}")
+            self.log_metrics(progress)
         self.bar.update()
-        stop = self.interrupt["stop"]
-        if self.distributed:
-            stop = any_rank(stop, self.device)
-        if stop:
+        if self.stop_requested():
+            self.watch.check(self.model)
             progress["rng"] = rng_states()
-            if self.save_checkpoint is not None:
-                self.save_checkpoint(progress)
-            raise KeyboardInterrupt
+            if self.save_on_interrupt or self.saved_once:
+                self.save(progress, f"Stopping after step {progress['global_step']}: saving "
+                                    "the checkpoint (do not interrupt)")
+            raise Interrupted(self.stops.signum or signal.SIGINT)
 
     def epoch_done(self, model, tokenizer, device, start_context, progress):
+        self.watch.check(model)
         if is_main_process():
             super().epoch_done(getattr(model, "module", model),  # DDP wraps the model
                                tokenizer, device, start_context, progress)
         progress.update(batches_done=0, rng=rng_states())
-        if self.save_checkpoint is not None:
-            self.save_checkpoint(progress)
+        self.save(progress)
+        if self.stop_requested():  # a signal during the sample or the save
+            raise Interrupted(self.stops.signum or signal.SIGINT)
+
+    def stop_requested(self):
+        """Whether a signal asked training to stop (on any rank, under torchrun)."""
+        stop = self.stops.signum is not None
+        return any_rank(stop, self.device) if self.distributed else stop
+
+    def log_metrics(self, progress):
+        """Keep the evaluation just made as a metrics row, and append it to the file."""
+        row = {"epoch": progress["epoch"] + 1, "step": progress["global_step"],
+               "tokens_seen": progress["tokens_seen"],
+               "train_loss": progress["train_losses"][-1],
+               "val_loss": progress["val_losses"][-1], "seconds": round(progress["seconds"], 3)}
+        progress["metrics"].append(row)
+        if self.metrics_live:
+            append_metrics_row(self.metrics_path, row)
+
+    def save(self, progress, note=None):
+        """Save a checkpoint of `progress` where this process saves (printing `note` first);
+        the metrics log, held back until a new run's first checkpoint, is written whole then."""
+        if self.save_checkpoint is None:
+            return
+        if note is not None:
+            print(note)
+        self.save_checkpoint(progress)
+        self.saved_once = True
+        if self.metrics_path is not None and not self.metrics_live:
+            write_metrics_log(self.metrics_path, progress["metrics"])
+            self.metrics_live = True
 
 
 def device_type(device):

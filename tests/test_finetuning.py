@@ -285,18 +285,19 @@ def test_ctrl_c_during_training_exits_130_with_a_hint(tmp_path, instruction_data
         ft.main(["--test_mode", "--data_path", str(instruction_data_path),
                  "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 130
-    assert ("Training interrupted; progress saved to "
-            f"{tmp_path}/checkpoint-Smalltestmodel-standalone.pth. Run the same command with "
-            "--resume to continue.") in capsys.readouterr().out
+    assert capsys.readouterr().err == ("Interrupted; nothing of this run was saved: run the same "
+                                       "command to start again.\n")
 
 
 BAD_INPUTS = [
-    ("{not json", "not valid JSON (Expecting property name enclosed in double quotes: "
-                  "line 1 column 2 (char 1))"),
-    ('{"instruction": "x"}', "expected a JSON list of entries, got dict"),
+    ("[not json", "not valid JSON (Expecting value: line 1 column 2 (char 1))"),
+    ("{not json", "line 1 is not valid JSON (Expecting property name enclosed in double "
+                  "quotes: line 1 column 2 (char 1))"),
+    ('{"instruction": "x"}', "line 1 has no 'output' field"),
+    ('"text"', "expected a JSON list of entries (or JSON Lines, one entry a line), got str"),
     ("[]", "the dataset is empty"),
     ('[{"instruction": "a", "input": "", "output": "b"}, 3]', "entry 1 is not an object"),
-    ('[{"instruction": "a", "output": "b"}]', "entry 0 has no 'input' field"),
+    ('[{"input": "a", "output": "b"}]', "entry 0 has no 'instruction' field"),
     ('[{"instruction": "a", "input": 5, "output": "b"}]',
      "entry 0 field 'input' must be a string, got int"),
     (json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 9),
