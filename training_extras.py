@@ -228,9 +228,14 @@ def read_pth(path, what_to_do):
     """
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as exc:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError,
+            IndexError) as exc:
         raise DataError(f"{path}: damaged or not a PyTorch weight file ({first_line(exc)}); "
                         f"{what_to_do}") from None
+    except OSError as exc:  # torch reads a zip cut short as an invalid argument
+        problem = ("damaged or not a PyTorch weight file" if exc.errno == errno.EINVAL
+                   else "cannot be read")
+        raise DataError(f"{path}: {problem} ({exc.strerror or exc}); {what_to_do}") from None
     name = first_nonfinite(content)
     if name is not None:
         raise DataError(f"{path}: '{name}' holds NaN or infinite values, not weights to go on "

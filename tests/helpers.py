@@ -1,5 +1,5 @@
-"""What several test files share: running a script as a user would, and reading its one-line
-error."""
+"""What several test files share: running a script as a user would, reading its one-line
+error, and small saved models to export or load."""
 
 import os
 import re
@@ -40,3 +40,51 @@ def run_in_process(entry_point, argv, capsys):
         code = 0 if exc.code is None else exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def random_model(config, seed=123):
+    """GPTModel `config` with random weights everywhere, biases and norms too (eval mode)."""
+    import torch
+
+    from previous_chapters import GPTModel
+
+    torch.manual_seed(seed)
+    model = GPTModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith(".weight"):
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def lora_trained_model(config):
+    """The model of `config` with LoRA layers (rank 2, alpha 4) whose update is not zero: B
+    random, as training leaves it (it starts at zero); eval mode."""
+    import torch
+
+    from lora import replace_linear_with_lora
+
+    model = random_model(config)
+    replace_linear_with_lora(model, rank=2, alpha=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def save(model, path, config, prompt_style="alpaca"):
+    """Save `model` as the finetuning script does; return the .pth path as a string."""
+    import gpt_instruction_finetuning as ft
+
+    ft.save_finetuned_model(model, str(path), {"config": config, "prompt_style": prompt_style})
+    return str(path)
+
+
+def quick_run_flags(data_path, max_new_tokens=5, gen_batch_size=None):
+    """Flags of a test-mode run that takes a few seconds: one step per epoch, one evaluation
+    batch, short answers (`gen_batch_size` at a time when given)."""
+    flags = ["--test_mode", "--data_path", str(data_path), "--epochs", "1", "--eval_iter", "1",
+             "--max_new_tokens", str(max_new_tokens)]
+    return flags + (["--gen_batch_size", str(gen_batch_size)] if gen_batch_size else [])

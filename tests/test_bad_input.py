@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_error, run_in_process
+from helpers import assert_error, quick_run_flags, run_in_process
 from helpers import run_script as run_any_script
 
 import exercise_experiments as ex
@@ -53,12 +53,6 @@ def no_download():
     """Make reaching the GPT-2 download fail the test: checks must come before it."""
     return mock.patch.object(ft, "download_and_load_gpt2",
                              side_effect=AssertionError("the download was reached"))
-
-
-def quick_run_flags(data_path):
-    """Flags of a test-mode run that takes a few seconds."""
-    return ["--test_mode", "--data_path", str(data_path), "--epochs", "1", "--eval_iter", "1",
-            "--max_new_tokens", "5"]
 
 
 @pytest.fixture

@@ -406,11 +406,15 @@ def test_input_without_prompt_is_refused(tmp_path, capsys):
     assert_error(err, "--input goes with --prompt")
 
 
-def test_missing_or_damaged_pth_is_refused(tmp_path, capsys):
+def test_missing_or_damaged_pth_is_refused(tmp_path, capsys, tiny_cfg):
     code, out, err = ask(capsys, tmp_path / "missing.pth", "--prompt", "Name a color.")
     assert (code, out) == (2, "")
     assert_error(err, f"{tmp_path}/missing.pth: file not found")
-    for name, content in [("empty.pth", b""), ("foreign.pth", b"PK\x03\x04 not a .pth")]:
+    whole = io.BytesIO()
+    torch.save(GPTModel(tiny_cfg).state_dict(), whole)
+    for name, content in [("empty.pth", b""), ("foreign.pth", b"PK\x03\x04 not a .pth"),
+                          ("text.pth", b"these are not weights"),
+                          ("cut.pth", whole.getvalue()[:len(whole.getvalue()) // 2])]:
         damaged = tmp_path / name
         damaged.write_bytes(content)
         code, out, err = ask(capsys, damaged, "--prompt", "Name a color.")

@@ -16,14 +16,19 @@ import pytest
 import regex
 import torch
 import torch.nn.functional as F
-from helpers import assert_error, run_in_process, run_script
+from helpers import (
+    assert_error,
+    lora_trained_model,
+    random_model,
+    run_in_process,
+    run_script,
+    save,
+)
 
 import export_gguf
 import export_hf
 import gpt_instruction_finetuning as ft
 from instruction_data import PROMPT_STYLES, load_json_entries
-from lora import replace_linear_with_lora
-from previous_chapters import GPTModel
 
 GPT2_124M = {**ft.BASE_CONFIG, **ft.MODEL_CONFIGS["124M"][1]}
 Q8_CONFIG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 64, "n_heads": 4,
@@ -38,23 +43,6 @@ GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\
 #####################################
 # Helpers: models, exports, and reading a GGUF file back
 #####################################
-
-
-def random_model(config, seed=123):
-    """GPTModel `config` with random weights everywhere, biases and norms too (eval mode)."""
-    torch.manual_seed(seed)
-    model = GPTModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith(".weight"):
-                param.normal_(0.0, 0.5)
-    return model.eval()
-
-
-def save(model, path, config, prompt_style="alpaca"):
-    """Save `model` as the finetuning script does; return the .pth path as a string."""
-    ft.save_finetuned_model(model, str(path), {"config": config, "prompt_style": prompt_style})
-    return str(path)
 
 
 def run_main(argv, capsys):
@@ -293,18 +281,6 @@ def test_tied_head_is_read_from_the_embedding(tmp_path, tiny_cfg, capsys):
     assert set(tensors) == set(expected_tensors(tiny_cfg, tied=True))
     difference, _ = max_difference(model, path, token_batch(tiny_cfg))
     assert difference <= 1e-5
-
-
-def lora_trained_model(config):
-    """The model of `config` with LoRA layers (rank 2, alpha 4) whose update is not zero."""
-    model = random_model(config)
-    replace_linear_with_lora(model, rank=2, alpha=4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora.B"):
-                param.normal_(0.0, 0.5)
-    return model.eval()
 
 
 def test_unmerged_lora_is_merged_and_without_json_needs_lora_alpha(tmp_path, capsys):

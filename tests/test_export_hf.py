@@ -9,14 +9,14 @@ import signal
 import pytest
 import tiktoken.load
 import torch
-from helpers import assert_error
+from helpers import assert_error, lora_trained_model, random_model, save
 from safetensors import SafetensorError, safe_open
 
 import export_hf
 import gpt_instruction_finetuning as ft
 from gpt_download import load_gpt2_params_from_safetensors
 from instruction_data import PROMPT_STYLES, load_json_entries
-from lora import lora_config, replace_linear_with_lora
+from lora import lora_config
 from previous_chapters import GPTModel, generate, load_weights_into_gpt
 
 TIKTOKEN_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -27,23 +27,6 @@ HEADERS = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>:\n"}
 #####################################
 # Helpers
 #####################################
-
-
-def random_model(config, seed=123):
-    """GPTModel `config` with random weights everywhere, biases and norms too (eval mode)."""
-    torch.manual_seed(seed)
-    model = GPTModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith(".weight"):
-                param.normal_(0.0, 0.5)
-    return model.eval()
-
-
-def save(model, path, config, prompt_style="alpaca"):
-    """Save `model` as the finetuning script does; return the .pth path as a string."""
-    ft.save_finetuned_model(model, str(path), {"config": config, "prompt_style": prompt_style})
-    return str(path)
 
 
 def run_main(argv, capsys):
@@ -248,14 +231,7 @@ def test_tied_head_is_exported_tied_and_reads_back_with_the_same_logits(tmp_path
 def test_unmerged_lora_model_is_exported_merged(tmp_path, capsys):
     """A LoRA model saved without --merge_lora exports as a plain GPT-2 with its logits."""
     config = dict(ft.TEST_MODE_CONFIG)
-    model = random_model(config)
-    replace_linear_with_lora(model, rank=2, alpha=4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora.B"):
-                param.normal_(0.0, 0.5)
-    model.eval()
+    model = lora_trained_model(config)
     pth = save(model, tmp_path / "lora.pth", {**config, "lora": lora_config(model)})
     out = export(pth, tmp_path / "hf", capsys)
     assert "Merged the LoRA layers (rank 2, alpha 4) into the weights" in out
@@ -274,14 +250,7 @@ def test_unmerged_lora_pth_without_json_needs_lora_alpha(tmp_path, capsys):
     """The JSON records alpha; without it --lora_alpha gives it, and the export is merged with
     that alpha."""
     config = dict(ft.TEST_MODE_CONFIG)
-    model = random_model(config)
-    replace_linear_with_lora(model, rank=2, alpha=4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora.B"):
-                param.normal_(0.0, 0.5)
-    model.eval()
+    model = lora_trained_model(config)
     pth = str(tmp_path / "lora.pth")
     torch.save(model.state_dict(), pth)
     assert_refused([pth, tmp_path / "hf"], capsys,

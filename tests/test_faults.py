@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_error, run_in_process
+from helpers import assert_error, quick_run_flags, run_in_process
 
 import gpt_instruction_finetuning as ft
 import training_extras as extras
@@ -48,8 +48,7 @@ FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 5
 
 def quick_flags(data_path):
     """A test-mode run of one step per epoch that answers in 3 batches of 4, 3 tokens each."""
-    return ["--test_mode", "--data_path", str(data_path), "--epochs", "1", "--eval_iter", "1",
-            "--max_new_tokens", "3", "--gen_batch_size", "4"]
+    return quick_run_flags(data_path, max_new_tokens=3, gen_batch_size=4)
 
 
 @pytest.fixture
