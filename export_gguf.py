@@ -298,8 +298,8 @@ def export_checked(args):
 
 
 def main(argv=None):
-    """Export; or end with one line: exit 2 on bad input, 1 when writing fails, 130 when
-    interrupted."""
+    """Export; or end with one line: exit 2 on bad input, 1 when writing fails, 128 + the
+    signal when interrupted (130 for Ctrl-C)."""
     args = build_parser().parse_args(argv)
     result = run_export(lambda: export_checked(args), args.out_dir)
     print_summary(args.out_dir, args.outtype, result)

@@ -24,10 +24,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import sys
 import tempfile
-from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError
@@ -39,7 +36,7 @@ from gpt_download import DownloadError, gpt2_tokenizer
 from gpt_instruction_finetuning import END_OF_TEXT
 from instruction_data import DataError
 from lora import lora_config, merge_lora
-from script_utils import fail, save_json
+from script_utils import fail, save_json, stop_signals_interrupt
 
 FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab.json",
          "merges.txt", "tokenizer_config.json")
@@ -314,40 +311,18 @@ def current_umask():
     return umask
 
 
-@contextmanager
-def sigterm_as_interrupt():
-    """While the block runs, SIGTERM (`kill`, a job scheduler stopping the run) raises
-    KeyboardInterrupt as Ctrl-C does, so that the export cleans up before it ends. Outside the
-    main thread nothing changes."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_export(export, out_dir):
     """Return `export()`, or end the program with one line when it cannot finish: exit 2 for
-    bad input, 1 when writing failed, 130 when interrupted (Ctrl-C or SIGTERM). In each case
-    nothing was written to `out_dir`."""
+    bad input, 1 when writing failed, 128 + the signal when interrupted (Ctrl-C, SIGTERM,
+    SIGHUP). In each case nothing was written to `out_dir`."""
     try:
-        with sigterm_as_interrupt():
+        with stop_signals_interrupt(f"nothing was written to {out_dir}",
+                                    "run the same command again to export"):
             return export()
     except (DataError, DownloadError) as exc:
         fail(exc)
     except WriteFailed as exc:
         fail(exc, code=1)
-    except KeyboardInterrupt:
-        print(f"\nInterrupted: nothing was written to {out_dir}; run the same command again to "
-              "export.", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 #####################################

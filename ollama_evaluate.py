@@ -58,6 +58,7 @@ from tqdm import tqdm
 from instruction_data import format_input, load_json_entries
 from script_utils import (
     DataError,
+    WriteError,
     atomic_write,
     check_writable_folder,
     fail,
@@ -88,10 +89,6 @@ class JudgeUnreachable(JudgeError):
     """No complete answer came: the connection failed or dropped, the reply took too long or
     was cut short, or the judge stayed too busy to answer. A rerun continues once the judge
     answers again."""
-
-
-class ScoreFileError(OSError):
-    """The score file could not be written (a full disk, say): every line before stays whole."""
 
 
 class IncompleteReply(Exception):
@@ -567,7 +564,7 @@ class ScoreStore:
 
     def add(self, judge, prompt, score, reply, index, instruction):
         """Save one reply to the prompt of entry `index`, appended and flushed at once. Raises
-        ScoreFileError when the file cannot be written."""
+        WriteError naming the file when it cannot be written (every line before stays whole)."""
         record = {"judge": judge, "prompt_sha256": prompt_sha256(prompt), "index": index,
                   "instruction": instruction, "score": score, "reply": reply}
         self.records[judge, record["prompt_sha256"]] = record
@@ -577,7 +574,7 @@ class ScoreStore:
                     f.write("\n" * self.needs_newline + json.dumps(record) + "\n")
             except OSError as exc:
                 self.needs_newline = True  # the line may be cut short
-                raise ScoreFileError(exc.errno, exc.strerror) from exc
+                raise WriteError(exc.errno, exc.strerror or str(exc), self.path) from exc
             self.needs_newline = False
 
 
@@ -645,7 +642,7 @@ def score_prompts(prompts, entries, judge, ask, workers=1, store=None,
                         and future.exception() is None):
                     save(future)
             raise
-        except BaseException:  # ScoreFileError: send no more requests
+        except BaseException:  # WriteError: send no more requests
             cancel(futures)
             raise
     if error is not None:
@@ -1013,7 +1010,7 @@ def score_run(prompts, entries, store, judge, ask, workers, backend, style):
         fail(f"{exc}. The scores so far are in {store.path}; run again to continue.", code=1)
     except JudgeError as exc:
         fail(str(exc), code=1)
-    except ScoreFileError as exc:
+    except WriteError as exc:
         fail(write_failure(store.path, exc, [store.path]), code=1)
     except KeyboardInterrupt:
         print(f"\nInterrupted. The scores so far are in {store.path}; run again to continue.",

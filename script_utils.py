@@ -167,24 +167,31 @@ def in_main_thread():
 
 
 @contextmanager
-def stop_signals_interrupt():
-    """Let SIGTERM and SIGHUP raise Interrupted, as Ctrl-C raises KeyboardInterrupt, so that the
-    code they stop can say what it saved instead of the process ending on the spot. An interrupt
-    that leaves the block unreported (before anything was written) ends in one line, with exit
-    code 128 + the signal."""
+def stop_signals_raise():
+    """Within the block, SIGTERM and SIGHUP raise Interrupted, as Ctrl-C raises
+    KeyboardInterrupt, so that the code they stop can clean up and say what it saved instead
+    of the process ending on the spot."""
     previous = {}
     if in_main_thread():
         previous = {signum: signal.signal(signum, raise_interrupted)
                     for signum in heeded_signals() if signum != signal.SIGINT}
     try:
         yield
-    except KeyboardInterrupt as exc:
-        print(stop_line(exc, "nothing was written", "run the same command to start again"),
-              file=sys.stderr)
-        raise SystemExit(exit_code(exc)) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextmanager
+def stop_signals_interrupt(what="nothing was written", how="run the same command to start again"):
+    """`stop_signals_raise`, and an interrupt that leaves the block unreported ends in one line
+    (`stop_line` of `what` is saved and `how` to go on), with exit code 128 + the signal."""
+    try:
+        with stop_signals_raise():
+            yield
+    except KeyboardInterrupt as exc:
+        print(stop_line(exc, what, how), file=sys.stderr)
+        raise SystemExit(exit_code(exc)) from None
 
 
 class StopRequests:

@@ -786,8 +786,6 @@ def evaluate_in_one_pass(model, train_loader, val_loader, eval_iter):
             sum(val_losses) / len(val) if val else float("nan"))
 
 
-
-
 METRICS_FIELDS = ("epoch", "step", "tokens_seen", "train_loss", "val_loss", "seconds")
 
 

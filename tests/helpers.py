@@ -88,3 +88,8 @@ def quick_run_flags(data_path, max_new_tokens=5, gen_batch_size=None):
     flags = ["--test_mode", "--data_path", str(data_path), "--epochs", "1", "--eval_iter", "1",
              "--max_new_tokens", str(max_new_tokens)]
     return flags + (["--gen_batch_size", str(gen_batch_size)] if gen_batch_size else [])
+
+
+def stopped(stop):
+    """How a program's last line begins when `stop` ("ctrl-c", or "sigterm") stopped it."""
+    return "Interrupted" if stop == "ctrl-c" else "Stopped by SIGTERM"

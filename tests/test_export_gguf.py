@@ -23,6 +23,7 @@ from helpers import (
     run_in_process,
     run_script,
     save,
+    stopped,
 )
 
 import export_gguf
@@ -574,7 +575,7 @@ def stop_mid_file(monkeypatch, stop, folder):
         [partial] = folder.glob(".tmp-export-*/*.gguf")
         assert partial.stat().st_size > tensor.nbytes  # header, metadata, one tensor
         if stop == "sigterm":
-            signal.raise_signal(signal.SIGTERM)  # the export's handler raises KeyboardInterrupt
+            signal.raise_signal(signal.SIGTERM)  # the export's handler raises Interrupted
         else:
             raise stop
 
@@ -601,8 +602,8 @@ def test_interrupt_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch, s
                                                 stop):
     stop_mid_file(monkeypatch, KeyboardInterrupt() if stop == "ctrl-c" else stop, tmp_path)
     code, _, err = run_main([saved_model, tmp_path / "gguf"], capsys)
-    assert code == 130 and "Traceback" not in err
-    assert last_line(err) == (f"Interrupted: nothing was written to {tmp_path / 'gguf'}; run "
-                              "the same command again to export.")
+    assert code == (130 if stop == "ctrl-c" else 143) and "Traceback" not in err
+    assert last_line(err) == (f"{stopped(stop)}; nothing was written to {tmp_path / 'gguf'}: "
+                              "run the same command again to export.")
     assert sorted(os.listdir(tmp_path)) == ["model.json", "model.pth"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

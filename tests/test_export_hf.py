@@ -9,7 +9,7 @@ import signal
 import pytest
 import tiktoken.load
 import torch
-from helpers import assert_error, lora_trained_model, random_model, save
+from helpers import assert_error, lora_trained_model, random_model, save, stopped
 from safetensors import SafetensorError, safe_open
 
 import export_hf
@@ -474,7 +474,7 @@ def test_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch, error):
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_interrupted_write_leaves_nothing(tmp_path, capsys, monkeypatch, stop):
-    """Ctrl-C or SIGTERM while the weights are written: exit 130, one line, an empty OUT_DIR
+    """Ctrl-C or SIGTERM while the weights are written: exit 130 or 143, one line, an empty OUT_DIR
     stays empty and no temporary folder is left."""
     def interrupted(tensors, path, metadata):
         with open(path, "wb") as f:
@@ -487,8 +487,8 @@ def test_interrupted_write_leaves_nothing(tmp_path, capsys, monkeypatch, stop):
     pth = save(random_model(config), tmp_path / "model.pth", config)
     (tmp_path / "hf").mkdir()
     monkeypatch.setattr(export_hf, "save_file", interrupted)
-    assert_stopped([pth, tmp_path / "hf"], capsys, 130,
-                   f"Interrupted: nothing was written to {tmp_path / 'hf'}; run the same "
+    assert_stopped([pth, tmp_path / "hf"], capsys, 130 if stop == "ctrl-c" else 143,
+                   f"{stopped(stop)}; nothing was written to {tmp_path / 'hf'}: run the same "
                    "command again to export.")
     assert sorted(os.listdir(tmp_path)) == ["hf", "model.json", "model.pth"]
     assert os.listdir(tmp_path / "hf") == []
