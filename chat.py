@@ -31,7 +31,8 @@ import sys
 
 import torch
 
-from finetune_cli import SEED_RANGE, HelpFormatter, pick_device
+from accelerator import pick_device
+from finetune_cli import SEED_RANGE, HelpFormatter
 from finetuned_model import check_lora_alpha, load_finetuned_model
 from gpt_download import DownloadError, gpt2_tokenizer
 from gpt_instruction_finetuning import END_OF_TEXT

@@ -3,13 +3,10 @@ the flags with the chapter's values as defaults, and every check of them made be
 starts, each refusal one DataError naming the flag and what to do."""
 
 import argparse
-import importlib.util
 import math
 import os
-import sys
 
-import torch
-
+from accelerator import check_precision, pick_device
 from gpt_download import GPT2_SIZES
 from script_utils import DataError, check_writable_folder
 
@@ -122,55 +119,6 @@ def check_args(args):
     args.device = pick_device(args.device)
     check_precision(args.precision, args.compile, args.device)
     check_paths(args)
-
-
-def pick_device(name):
-    """Return the torch device for `name`; 'auto' prefers cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise DataError(f"--device {name}: not a device; use cpu, cuda, cuda:N, mps or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine; "
-                        "use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                        "CUDA device(s); use --device cuda")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError(f"--device {name}: MPS is not available on this machine; "
-                        "use --device cpu")
-    return device
-
-
-def check_precision(precision, compile_model, device):
-    """Refuse bf16 on a GPU without bfloat16 units and --compile where it cannot run; warn that
-    bf16 on a CPU without bfloat16 instructions is slower than fp32."""
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DataError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
-                        "bfloat16 units (they came with Ampere GPUs); use --precision fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        print("Warning: this CPU has no bfloat16 instructions; --precision bf16 will be slower "
-              "than fp32 here")
-    if compile_model and sys.platform == "win32":
-        raise DataError("--compile: torch.compile does not run on Windows; leave --compile "
-                        "out (or run under WSL)")
-    if compile_model and device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise DataError("--compile: torch.compile needs Triton on a GPU and it is not "
-                        "installed; pip install triton, or leave --compile out")
-
-
-def cpu_has_bf16():
-    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX on x86)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def check_paths(args):

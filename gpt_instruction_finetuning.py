@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import accelerator  # the device, precision and the GPU path
 import training_extras as extras  # the engineering around the book's loop
 from finetune_cli import DEFAULT_EPOCHS, build_parser, check_args, check_batch_sizes
 from gpt_download import (
@@ -312,7 +313,7 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
     """
     prompts = [prompt_style.format_input(entry) for entry in test_data]
     encoded = [text_to_token_ids(p, tokenizer)[0].tolist() for p in prompts]
-    batch_size = batch_size or extras.default_gen_batch_size(
+    batch_size = batch_size or accelerator.default_gen_batch_size(
         model, [len(ids) for ids in encoded], max_new_tokens)
     responses = answer_log.load() if answer_log is not None else [None] * len(test_data)
     order = sorted((i for i, response in enumerate(responses) if response is None),
@@ -449,7 +450,7 @@ def run(args, experiment=None):
         print("Loaded model:", model_name)
         print(50 * "-")
 
-        ctx = extras.precision_context(device, args.precision)
+        ctx = accelerator.precision_context(device, args.precision)
         training = train(args, model, raw_model, (train_loader, val_loader), files, ctx,
                          experiment.prompt_style.format_input(val_data[0]), tokenizer)
         if world_size > 1:
@@ -465,7 +466,7 @@ def train(args, model, raw_model, loaders, files, ctx, start_context, tokenizer)
     returns."""
     train_loader, val_loader = loaders
     device = args.device
-    extras.choose_attention_kernels(device)
+    accelerator.choose_attention_kernels(device)
     if not files.resuming:
         print_initial_losses(model, train_loader, val_loader, device, ctx)
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)

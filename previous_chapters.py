@@ -675,6 +675,10 @@ class TrainingHooks:
         """(train_loss, val_loss) for the loss curves."""
         return evaluate_model(model, train_loader, val_loader, device, eval_iter)
 
+    def before_update(self, model, optimizer, progress):
+        """Called between the backward pass and the optimizer step (the book's loop does
+        nothing here; Appendix D sets the learning rate and clips the gradients)."""
+
     def step_done(self, progress):
         """Called after every optimizer step."""
 
@@ -699,6 +703,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
             optimizer.zero_grad()
             loss = hooks.batch_loss(input_batch, target_batch, model, device)
             loss.backward()
+            hooks.before_update(model, optimizer, progress)
             optimizer.step()
             progress["tokens_seen"] += hooks.batch_tokens(input_batch)
             progress["global_step"] += 1

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from accelerator import compiled_for_training, device_type, evaluate_in_one_pass
 from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
 from script_utils import (
     DataError,
@@ -385,43 +386,8 @@ def restore_checkpoint(path, checkpoint, model, optimizer):
 
 
 #####################################
-# Precision, compiling, and the size of generation batches
+# The training model: compiled, and wrapped for torchrun
 #####################################
-
-
-def precision_context(device, precision):
-    """The context the loss and the generation are computed in: bf16 autocast, or nothing.
-
-    Under autocast the matrix products run in bfloat16 while the weights, the optimizer and
-    the loss stay float32 (cross-entropy runs in float32 under autocast). Entered where the
-    loss is computed (`ChapterTraining`, `print_initial_losses`) and around generation.
-    """
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def choose_attention_kernels(device):
-    """On CUDA, leave the cuDNN kernel out of `scaled_dot_product_attention`.
-
-    PyTorch picks it first under bf16 on recent GPUs, and it builds a graph for every new shape:
-    generation meets a new one at every step, and each batch brings its own length. The flash
-    and memory-efficient kernels, chosen instead, need no such preparation.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-def compiled_for_training(model, device):
-    """`model` compiled with torch.compile, for the training loop only (generation runs the
-    eager model, whose KV cache changes shape every step).
-
-    Rows come padded to a few lengths (`GPTModel.length_multiple`), so after the second shape
-    one dynamic-shape graph serves them all; on CUDA, "reduce-overhead" replays each step as
-    CUDA graphs instead of launching hundreds of small kernels from Python.
-    """
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(model, mode=mode)
 
 
 def training_model(model, compile_model, device):
@@ -435,20 +401,6 @@ def training_model(model, compile_model, device):
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         broadcast_buffers=False)  # the only buffers are constant causal masks
-
-
-def default_gen_batch_size(model, prompt_lengths, max_new_tokens):
-    """Test entries answered at once when --gen_batch_size is not given: 8 on a CPU; on CUDA
-    the whole test set, or as many as half the free memory holds float32 keys and values for."""
-    device = model.pos_emb.weight.device
-    if device.type != "cuda":
-        return 8
-    positions = min(model.pos_emb.num_embeddings, max(prompt_lengths) + max_new_tokens)
-    emb_dim, vocab_size = model.tok_emb.embedding_dim, model.tok_emb.num_embeddings
-    row_bytes = 2 * len(model.trf_blocks) * positions * emb_dim * 4
-    row_bytes += 2 * vocab_size * 4  # the last position's logits, twice over
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(len(prompt_lengths), free_bytes // 2 // row_bytes))
 
 
 #####################################
@@ -744,46 +696,8 @@ class AnswerLog:
 
 
 #####################################
-# Evaluation in one pass, the metrics log, printing above the bar
+# The metrics log, printing above the bar
 #####################################
-
-
-def mean_batch_losses(batches, model):
-    """The mean loss of each (input_batch, target_batch) in `batches`, from one forward pass.
-
-    The batches are padded at the end to a common length and stacked, so a GPU runs one pass
-    instead of one per batch. Each batch's value is its own mean over its counted targets, as
-    `calc_loss_batch` gives it (up to float rounding).
-    """
-    width = max(inputs.shape[1] for inputs, _ in batches)
-    inputs = torch.cat([F.pad(x, (0, width - x.shape[1])) for x, _ in batches])  # (rows, width)
-    targets = torch.cat([F.pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX)
-                         for _, y in batches])  # (rows, width)
-    sizes = torch.tensor([len(x) for x, _ in batches], device=inputs.device)
-    batch_of_row = torch.repeat_interleave(torch.arange(len(batches), device=inputs.device),
-                                           sizes)  # (rows,)
-    keep = targets != IGNORE_INDEX
-    logits = model(inputs, keep=keep)  # (num_kept, vocab_size)
-    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (num_kept,)
-    batch_of_token = batch_of_row[:, None].expand_as(keep)[keep]  # (num_kept,)
-    sums = torch.zeros(len(batches), device=inputs.device).index_add_(0, batch_of_token, losses)
-    counts = torch.bincount(batch_of_token, minlength=len(batches))
-    return (sums / counts).tolist()
-
-
-def evaluate_in_one_pass(model, train_loader, val_loader, eval_iter):
-    """(train_loss, val_loss) over `eval_iter` batches of each loader, as `evaluate_model` gives
-    them, in one forward pass. The loaders are iterated as `calc_loss_loader` iterates them,
-    so the random draws of the shuffled training loader stay the same."""
-    train = list(islice(train_loader, eval_iter))
-    val = list(islice(val_loader, eval_iter))
-    model.eval()
-    with torch.no_grad():
-        losses = mean_batch_losses(train + val, model) if train or val else []
-    model.train()
-    train_losses, val_losses = losses[:len(train)], losses[len(train):]
-    return (sum(train_losses) / len(train) if train else float("nan"),
-            sum(val_losses) / len(val) if val else float("nan"))
 
 
 METRICS_FIELDS = ("epoch", "step", "tokens_seen", "train_loss", "val_loss", "seconds")
@@ -1168,6 +1082,3 @@ class ChapterTraining(TrainingHooks):
             self.metrics_live = True
 
 
-def device_type(device):
-    """'cpu', 'cuda', ... of a torch.device or a device name."""
-    return torch.device(device).type

@@ -34,8 +34,8 @@ from contextlib import redirect_stdout
 import torch
 from common import chapter_data, gpt2_config, machine_line, table
 
+import accelerator
 import gpt_instruction_finetuning as ft
-import training_extras as extras
 from gpt_download import gpt2_tokenizer
 from previous_chapters import GPTModel, calc_loss_loader, train_model_simple
 from training_extras import ChapterTraining
@@ -138,14 +138,14 @@ def book_job(weights, settings, device, tokenizer):
 def our_job(weights, settings, device, tokenizer, precision, compile_model):
     """The chapter script's way with `--precision` and `--compile`; returns the figures."""
     train_loader, val_loader, val, test = chapter_loaders(settings, tokenizer, device)
-    ctx = extras.precision_context(device, precision)
-    extras.choose_attention_kernels(device)
+    ctx = accelerator.precision_context(device, precision)
+    accelerator.choose_attention_kernels(device)
     start = clock(device)
     config = gpt2_config(settings["model"])
     model = GPTModel(config)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
-    train_model = extras.compiled_for_training(model, device) if compile_model else model
+    train_model = accelerator.compiled_for_training(model, device) if compile_model else model
     loaded = clock(device)
     with torch.no_grad(), ctx:
         initial = (calc_loss_loader(train_loader, model, device, num_batches=5),

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import accelerator
 import gpt_instruction_finetuning as ft  # noqa: E402
-import training_extras as extras
 from previous_chapters import GPTModel, calc_loss_batch  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -117,8 +117,8 @@ def training_setup(size, path, seed=0, device="cpu", precision="fp32", compile_f
     model = GPTModel(gpt2_config(size, fused=fast)).to(device).train()
     if fast:
         device = torch.device(device)
-        train_model = extras.compiled_for_training(model, device) if compile_forward else model
+        train_model = accelerator.compiled_for_training(model, device) if compile_forward else model
         return (train_model, ft.make_optimizer(model, 5e-5, 0.1),
-                partial(fast_step, ctx=extras.precision_context(device, precision)))
+                partial(fast_step, ctx=accelerator.precision_context(device, precision)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, foreach=False)
     return model, optimizer, book_step

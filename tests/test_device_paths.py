@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import finetune_cli as cli
+import accelerator
 import gpt_instruction_finetuning as ft
 import training_extras as extras
+from accelerator import evaluate_in_one_pass, mean_batch_losses
 from instruction_data import DataError
 from previous_chapters import (
     GPTModel,
@@ -22,7 +23,7 @@ from previous_chapters import (
     pad_to_multiple,
     train_model_simple,
 )
-from training_extras import ChapterTraining, evaluate_in_one_pass, mean_batch_losses
+from training_extras import ChapterTraining
 
 
 @pytest.fixture
@@ -141,13 +142,13 @@ def test_bf16_losses_stay_close_to_fp32_and_the_weights_stay_fp32(cfg, chapter_b
     model = GPTModel(cfg)
     inputs, targets = chapter_batches[0]
     fp32 = calc_loss_batch(inputs, targets, model, "cpu")
-    with extras.precision_context(torch.device("cpu"), "bf16"):
+    with accelerator.precision_context(torch.device("cpu"), "bf16"):
         bf16 = calc_loss_batch(inputs, targets, model, "cpu")
     assert bf16.dtype == torch.float32
     assert bf16.item() == pytest.approx(fp32.item(), rel=0.02)
     assert bf16.item() != fp32.item()  # it did compute in bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    with extras.precision_context(torch.device("cpu"), "fp32"):
+    with accelerator.precision_context(torch.device("cpu"), "fp32"):
         assert calc_loss_batch(inputs, targets, model, "cpu").item() == fp32.item()
 
 
@@ -157,7 +158,7 @@ def test_compiled_training_model_gives_the_eager_losses_and_gradients(cfg,
     model = GPTModel(cfg)
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
-    compiled = extras.compiled_for_training(model, torch.device("cpu"))
+    compiled = accelerator.compiled_for_training(model, torch.device("cpu"))
     assert_same_losses_and_gradients(chapter_batches[:2], compiled, reference, trained=model,
                                      atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
@@ -177,7 +178,7 @@ def gpt2_medium_on(device):
 
 
 def test_generation_batch_size_follows_the_device():
-    sized = partial(extras.default_gen_batch_size, prompt_lengths=[100] * 110,
+    sized = partial(accelerator.default_gen_batch_size, prompt_lengths=[100] * 110,
                     max_new_tokens=256)
     assert sized(gpt2_medium_on(torch.device("cpu"))) == 8
     cuda = gpt2_medium_on(torch.device("cuda"))
@@ -193,35 +194,35 @@ def test_bf16_is_refused_on_a_gpu_without_bfloat16_units():
     with mock.patch("torch.cuda.is_bf16_supported", return_value=False), \
             mock.patch("torch.cuda.get_device_name", return_value="Tesla T4"), \
             pytest.raises(DataError) as error:
-        cli.check_precision("bf16", False, torch.device("cuda"))
+        accelerator.check_precision("bf16", False, torch.device("cuda"))
     assert str(error.value) == ("--precision bf16: Tesla T4 has no bfloat16 units (they came "
                                 "with Ampere GPUs); use --precision fp32")
 
 
 def test_compile_is_refused_where_it_cannot_run():
     with mock.patch.object(sys, "platform", "win32"), pytest.raises(DataError) as error:
-        cli.check_precision("fp32", True, torch.device("cpu"))
+        accelerator.check_precision("fp32", True, torch.device("cpu"))
     assert str(error.value).startswith("--compile: torch.compile does not run on Windows")
     with mock.patch("importlib.util.find_spec", return_value=None), \
             pytest.raises(DataError) as error:
-        cli.check_precision("fp32", True, torch.device("cuda"))
+        accelerator.check_precision("fp32", True, torch.device("cuda"))
     assert str(error.value) == ("--compile: torch.compile needs Triton on a GPU and it is not "
                                 "installed; pip install triton, or leave --compile out")
 
 
 def test_bf16_on_a_cpu_without_bfloat16_warns_once(capsys):
-    with mock.patch.object(cli, "cpu_has_bf16", return_value=False):
-        cli.check_precision("bf16", False, torch.device("cpu"))
+    with mock.patch.object(accelerator, "cpu_has_bf16", return_value=False):
+        accelerator.check_precision("bf16", False, torch.device("cpu"))
     assert capsys.readouterr().out == ("Warning: this CPU has no bfloat16 instructions; "
                                        "--precision bf16 will be slower than fp32 here\n")
-    with mock.patch.object(cli, "cpu_has_bf16", return_value=True):
-        cli.check_precision("bf16", False, torch.device("cpu"))
+    with mock.patch.object(accelerator, "cpu_has_bf16", return_value=True):
+        accelerator.check_precision("bf16", False, torch.device("cpu"))
     assert capsys.readouterr().out == ""
 
 
 def test_cudnn_attention_is_left_out_on_cuda_only():
     with mock.patch("torch.backends.cuda.enable_cudnn_sdp") as enable:
-        extras.choose_attention_kernels(torch.device("cpu"))
+        accelerator.choose_attention_kernels(torch.device("cpu"))
         assert enable.call_count == 0
-        extras.choose_attention_kernels(torch.device("cuda"))
+        accelerator.choose_attention_kernels(torch.device("cuda"))
     enable.assert_called_once_with(False)
