@@ -34,8 +34,7 @@ import torch
 from accelerator import pick_device
 from finetune_cli import SEED_RANGE, HelpFormatter
 from finetuned_model import check_lora_alpha, load_finetuned_model
-from gpt_download import DownloadError, gpt2_tokenizer
-from gpt_instruction_finetuning import END_OF_TEXT
+from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
 from instruction_data import check_entry
 from lora import merge_lora
 from previous_chapters import generate_stream, text_to_token_ids

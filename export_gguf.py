@@ -36,8 +36,7 @@ from export_hf import (
     run_export,
     write_new_folder,
 )
-from gpt_download import gpt2_tokenizer
-from gpt_instruction_finetuning import END_OF_TEXT
+from gpt_download import END_OF_TEXT, gpt2_tokenizer
 from instruction_data import DataError
 
 OUTTYPES = {  # --outtype -> (file type in the metadata, the matrices' tensor type)

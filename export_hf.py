@@ -32,8 +32,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from finetuned_model import check_lora_alpha, load_finetuned_model
-from gpt_download import DownloadError, gpt2_tokenizer
-from gpt_instruction_finetuning import END_OF_TEXT
+from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
 from instruction_data import DataError
 from lora import lora_config, merge_lora
 from script_utils import fail, save_json, stop_signals_interrupt

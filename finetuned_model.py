@@ -1,28 +1,124 @@
-"""Loading a finetuned model back: the `.pth` that the chapter script (or the book's code)
-saved, rebuilt with the config and prompt style of the JSON beside it.
+"""A finetuned model on disk: the `.pth` of its weights, as the book saves them (a plain state
+dict), and the JSON beside it that says how to rebuild and prompt the model.
 
     model, info, prompt_style = load_finetuned_model("gpt2-medium355M-sft-standalone.pth")
 
-Saving is the chapter's own step (section 7.7 of gpt_instruction_finetuning.py); this module is
-what `load-finetuned-model.ipynb`, export_hf.py, export_gguf.py and a reader's own code use to
-come back to it. Everything read is checked before a model is built: a damaged or crafted file
-ends in one DataError naming it, never in a model the size of whatever the file claims.
+The chapter script saves with `save_finetuned_model` (section 7.7); chat.py, the exports,
+`load-finetuned-model.ipynb` and a reader's own code load with `load_finetuned_model`, without
+importing any training code. Everything read is checked before a model is built: a damaged or
+crafted file ends in one DataError naming it, never in a model the size of whatever the file
+claims.
 """
 
+import errno
 import math
 import os
+import pickle
 
 import torch
 
 from gpt_download import GPT2_N_CTX, GPT2_SIZES
-from gpt_instruction_finetuning import TEST_MODE_CONFIG, model_info_path
 from instruction_data import ALPACA, PROMPT_STYLES
 from lora import lora_rank, replace_linear_with_lora
 from previous_chapters import GPTModel
-from script_utils import DataError, read_json
-from training_extras import read_pth
+from script_utils import DataError, WriteError, atomic_write, read_json, save_json, signals_held
 
 SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+# The chapter script's --test_mode model: tiny and random, the whole pipeline in seconds on a CPU.
+TEST_MODE_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0,
+                    "qkv_bias": False, "emb_dim": 12, "n_layers": 1, "n_heads": 2}
+
+
+#####################################
+# Saving: the weights as the book saves them, and the JSON beside them
+#####################################
+
+
+def model_info_path(model_path):
+    """The JSON beside a saved model: gpt2-medium355M-sft.pth -> gpt2-medium355M-sft.json."""
+    return os.path.splitext(model_path)[0] + ".json"
+
+
+def save_finetuned_model(model, path, info):
+    """Save the weights as the book does (a plain state dict) and `info` as JSON beside them.
+
+    `info` says how to rebuild and prompt the model: at least its "config" and "prompt_style".
+    """
+    save_pth(model.state_dict(), path)  # atomically, not cut short by a Ctrl-C
+    save_json(info, model_info_path(path))
+
+def save_pth(obj, path):
+    """`torch.save` `obj` to `path` atomically, with signals held until the file is whole
+    (`signals_held`). A failed write raises WriteError naming `path`: torch.save reports one
+    (a full disk) as a RuntimeError of its own, which names no cause."""
+    with signals_held(f"Saving {path} (do not interrupt); stopping once it is written"):
+        try:
+            with atomic_write(path) as f:
+                torch.save(obj, f)
+        except RuntimeError as exc:
+            raise WriteError(None, f"torch.save failed, most likely on a full disk: "
+                                   f"{first_line(exc)}", path) from None
+
+def read_pth(path, what_to_do):
+    """`torch.load` a .pth file safely, turning a damaged or foreign file, or one holding a
+    weight that is not a finite number, into one DataError naming the file.
+
+    `what_to_do` ends the message: how the user gets a good file back.
+    """
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError,
+            IndexError) as exc:
+        raise DataError(f"{path}: damaged or not a PyTorch weight file ({first_line(exc)}); "
+                        f"{what_to_do}") from None
+    except OSError as exc:  # torch reads a zip cut short as an invalid argument
+        problem = ("damaged or not a PyTorch weight file" if exc.errno == errno.EINVAL
+                   else "cannot be read")
+        raise DataError(f"{path}: {problem} ({exc.strerror or exc}); {what_to_do}") from None
+    name = first_nonfinite(content)
+    if name is not None:
+        raise DataError(f"{path}: '{name}' holds NaN or infinite values, not weights to go on "
+                        f"from; {what_to_do}")
+    return content
+
+def first_line(exc):
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+def all_finite(tensors):
+    """Whether every entry of the floating-point tensors among `tensors` is a finite number.
+
+    Their total 2-norm, one fast pass, is finite when all entries are; only when it is not are
+    the entries looked at one by one (a slow pass), as huge finite entries overflow it too.
+    """
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not tensors:
+        return True
+    return (bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
+            or all(bool(torch.isfinite(t).all()) for t in tensors))
+
+def first_nonfinite(value, name=""):
+    """The dotted name of the first floating-point tensor in `value` (nested in dicts, lists
+    and tuples) that holds a NaN or an infinity; None when there is none."""
+    if isinstance(value, torch.Tensor):
+        return None if all_finite([value]) else name
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = first_nonfinite(item, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+#####################################
+# Loading: rebuilt and checked before use
+#####################################
 
 
 def load_finetuned_model(path, device="cpu", lora_alpha=None):

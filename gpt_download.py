@@ -39,6 +39,7 @@ HF_TOKENIZER_FILENAMES = ("vocab.json", "merges.txt")
 TOKENIZER_FILE_PAIRS = (("encoder.json", "vocab.bpe"), HF_TOKENIZER_FILENAMES)
 GPT2_N_VOCAB = 50257  # the last id, 50256, is <|endoftext|>
 GPT2_N_CTX = 1024  # the context length of every size
+END_OF_TEXT = 50256  # <|endoftext|>: pads batches and ends generation
 # GPT-2's four sizes: the one table from which the checkpoints' expected settings below, the
 # Hugging Face repositories and the finetuning script's model configs are derived.
 GPT2_SIZES = {

@@ -33,7 +33,9 @@ from tqdm import tqdm
 import accelerator  # the device, precision and the GPU path
 import training_extras as extras  # the engineering around the book's loop
 from finetune_cli import DEFAULT_EPOCHS, build_parser, check_args, check_batch_sizes
+from finetuned_model import TEST_MODE_CONFIG, save_finetuned_model
 from gpt_download import (
+    END_OF_TEXT,
     GPT2_N_CTX,
     GPT2_N_VOCAB,
     GPT2_SIZES,
@@ -70,7 +72,6 @@ from script_utils import (
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
             "01_main-chapter-code/instruction-data.json")
-END_OF_TEXT = 50256  # GPT-2's <|endoftext|> token id, used for padding and to stop generation
 
 BASE_CONFIG = {
     "vocab_size": GPT2_N_VOCAB,   # GPT-2's vocabulary
@@ -82,8 +83,6 @@ MODEL_CONFIGS = {  # size -> (name, the GPTModel config keys of that size)
     size: (s["name"], {"emb_dim": s["n_embd"], "n_layers": s["n_layer"], "n_heads": s["n_head"]})
     for size, s in GPT2_SIZES.items()
 }
-TEST_MODE_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0,
-                    "qkv_bias": False, "emb_dim": 12, "n_layers": 1, "n_heads": 2}
 CHAPTER_PACKAGES = ("matplotlib", "tiktoken", "torch", "tqdm", "tensorflow")
 
 
@@ -332,20 +331,6 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             progress.update(len(chunk))
     return [{**entry, "model_response": response}
             for entry, response in zip(test_data, responses, strict=True)]
-
-
-def model_info_path(model_path):
-    """The JSON beside a saved model: gpt2-medium355M-sft.pth -> gpt2-medium355M-sft.json."""
-    return os.path.splitext(model_path)[0] + ".json"
-
-
-def save_finetuned_model(model, path, info):
-    """Save the weights as the book does (a plain state dict) and `info` as JSON beside them.
-
-    `info` says how to rebuild and prompt the model: at least its "config" and "prompt_style".
-    """
-    extras.save_pth(model.state_dict(), path)  # atomically, not cut short by a Ctrl-C
-    save_json(info, model_info_path(path))
 
 
 def output_paths(output_dir, experiment, model_name):

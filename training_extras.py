@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import reprlib
 import signal
 import sys
@@ -49,6 +48,7 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from accelerator import compiled_for_training, device_type, evaluate_in_one_pass
+from finetuned_model import all_finite, first_line, read_pth, save_pth
 from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
 from script_utils import (
     DataError,
@@ -213,79 +213,6 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def first_line(exc):
-    """The first line of an exception's message, or its type's name when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def read_pth(path, what_to_do):
-    """`torch.load` a .pth file safely, turning a damaged or foreign file, or one holding a
-    weight that is not a finite number, into one DataError naming the file.
-
-    `what_to_do` ends the message: how the user gets a good file back.
-    """
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError,
-            IndexError) as exc:
-        raise DataError(f"{path}: damaged or not a PyTorch weight file ({first_line(exc)}); "
-                        f"{what_to_do}") from None
-    except OSError as exc:  # torch reads a zip cut short as an invalid argument
-        problem = ("damaged or not a PyTorch weight file" if exc.errno == errno.EINVAL
-                   else "cannot be read")
-        raise DataError(f"{path}: {problem} ({exc.strerror or exc}); {what_to_do}") from None
-    name = first_nonfinite(content)
-    if name is not None:
-        raise DataError(f"{path}: '{name}' holds NaN or infinite values, not weights to go on "
-                        f"from; {what_to_do}")
-    return content
-
-
-def all_finite(tensors):
-    """Whether every entry of the floating-point tensors among `tensors` is a finite number.
-
-    Their total 2-norm, one fast pass, is finite when all entries are; only when it is not are
-    the entries looked at one by one (a slow pass), as huge finite entries overflow it too.
-    """
-    tensors = [t for t in tensors if t.is_floating_point()]
-    if not tensors:
-        return True
-    return (bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
-            or all(bool(torch.isfinite(t).all()) for t in tensors))
-
-
-def first_nonfinite(value, name=""):
-    """The dotted name of the first floating-point tensor in `value` (nested in dicts, lists
-    and tuples) that holds a NaN or an infinity; None when there is none."""
-    if isinstance(value, torch.Tensor):
-        return None if all_finite([value]) else name
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        found = first_nonfinite(item, f"{name}.{key}" if name else str(key))
-        if found is not None:
-            return found
-    return None
-
-
-def save_pth(obj, path):
-    """`torch.save` `obj` to `path` atomically, with signals held until the file is whole
-    (`signals_held`). A failed write raises WriteError naming `path`: torch.save reports one
-    (a full disk) as a RuntimeError of its own, which names no cause."""
-    with signals_held(f"Saving {path} (do not interrupt); stopping once it is written"):
-        try:
-            with atomic_write(path) as f:
-                torch.save(obj, f)
-        except RuntimeError as exc:
-            raise WriteError(None, f"torch.save failed, most likely on a full disk: "
-                                   f"{first_line(exc)}", path) from None
 
 
 def save_checkpoint(path, model, optimizer, progress, settings):

@@ -564,7 +564,7 @@ def test_pth_saved_from_the_books_model_loads_into_ours(cfg, tmp_path):
 
     # Without a JSON beside it: config read off the shapes, the chapter's Alpaca prompt.
     model, info, prompt_style = finetuned_model.load_finetuned_model(str(path))
-    assert not os.path.exists(ft.model_info_path(str(path)))
+    assert not os.path.exists(finetuned_model.model_info_path(str(path)))
     assert info == {"config": {key: cfg[key] for key in BOOK_KEYS}, "prompt_style": "alpaca"}
     assert prompt_style is ft.ALPACA
     assert_same_logits(model, book, cfg)
