@@ -5,12 +5,16 @@ starts, each refusal one DataError naming the flag and what to do."""
 import argparse
 import math
 import os
+import re
 
 from accelerator import check_precision, pick_device
+from appendix_d import SCHEDULES
 from gpt_download import GPT2_SIZES
 from script_utils import DataError, check_writable_folder
 
 DEFAULT_EPOCHS = 2  # the chapter's; a resumed run keeps its own
+DEFAULT_EVAL_FREQ = 5  # the chapter's; --test_mode evaluates after every step
+DEFAULT_RUN_NAME = "standalone"  # the book's name for the chapter script's outputs
 SEED_RANGE = (-2**63, 2**64 - 1)  # the seeds torch.manual_seed accepts
 
 
@@ -19,14 +23,16 @@ def build_parser(description=None):
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_model_and_data_flags(parser)
     add_training_flags(parser)
+    add_appendix_d_flags(parser)
     add_run_flags(parser)
     return parser
 
 
 def add_model_and_data_flags(parser):
     """Which GPT-2 and which data; where files are read and written."""
-    parser.add_argument("--model", default="355M", choices=list(GPT2_SIZES),
-                        help="GPT-2 size to finetune (355M is gpt2-medium)")
+    parser.add_argument("--model", default="355M", type=model_size, metavar="SIZE",
+                        help="GPT-2 size to finetune: " + ", ".join(GPT2_SIZES) + ", or its "
+                             "name (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl)")
     parser.add_argument("--models_dir", default="gpt2",
                         help="folder that holds (or receives) OpenAI's checkpoints")
     parser.add_argument("--weights", default="tf", choices=["tf", "safetensors"],
@@ -58,7 +64,9 @@ def add_training_flags(parser):
     parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
     parser.add_argument("--seed", type=int, default=123,
                         help="seed for shuffling and initialization")
-    parser.add_argument("--eval_freq", type=int, default=5, help="evaluate every this many steps")
+    parser.add_argument("--eval_freq", type=int, default=None,
+                        help=f"evaluate every this many steps (default: {DEFAULT_EVAL_FREQ}; 1 "
+                             "with --test_mode, so that its curve has a point per step)")
     parser.add_argument("--eval_iter", type=int, default=5, help="batches per loss estimate")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16 computes the losses and the answers in bfloat16 autocast, "
@@ -66,6 +74,30 @@ def add_training_flags(parser):
     parser.add_argument("--compile", action="store_true",
                         help="compile the training steps with torch.compile (CUDA with "
                              "Triton; the first steps wait while it compiles)")
+
+
+def add_appendix_d_flags(parser):
+    """The book's Appendix D options (warmup, cosine decay, clipping), and which weights are
+    kept; the defaults are the chapter's: a constant --lr, no clipping, the last weights."""
+    parser.add_argument("--warmup_steps", type=int, default=0,
+                        help="raise the learning rate linearly from --initial_lr to --lr over "
+                             "this many steps (Appendix D)")
+    parser.add_argument("--initial_lr", type=float, default=3e-5,
+                        help="learning rate of the first warmup step")
+    parser.add_argument("--lr_schedule", default="constant", choices=SCHEDULES,
+                        help="after the warmup: keep --lr, or decay it along a cosine to "
+                             "--min_lr at the last step (Appendix D)")
+    parser.add_argument("--min_lr", type=float, default=1e-6,
+                        help="learning rate of the last step of the cosine schedule")
+    parser.add_argument("--grad_clip", type=float, default=None, metavar="MAX_NORM",
+                        help="clip the gradients' total norm to this from the end of the "
+                             "warmup on (Appendix D uses 1.0)")
+    parser.add_argument("--keep_best", action="store_true",
+                        help="also keep the weights of the evaluation with the lowest "
+                             "validation loss, as ...-best.pth with its JSON")
+    parser.add_argument("--early_stopping", type=int, default=None, metavar="K",
+                        help="stop training after K evaluations in a row without a new lowest "
+                             "validation loss, then write the outputs")
 
 
 def add_run_flags(parser):
@@ -76,6 +108,10 @@ def add_run_flags(parser):
                         help="test entries answered at once (default: 8 on a CPU; on a GPU the "
                              "whole test set, as memory allows); the answers are the same as "
                              "one at a time")
+    parser.add_argument("--run_name", default=None, metavar="NAME",
+                        help=f"name carried by every output file, so that runs side by side in "
+                             f"one folder keep their files (default: {DEFAULT_RUN_NAME}, the "
+                             "book's; an exercise's own name in exercise_experiments.py)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu")
     parser.add_argument("--resume", action="store_true",
@@ -99,10 +135,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 def check_args(args):
     """Refuse flag values that cannot work, before anything is downloaded or loaded.
 
-    Raises DataError naming the flag and its value. Replaces `args.device` with the device.
+    Raises DataError naming the flag and its value. The flags stay as given: the run decides
+    its device, precision and files once, from them (`training_extras.RunSetup`).
     """
     for name in ("epochs", "batch_size", "micro_batch_size", "gen_batch_size", "eval_freq",
-                 "eval_iter"):
+                 "eval_iter", "early_stopping"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DataError(f"--{name} must be at least 1, got {value}")
@@ -116,9 +153,45 @@ def check_args(args):
                         f"torch.manual_seed takes), got {args.seed}")
     if args.max_new_tokens < 0:
         raise DataError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
-    args.device = pick_device(args.device)
-    check_precision(args.precision, args.compile, args.device)
+    check_appendix_d_flags(args)
+    if args.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*",
+                                                      args.run_name):
+        raise DataError(f"--run_name {args.run_name!r}: use letters, digits, '.', '_' and '-' "
+                        "only (it becomes part of file names)")
+    check_precision(args.precision, args.compile, pick_device(args.device))
     check_paths(args)
+
+
+def check_appendix_d_flags(args):
+    """Refuse a warmup, learning rates or a clipping norm that cannot work."""
+    if args.warmup_steps < 0:
+        raise DataError(f"--warmup_steps must not be negative, got {args.warmup_steps}")
+    for name in ("initial_lr", "min_lr"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise DataError(f"--{name} must be a finite number, not negative, got {value}")
+    if args.lr_schedule == "cosine" and args.min_lr > args.lr:
+        raise DataError(f"--min_lr {args.min_lr} is above --lr {args.lr}: the cosine schedule "
+                        "decays from --lr down to --min_lr; pass a lower --min_lr")
+    if args.grad_clip is not None and not (math.isfinite(args.grad_clip) and args.grad_clip > 0):
+        raise DataError(f"--grad_clip must be a finite number above 0, got {args.grad_clip}")
+
+
+def model_size(name):
+    """The GPT2_SIZES key of --model: a size (355M) or the name the script prints
+    (gpt2-medium, or gpt2-medium (355M))."""
+    for size, spec in GPT2_SIZES.items():
+        if name in (size, spec["name"], spec["name"].split()[0]):
+            return size
+    raise argparse.ArgumentTypeError(
+        f"{name!r} is not a GPT-2 size; use one of {', '.join(GPT2_SIZES)} or a name: "
+        + ", ".join(spec["name"].split()[0] for spec in GPT2_SIZES.values()))
+
+
+def eval_freq(args):
+    """Steps between evaluations: --eval_freq, else the chapter's 5 (1 with --test_mode, whose
+    two steps would otherwise leave the loss plot empty)."""
+    return args.eval_freq or (1 if args.test_mode else DEFAULT_EVAL_FREQ)
 
 
 def check_paths(args):

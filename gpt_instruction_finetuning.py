@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 import accelerator  # the device, precision and the GPU path
 import training_extras as extras  # the engineering around the book's loop
-from finetune_cli import DEFAULT_EPOCHS, build_parser, check_args, check_batch_sizes
+from appendix_d import LearningRateSchedule
+from finetune_cli import DEFAULT_EPOCHS, build_parser, check_args, check_batch_sizes, eval_freq
 from finetuned_model import TEST_MODE_CONFIG, save_finetuned_model
 from gpt_download import (
     END_OF_TEXT,
@@ -124,6 +125,26 @@ def split_data(data, file_path="dataset"):
     return train_data, test_data, val_data
 
 
+def load_data(args, experiment, setup):
+    """The dataset's entries, and its 85/10/5 split (10 entries each in test mode), checked
+    against the batch size, with the sizes printed. The entries come from --data_path, or the
+    experiment's file (downloaded by rank 0 when missing)."""
+    data_path = args.data_path or experiment.data_file
+    with extras.main_process_first(setup.rank, setup.world_size):
+        data = (load_json_entries(data_path) if args.data_path
+                else download_and_load_file(data_path, experiment.data_url))
+    train_data, test_data, val_data = split_data(data, data_path)
+    if args.test_mode:  # a very small subset, to run the whole pipeline in seconds
+        train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
+    check_batch_sizes(experiment.batch_size, args.micro_batch_size, setup.world_size,
+                      len(train_data), data_path)
+    print("Training set length:", len(train_data))
+    print("Validation set length:", len(val_data))
+    print("Test set length:", len(test_data))
+    print(50 * "-")
+    return data, (train_data, test_data, val_data)
+
+
 #####################################
 # 7.3 Organizing data into training batches
 #####################################
@@ -177,29 +198,6 @@ def custom_collate_fn(batch, pad_token_id=END_OF_TEXT, ignore_index=IGNORE_INDEX
 #####################################
 # 7.4 Creating data loaders for an instruction dataset
 #####################################
-
-
-@dataclass
-class Experiment:
-    """The choices a finetuning run is made of; the defaults are the chapter's.
-
-    The exercises change one or two of these: the prompt style, the dataset class and collate
-    function, the dataset, the batch size and length limit, or the model (LoRA). `settings`
-    holds an exercise's own values that the checkpoint and the saved model must record.
-    """
-
-    name: str = "standalone"
-    prompt_style: object = ALPACA
-    dataset_class: type = InstructionDataset
-    collate_fn: object = custom_collate_fn
-    data_file: str = "instruction-data.json"
-    data_url: str = DATA_URL
-    batch_size: int = 8
-    allowed_max_length: int = 1024
-    inspect_data: object = None  # (data, tokenizer) -> None, prints facts about the dataset
-    prepare_model: object = None  # model -> model, after the pretrained weights are loaded
-    finish_model: object = None  # model -> model, before the weights are saved
-    settings: dict = field(default_factory=dict)
 
 
 def build_loaders(train_data, val_data, tokenizer, device, batch_size, experiment,
@@ -280,20 +278,66 @@ def make_optimizer(model, lr, weight_decay):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def learning_rate_schedule(args, total_steps):
+    """The learning rate of every step of the run's `total_steps`, and its gradient clipping:
+    the chapter's constant --lr, or Appendix D's warmup, cosine decay and clipping."""
+    if args.warmup_steps > total_steps:
+        raise DataError(f"--warmup_steps {args.warmup_steps} is more than this run's "
+                        f"{total_steps} training steps; pass fewer")
+    return LearningRateSchedule(peak_lr=args.lr, total_steps=total_steps,
+                                warmup_steps=args.warmup_steps, initial_lr=args.initial_lr,
+                                min_lr=args.min_lr, kind=args.lr_schedule,
+                                grad_clip=args.grad_clip)
+
+
 def finetune(model, train_loader, val_loader, optimizer, device, args, start_context, tokenizer,
              hooks):
     """The chapter's call of `train_model_simple`, timed; returns (train_losses, val_losses,
     tokens_seen, progress), progress saying how many epochs and steps were trained. Ctrl-C
-    (or SIGTERM, SIGHUP) stops after the running step with a checkpoint (`hooks`)."""
+    (or SIGTERM, SIGHUP) stops after the running step with a checkpoint (`hooks`), and so does
+    --early_stopping, after which the run goes on to its outputs."""
     start_time = time.time()
     torch.manual_seed(args.seed)
     with hooks:
-        curves = train_model_simple(
-            model, train_loader, val_loader, optimizer, device,
-            num_epochs=hooks.num_epochs, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
-            start_context=start_context, tokenizer=tokenizer, hooks=hooks)
+        try:
+            curves = train_model_simple(
+                model, train_loader, val_loader, optimizer, device,
+                num_epochs=hooks.num_epochs, eval_freq=eval_freq(args),
+                eval_iter=args.eval_iter, start_context=start_context, tokenizer=tokenizer,
+                hooks=hooks)
+        except extras.EarlyStopped as stop:
+            if str(stop):
+                print(stop)
+            curves = hooks.curves()
     print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
-    return (*curves, hooks.progress)
+    progress = hooks.progress
+    progress["epochs_trained"] = progress["epoch"] + progress["batches_done"] / len(train_loader)
+    return (*curves, progress)
+
+
+def train(args, setup, models, loaders, files, schedule, describe, start_context, tokenizer):
+    """Section 7.6 as the run does it: the initial losses (unless resuming), the optimizer
+    (restored from the checkpoint when resuming), then finetuning; returns what `finetune`
+    returns. `models` is (the model the loop calls, the plain model it wraps)."""
+    model, raw_model = models
+    train_loader, val_loader = loaders
+    accelerator.choose_attention_kernels(setup.device)
+    if not files.resuming:
+        print_initial_losses(model, train_loader, val_loader, setup.device, setup.ctx)
+    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
+    progress = files.restore(raw_model, optimizer)  # None when starting over
+    best = None
+    if args.keep_best or args.early_stopping:
+        best = extras.BestWeights(files.best_saver(raw_model, describe) if args.keep_best
+                                  else None, args.early_stopping)
+    hooks = extras.ChapterTraining(files.epochs, setup.device,
+                                   files.saver(raw_model, optimizer), progress, ctx=setup.ctx,
+                                   micro_batch_size=args.micro_batch_size,
+                                   metrics_path=files.paths["metrics"],
+                                   save_on_interrupt=not files.keeps_earlier,
+                                   schedule=schedule, best=best)
+    return finetune(model, train_loader, val_loader, optimizer, setup.device, args,
+                    start_context, tokenizer, hooks)
 
 
 #####################################
@@ -333,40 +377,69 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             for entry, response in zip(test_data, responses, strict=True)]
 
 
-def output_paths(output_dir, experiment, model_name):
-    """The files a run writes, named after the experiment as the book names them."""
+def output_paths(output_dir, run_name, model_name):
+    """The files a run writes, named after the run (the book's "standalone" by default)."""
     stem = re.sub(r"[ ()]", "", model_name)  # "gpt2-medium (355M)" -> "gpt2-medium355M"
     return {
-        "plot": os.path.join(output_dir, f"loss-plot-{experiment.name}.pdf"),
-        "responses": os.path.join(output_dir,
-                                  f"instruction-data-with-response-{experiment.name}.json"),
-        "model": os.path.join(output_dir, f"{stem}-sft-{experiment.name}.pth"),
-        "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{experiment.name}.pth"),
-        "metrics": os.path.join(output_dir, f"metrics-{experiment.name}.csv"),
+        "plot": os.path.join(output_dir, f"loss-plot-{run_name}.pdf"),
+        "responses": os.path.join(output_dir, f"instruction-data-with-response-{run_name}.json"),
+        "model": os.path.join(output_dir, f"{stem}-sft-{run_name}.pth"),
+        "best": os.path.join(output_dir, f"{stem}-sft-{run_name}-best.pth"),  # --keep_best
+        "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{run_name}.pth"),
+        "metrics": os.path.join(output_dir, f"metrics-{run_name}.csv"),
         "answers": os.path.join(  # kept as they come, until the responses file is written
-            output_dir, f"instruction-data-with-response-{experiment.name}.partial.json"),
-        "lock": os.path.join(output_dir, f"finetuning-{experiment.name}.lock"),  # one run
+            output_dir, f"instruction-data-with-response-{run_name}.partial.json"),
+        "lock": os.path.join(output_dir, f"finetuning-{run_name}.lock"),  # one run at a time
     }
 
 
-def save_results(args, experiment, model, config, model_name, tokenizer, test_data, files,
-                 training, settings, ctx):
-    """Save the loss plot, the test set responses, and the finetuned weights with their JSON.
+def model_info(args, experiment, run_name, model_name, config, settings, schedule, model,
+               progress, weights="last"):
+    """The JSON saved beside a model's weights: how to rebuild and prompt it (its config, with
+    the LoRA layers when unmerged, and its prompt style), and how it was trained: the steps, the
+    learning-rate schedule, and the losses of its last evaluation and the step they were
+    measured at. `weights` says which weights these are: the "last", or the "best"."""
+    lora = lora_config(model)
+    if lora is not None:  # saved unmerged: loading rebuilds the LoRA layers from this entry
+        config = {**config, "lora": lora}
+    row = progress["metrics"][-1] if progress["metrics"] else None
+    return {
+        "model_name": model_name, "config": config,
+        "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
+        "run_name": run_name, "weights": weights,
+        "epochs": progress["epoch"], "steps": progress["global_step"] + 1, "seed": args.seed,
+        "tokens_seen": progress["tokens_seen"],
+        "train_loss": finite_or_none(row and row["train_loss"]),
+        "val_loss": finite_or_none(row and row["val_loss"]),
+        "losses_step": row and row["step"], "schedule": schedule.describe(),
+        "settings": settings,
+    }
+
+
+def finite_or_none(value):
+    """`value` when it is a finite number, else None (JSON's null: JSON has no NaN)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def save_results(args, experiment, model, tokenizer, test_data, files, training, setup,
+                 describe):
+    """Save the loss plot, the test set responses, and the finetuned weights with their JSON
+    (`describe`, `model_info`); say which evaluation was best when it was followed.
 
     `training` is (train_losses, val_losses, tokens_seen, progress) of the finished loop;
     `files` (`extras.RunFiles`) names the outputs and keeps the answers as they come.
     """
     paths = files.paths
     train_losses, val_losses, tokens_seen, progress = training
-    epochs_tensor = torch.linspace(0, progress["epoch"], len(train_losses))
+    epochs_tensor = torch.linspace(0, progress["epochs_trained"], len(train_losses))
     plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, save_path=paths["plot"])
     print(50 * "-")
 
     print("Generating responses")
-    with ctx:
-        test_data = generate_responses(model, test_data, tokenizer, config["context_length"],
-                                       args.max_new_tokens, args.gen_batch_size,
-                                       experiment.prompt_style,
+    with setup.ctx:
+        test_data = generate_responses(model, test_data, tokenizer,
+                                       model.pos_emb.num_embeddings, args.max_new_tokens,
+                                       args.gen_batch_size, experiment.prompt_style,
                                        files.answer_log(progress, args.max_new_tokens,
                                                         test_data))
     save_json(test_data, paths["responses"])
@@ -374,25 +447,42 @@ def save_results(args, experiment, model, config, model_name, tokenizer, test_da
 
     if experiment.finish_model is not None:
         model = experiment.finish_model(model)
-    lora = lora_config(model)
-    if lora is not None:  # saved unmerged: loading rebuilds the LoRA layers from this entry
-        config = {**config, "lora": lora}
-    info = {
-        "model_name": model_name, "config": config,
-        "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
-        "epochs": progress["epoch"], "steps": progress["global_step"] + 1, "seed": args.seed,
-        "tokens_seen": progress["tokens_seen"],
-        "train_loss": last_finite(train_losses), "val_loss": last_finite(val_losses),
-        "settings": settings,
-    }
-    save_finetuned_model(model, paths["model"], info)
+    save_finetuned_model(model, paths["model"], describe(model, progress))
     print(f"Model saved as {paths['model']}")
+    best = progress["best"]
+    if best is not None:
+        kept = (f"saved as {paths['best']}" if args.keep_best
+                else "--keep_best would keep its weights")
+        print(f"Lowest validation loss {best['val_loss']:.3f} at step {best['step']} "
+              f"(epoch {best['epoch']}): {kept}")
 
 
-def last_finite(losses):
-    """The last loss of a curve, or None (JSON's null) when there is none or it is not a finite
-    number (JSON has no NaN)."""
-    return losses[-1] if losses and math.isfinite(losses[-1]) else None
+#####################################
+# What a run is made of: the chapter's choices, which the exercises change
+#####################################
+
+
+@dataclass
+class Experiment:
+    """The choices a finetuning run is made of; the defaults are the chapter's.
+
+    The exercises change one or two of these: the prompt style, the dataset class and collate
+    function, the dataset, the batch size and length limit, or the model (LoRA). `settings`
+    holds an exercise's own values that the checkpoint and the saved model must record.
+    """
+
+    name: str = "standalone"
+    prompt_style: object = ALPACA
+    dataset_class: type = InstructionDataset
+    collate_fn: object = custom_collate_fn
+    data_file: str = "instruction-data.json"
+    data_url: str = DATA_URL
+    batch_size: int = 8
+    allowed_max_length: int = 1024
+    inspect_data: object = None  # (data, tokenizer) -> None, prints facts about the dataset
+    prepare_model: object = None  # model -> model, after the pretrained weights are loaded
+    finish_model: object = None  # model -> model, before the weights are saved
+    settings: dict = field(default_factory=dict)
 
 
 #####################################
@@ -401,87 +491,53 @@ def last_finite(losses):
 
 
 def run(args, experiment=None):
-    """Finetune and evaluate as the chapter does, with what `experiment` changes. The run's
+    """Finetune and evaluate as the chapter does, with what `experiment` changes. The device,
+    processes, precision and output paths are decided once (`extras.RunSetup`); the run's
     files (`extras.RunFiles`) take one run at a time, and an interrupt, a failed write or a
     diverging loss ends the run in one line that says what is saved and how to go on."""
-    device, rank, world_size = extras.init_distributed(args.device)  # only rank 0 prints
-    print_versions(CHAPTER_PACKAGES)
-    config, model_name = model_config(args)
     experiment = experiment or Experiment()
+    config, model_name = model_config(args)
     experiment = replace(  # --batch_size, and a length limit within the model's context
         experiment, batch_size=args.batch_size or experiment.batch_size,
         allowed_max_length=min(experiment.allowed_max_length, config["context_length"]))
-    paths = output_paths(args.output_dir, experiment, model_name)
-    with extras.RunFiles(paths, args, device, rank, world_size) as files:
-        data, (train_data, test_data, val_data) = load_data(args, experiment, rank, world_size)
+    run_name = args.run_name or experiment.name
+    setup = extras.setup_run(args, output_paths(args.output_dir, run_name, model_name))
+    print_versions(CHAPTER_PACKAGES)  # only rank 0 prints
+    with extras.RunFiles(setup, args) as files:
+        data, (train_data, test_data, val_data) = load_data(args, experiment, setup)
         tokenizer = gpt2_tokenizer(args.models_dir)
         if experiment.inspect_data is not None:
             experiment.inspect_data(data, tokenizer)
-        print("Device:", device if world_size == 1 else f"{device.type} x {world_size} processes")
+        print("Device:", setup.describe())
         print(50 * "-")
         settings = extras.run_settings(args, experiment, model_name, train_data)
         files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)  # before the model is built
         torch.manual_seed(args.seed)
-        train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device,
-                                                 experiment.batch_size, experiment, rank,
-                                                 world_size)
+        train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, setup.device,
+                                                 experiment.batch_size, experiment, setup.rank,
+                                                 setup.world_size)
         extras.check_counted_tokens(train_loader, args.data_path or experiment.data_file)
+        schedule = learning_rate_schedule(args, len(train_loader) * files.epochs)
+        files.check_schedule(schedule)
 
-        with extras.main_process_first(rank, world_size):
-            raw_model = load_model(args, config, device)
+        with extras.main_process_first(setup.rank, setup.world_size):
+            raw_model = load_model(args, config, setup.device)
         if experiment.prepare_model is not None:  # LoRA: frozen weights, trainable low-rank ones
-            raw_model = experiment.prepare_model(raw_model).to(device)
-        model = extras.training_model(raw_model, args.compile, device)
+            raw_model = experiment.prepare_model(raw_model).to(setup.device)
+        model = extras.training_model(raw_model, args.compile, setup.device)
         print("Loaded model:", model_name)
         print(50 * "-")
 
-        ctx = accelerator.precision_context(device, args.precision)
-        training = train(args, model, raw_model, (train_loader, val_loader), files, ctx,
-                         experiment.prompt_style.format_input(val_data[0]), tokenizer)
-        if world_size > 1:
-            extras.leave_process_group(rank)  # ranks other than 0 end here
-        save_results(args, experiment, raw_model, config, model_name, tokenizer, test_data,
-                     files, training, settings, ctx)
+        describe = partial(model_info, args, experiment, run_name, model_name, config,
+                           settings, schedule)
+        training = train(args, setup, (model, raw_model), (train_loader, val_loader), files,
+                         schedule, describe, experiment.prompt_style.format_input(val_data[0]),
+                         tokenizer)
+        if setup.world_size > 1:
+            extras.leave_process_group(setup.rank)  # ranks other than 0 end here
+        save_results(args, experiment, raw_model, tokenizer, test_data, files, training, setup,
+                     describe)
         files.finish(args.keep_checkpoint)
-
-
-def train(args, model, raw_model, loaders, files, ctx, start_context, tokenizer):
-    """Section 7.6 as the run does it: the initial losses (unless resuming), the optimizer
-    (restored from the checkpoint when resuming), then finetuning; returns what `finetune`
-    returns."""
-    train_loader, val_loader = loaders
-    device = args.device
-    accelerator.choose_attention_kernels(device)
-    if not files.resuming:
-        print_initial_losses(model, train_loader, val_loader, device, ctx)
-    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
-    progress = files.restore(raw_model, optimizer)  # None when starting over
-    hooks = extras.ChapterTraining(files.epochs, device, files.saver(raw_model, optimizer),
-                                   progress, ctx=ctx, micro_batch_size=args.micro_batch_size,
-                                   metrics_path=files.paths["metrics"],
-                                   save_on_interrupt=not files.keeps_earlier)
-    return finetune(model, train_loader, val_loader, optimizer, device, args, start_context,
-                    tokenizer, hooks)
-
-
-def load_data(args, experiment, rank, world_size):
-    """The dataset's entries, and its 85/10/5 split (10 entries each in test mode), checked
-    against the batch size, with the sizes printed. The entries come from --data_path, or the
-    experiment's file (downloaded by rank 0 when missing)."""
-    data_path = args.data_path or experiment.data_file
-    with extras.main_process_first(rank, world_size):
-        data = (load_json_entries(data_path) if args.data_path
-                else download_and_load_file(data_path, experiment.data_url))
-    train_data, test_data, val_data = split_data(data, data_path)
-    if args.test_mode:  # a very small subset, to run the whole pipeline in seconds
-        train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
-    check_batch_sizes(experiment.batch_size, args.micro_batch_size, world_size,
-                      len(train_data), data_path)
-    print("Training set length:", len(train_data))
-    print("Validation set length:", len(val_data))
-    print("Test set length:", len(test_data))
-    print(50 * "-")
-    return data, (train_data, test_data, val_data)
 
 
 def main(argv=None, experiment=None, parser=None):

@@ -38,6 +38,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
@@ -47,8 +48,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from accelerator import compiled_for_training, device_type, evaluate_in_one_pass
-from finetuned_model import all_finite, first_line, read_pth, save_pth
+from accelerator import (
+    compiled_for_training,
+    device_type,
+    evaluate_in_one_pass,
+    pick_device,
+    precision_context,
+)
+from finetuned_model import all_finite, first_line, read_pth, save_finetuned_model, save_pth
 from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
 from script_utils import (
     DataError,
@@ -92,6 +99,33 @@ def init_distributed(device):
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     return device, dist.get_rank(), dist.get_world_size()
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Where and how a run computes, and where it writes, decided once at its start: the
+    device (under torchrun, this process's GPU), this process's rank and the world size, the
+    precision context the losses and answers are computed in, and the output paths. The
+    chapter's functions get these as their explicit arguments."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    ctx: object
+    paths: dict
+
+    def describe(self):
+        """The device line the script prints."""
+        if self.world_size == 1:
+            return str(self.device)
+        return f"{self.device.type} x {self.world_size} processes"
+
+
+def setup_run(args, paths):
+    """The run's `RunSetup` from --device and --precision: joins torchrun's process group when
+    torchrun started this process."""
+    device, rank, world_size = init_distributed(pick_device(args.device))
+    return RunSetup(device, rank, world_size, precision_context(device, args.precision), paths)
 
 
 def is_distributed():
@@ -259,10 +293,19 @@ PROGRESS_FIELDS = {  # field of a checkpoint's progress -> (check, what the fiel
     "started": (is_number, "a number"),
     "epoch_rng": (is_rng_state, "random states or None"),
     "rng": (is_rng_state, "random states or None"),
-    "metrics": (lambda v: isinstance(v, list) and all(
-        isinstance(row, dict) and all(is_number(row.get(k)) for k in METRICS_FIELDS)
-        for row in v), "a list of metrics rows"),
+    "metrics": (lambda v: isinstance(v, list) and all(map(is_metrics_row, v)),
+                "a list of metrics rows"),
+    "best": (lambda v: v is None or is_metrics_row(v), "a metrics row or None"),
+    "evals_since_best": (is_count, "a whole number"),
+    "stopped_early": (lambda v: isinstance(v, bool), "true or false"),
+    "schedule": (lambda v: isinstance(v, dict) and is_count(v.get("total_steps")),
+                 "a learning-rate schedule"),
 }
+
+
+def is_metrics_row(value):
+    """Whether `value` is a metrics row: a dict with a number in every metrics column."""
+    return isinstance(value, dict) and all(is_number(value.get(k)) for k in METRICS_FIELDS)
 
 
 def check_checkpoint(path, checkpoint, settings):
@@ -339,8 +382,11 @@ def run_settings(args, experiment, model_name, train_data):
     """What a checkpoint's training depended on: resuming with anything else would mix runs."""
     return {"--model": model_name, "--seed": args.seed, "--lr": args.lr,
             "--weight_decay": args.weight_decay, "--batch_size": experiment.batch_size,
-            "--precision": args.precision, "training data": fingerprint(train_data),
-            "experiment": experiment.name, **experiment.settings}
+            "--precision": args.precision, "--warmup_steps": args.warmup_steps,
+            "--initial_lr": args.initial_lr, "--lr_schedule": args.lr_schedule,
+            "--min_lr": args.min_lr, "--grad_clip": args.grad_clip,
+            "training data": fingerprint(train_data), "experiment": experiment.name,
+            **experiment.settings}
 
 
 def fingerprint(entries):
@@ -374,7 +420,10 @@ def epochs_to_train(requested, checkpoint, progress, default):
                         f"epochs; pass --epochs {done} or more, or leave --epochs out to "
                         f"finish its {planned}")
     epochs = requested or planned
-    if done >= epochs:
+    if progress["stopped_early"]:
+        print(f"Resuming from {checkpoint}: training stopped early after step "
+              f"{progress['global_step']}, so this run writes the outputs")
+    elif done >= epochs:
         print(f"Resuming from {checkpoint}: training finished at epoch {done}, so this run "
               f"writes the outputs (--epochs {done + 1} or more would train further)")
     else:
@@ -414,16 +463,17 @@ class RunFiles:
     Under torchrun rank 0 holds the lock, writes and reports; all ranks exit alike.
     """
 
-    def __init__(self, paths, args, device, rank=0, world_size=1):
-        self.paths = paths
-        self.checkpoint = paths["checkpoint"]
+    def __init__(self, setup, args):
+        self.paths = setup.paths
+        self.checkpoint = setup.paths["checkpoint"]
         self.args = args
-        self.device, self.rank, self.world_size = device, rank, world_size
+        self.device, self.rank, self.world_size = setup.device, setup.rank, setup.world_size
         self.lock = None
         self.resuming = False  # continues the checkpoint (--resume, and one is there)
         self.earlier = False  # a checkpoint that this run did not write is at `checkpoint`
         self.saved_steps = None  # the training steps that the checkpoint holds for this run
         self.trained = False  # the checkpoint holds the finished training
+        self.best_step = None  # the step whose weights the best-weights file holds
         self.answers = None
         self.settings = None
         self.resume_from = None
@@ -492,7 +542,19 @@ class RunFiles:
             self.saved_steps = progress["global_step"] + 1
         self.epochs = epochs_to_train(requested_epochs, self.checkpoint, progress,
                                       default_epochs)
-        self.trained = progress is not None and progress["epoch"] >= self.epochs
+        self.trained = progress is not None and (progress["epoch"] >= self.epochs
+                                                 or progress["stopped_early"])
+
+    def check_schedule(self, schedule):
+        """Refuse to resume a cosine schedule over another number of steps than it was started
+        with (another --epochs): its rates so far belong to that length."""
+        saved = self.resume_from["progress"]["schedule"] if self.resume_from else None
+        if schedule.kind == "cosine" and saved is not None and \
+                saved["total_steps"] != schedule.total_steps:
+            raise DataError(f"{self.checkpoint}: its cosine schedule spans "
+                            f"{saved['total_steps']} steps and this run's "
+                            f"{schedule.total_steps}; resume with the --epochs it was started "
+                            "with (leave --epochs out)")
 
     @property
     def keeps_earlier(self):
@@ -522,8 +584,22 @@ class RunFiles:
             save_checkpoint(self.checkpoint, model, optimizer, progress, self.settings)
             self.earlier = False
             self.saved_steps = progress["global_step"] + 1
-            self.trained = (progress["epoch"] >= progress["num_epochs"]
-                            and progress["batches_done"] == 0)
+            self.trained = ((progress["epoch"] >= progress["num_epochs"]
+                             and progress["batches_done"] == 0) or progress["stopped_early"])
+
+    def best_saver(self, model, describe):
+        """The `save(progress)` of `BestWeights`: the weights of `model` as they are now, with
+        the JSON `describe(model, progress, weights="best")`, written whole at once (rank 0)."""
+        if self.rank != 0:
+            return None
+
+        def save(progress):
+            with signals_held(f"Saving the best weights {self.paths['best']} (do not "
+                              "interrupt); stopping once they are written"):
+                save_finetuned_model(model, self.paths["best"],
+                                     describe(model, progress, weights="best"))
+                self.best_step = progress["global_step"]
+        return save
 
     def answer_log(self, progress, max_new_tokens, test_data):
         """Where the test set answers of the weights of `progress` are kept as they come."""
@@ -541,6 +617,14 @@ class RunFiles:
 
     def kept(self):
         """(what of the run is saved now, how to go on), for the line that ends it early."""
+        what, how = self.kept_training()
+        if self.best_step is not None:
+            what += (f"; the best weights so far (step {self.best_step}) are in "
+                     f"{self.paths['best']}")
+        return what, how
+
+    def kept_training(self):
+        """(what of the training is saved now, how to go on)."""
         if self.trained:
             what = f"the trained weights are saved in {self.checkpoint}"
             if self.answers is not None and self.answers.count:
@@ -627,7 +711,7 @@ class AnswerLog:
 #####################################
 
 
-METRICS_FIELDS = ("epoch", "step", "tokens_seen", "train_loss", "val_loss", "seconds")
+METRICS_FIELDS = ("epoch", "step", "tokens_seen", "train_loss", "val_loss", "lr", "seconds")
 
 
 def write_metrics_log(path, rows):
@@ -681,7 +765,8 @@ def read_metrics(path):
                 rows.append({"epoch": int(r["epoch"]), "step": int(r["step"]),
                              "tokens_seen": int(r["tokens_seen"]),
                              "train_loss": float(r["train_loss"]),
-                             "val_loss": float(r["val_loss"]), "seconds": float(r["seconds"])})
+                             "val_loss": float(r["val_loss"]), "lr": float(r["lr"]),
+                             "seconds": float(r["seconds"])})
             return rows
     except (ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a metrics log of this script ({exc})") from None
@@ -811,6 +896,43 @@ class FiniteWatch:
         raise TrainingDiverged(step, f"the gradient norm is {norm.item()}")
 
 
+class EarlyStopped(Exception):
+    """Training stopped because the validation loss stopped improving (--early_stopping)."""
+
+
+class BestWeights:
+    """The evaluation with the lowest validation loss so far (--keep_best, --early_stopping).
+
+    `observe(progress)` follows each evaluation: a new lowest validation loss becomes
+    `progress["best"]` (so a resumed run knows it) and, with `save`, its weights are written at
+    once (`save(progress)`, `RunFiles.best_saver`). `patience` evaluations in a row without a
+    new lowest one end training.
+    """
+
+    def __init__(self, save=None, patience=None):
+        self.save = save
+        self.patience = patience
+
+    def observe(self, progress):
+        """Note the evaluation just logged; return whether training should stop now."""
+        row, best = progress["metrics"][-1], progress["best"]
+        if best is None or row["val_loss"] < best["val_loss"]:
+            progress["best"] = dict(row)
+            progress["evals_since_best"] = 0
+            if self.save is not None:
+                self.save(progress)
+        else:
+            progress["evals_since_best"] += 1
+        return self.patience is not None and progress["evals_since_best"] >= self.patience
+
+    def stop_line(self, progress):
+        """The line that says training stopped early, and where the best was."""
+        best = progress["best"]
+        return (f"Early stopping after step {progress['global_step']}: the validation loss has "
+                f"not improved for {plural(self.patience, 'evaluation')} (lowest "
+                f"{best['val_loss']:.3f}, at step {best['step']})")
+
+
 class ChapterTraining(TrainingHooks):
     """The book's training loop, resumable, stoppable by a signal, under torchrun, with a bar.
 
@@ -825,6 +947,11 @@ class ChapterTraining(TrainingHooks):
     Under torchrun, `model` is wrapped in DistributedDataParallel and the train loader yields
     each rank's share of the global batches.
 
+    `schedule` (`appendix_d.LearningRateSchedule`) sets each step's learning rate and clips
+    the gradients as Appendix D does. `best` (`BestWeights`) follows the lowest validation
+    loss, keeps its weights, and ends training early with EarlyStopped, after a checkpoint that
+    a resumed run finishes from.
+
     `ctx` (e.g. a bf16 autocast) is entered wherever the model computes a loss.
     `micro_batch_size` computes each batch that many rows at a time, accumulating gradients:
     the same update as the whole batch at once, with less memory. `metrics_path` receives one
@@ -834,8 +961,12 @@ class ChapterTraining(TrainingHooks):
     """
 
     def __init__(self, num_epochs, device, save_checkpoint=None, resume_progress=None,
-                 ctx=None, micro_batch_size=None, metrics_path=None, save_on_interrupt=True):
+                 ctx=None, micro_batch_size=None, metrics_path=None, save_on_interrupt=True,
+                 schedule=None, best=None):
         self.num_epochs = num_epochs
+        self.schedule = schedule
+        self.best = best
+        self.lr = None
         self.device = device
         self.save_checkpoint = save_checkpoint
         self.resume_progress = resume_progress
@@ -865,7 +996,9 @@ class ChapterTraining(TrainingHooks):
     def start(self):
         progress = self.resume_progress or {
             **super().start(), "batches_done": 0, "epoch_rng": None, "rng": None,
-            "seconds": 0.0, "started": time.time(), "metrics": []}
+            "seconds": 0.0, "started": time.time(), "metrics": [], "best": None,
+            "evals_since_best": 0, "stopped_early": False,
+            "schedule": None if self.schedule is None else self.schedule.describe()}
         progress["num_epochs"] = self.num_epochs  # what a resumed run trains to by default
         self.progress = progress
         self.started = time.monotonic() - progress["seconds"]
@@ -887,6 +1020,8 @@ class ChapterTraining(TrainingHooks):
             self.bar = tqdm(total=self.num_epochs * len(train_loader),
                             initial=progress["global_step"] + 1, desc="Training", unit="step",
                             file=sys.stderr, disable=not is_main_process())
+        if progress["stopped_early"]:  # a resumed run that had stopped early
+            raise EarlyStopped()
         resuming_mid_epoch = progress["batches_done"] > 0
         if resuming_mid_epoch:
             set_rng_states(progress["epoch_rng"])
@@ -951,17 +1086,31 @@ class ChapterTraining(TrainingHooks):
             train_loss = mean_across_ranks(train_loss, device)
         return train_loss, val_loss
 
+    def before_update(self, model, optimizer, progress):
+        """Appendix D's learning rate for the step, and its clipping (`schedule`)."""
+        if self.schedule is None:
+            self.lr = optimizer.param_groups[0]["lr"]
+        else:
+            self.lr = self.schedule.apply(progress["global_step"] + 1, model, optimizer)
+
     def step_done(self, progress):
         progress["batches_done"] += 1
         progress["seconds"] = time.monotonic() - self.started
         self.watch.record(progress["global_step"], self.model)
+        stop_early = False
         if len(progress["train_losses"]) > len(progress["metrics"]):
             self.watch.check()
             if not math.isfinite(progress["train_losses"][-1]):
                 raise TrainingDiverged(progress["global_step"], "the training loss after it is "
                                        f"{progress['train_losses'][-1]}")
             self.log_metrics(progress)
+            stop_early = self.best is not None and self.best.observe(progress)
+            if self.distributed:
+                stop_early = any_rank(stop_early, self.device)
         self.bar.update()
+        if stop_early:
+            self.watch.check(self.model)
+            progress.update(stopped_early=True, rng=rng_states())
         if self.stop_requested():
             self.watch.check(self.model)
             progress["rng"] = rng_states()
@@ -969,6 +1118,15 @@ class ChapterTraining(TrainingHooks):
                 self.save(progress, f"Stopping after step {progress['global_step']}: saving "
                                     "the checkpoint (do not interrupt)")
             raise Interrupted(self.stops.signum or signal.SIGINT)
+        if stop_early:
+            self.save(progress)
+            raise EarlyStopped(self.best.stop_line(progress))
+
+    def curves(self):
+        """(train_losses, val_losses, track_tokens_seen) so far, as `train_model_simple`
+        returns them."""
+        return (self.progress["train_losses"], self.progress["val_losses"],
+                self.progress["track_tokens_seen"])
 
     def epoch_done(self, model, tokenizer, device, start_context, progress):
         self.watch.check(model)
@@ -990,7 +1148,8 @@ class ChapterTraining(TrainingHooks):
         row = {"epoch": progress["epoch"] + 1, "step": progress["global_step"],
                "tokens_seen": progress["tokens_seen"],
                "train_loss": progress["train_losses"][-1],
-               "val_loss": progress["val_losses"][-1], "seconds": round(progress["seconds"], 3)}
+               "val_loss": progress["val_losses"][-1], "lr": self.lr,
+               "seconds": round(progress["seconds"], 3)}
         progress["metrics"].append(row)
         if self.metrics_live:
             append_metrics_row(self.metrics_path, row)

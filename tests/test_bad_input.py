@@ -86,6 +86,15 @@ FLAG_CASES = [
     (["--weight_decay", "-0.1"], "--weight_decay", "-0.1"),
     (["--max_new_tokens", "-1"], "--max_new_tokens", "-1"),
     (["--device", "tpu"], "--device", "tpu"),
+    (["--warmup_steps", "-1"], "--warmup_steps", "-1"),
+    (["--initial_lr", "nan"], "--initial_lr", "nan"),
+    (["--min_lr=-1e-6"], "--min_lr", "-1e-06"),
+    (["--lr_schedule", "cosine", "--min_lr", "0.1"], "--min_lr", "0.1"),
+    (["--grad_clip", "0"], "--grad_clip", "0.0"),
+    (["--grad_clip", "inf"], "--grad_clip", "inf"),
+    (["--early_stopping", "0"], "--early_stopping", "0"),
+    (["--run_name", "../elsewhere"], "--run_name", "elsewhere"),
+    (["--run_name", ""], "--run_name", "only"),
 ]
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 # The book's package, installed with `pip install --no-deps llms-from-scratch` (README, .ci/run)
+from llms_from_scratch import appendix_d as book_appendix_d
 from llms_from_scratch import appendix_e as book_appendix_e
 from llms_from_scratch import ch02 as book_ch02
 from llms_from_scratch import ch04 as book_ch04
@@ -393,6 +394,12 @@ RUNS = {  # name -> (script, its own flags, the .pth it writes)
              "Smalltestmodel-sft-lora.pth"),
     "phi3": ("exercise_experiments.py", ["--exercise_solution", "phi3_prompt"],
              "Smalltestmodel-sft-phi3-prompt.pth"),
+    # Appendix D: 2 epochs of 5 steps of 2 entries, 2 steps of warmup, then cosine decay
+    # with clipping (a rate high enough that the gradients' norm goes above 1.0)
+    "appendix_d": ("gpt_instruction_finetuning.py",
+                   ["--epochs", "2", "--batch_size", "2", "--lr", "0.05", "--warmup_steps", "2",
+                    "--lr_schedule", "cosine", "--grad_clip", "1.0", "--run_name", "appendix-d"],
+                   "Smalltestmodel-sft-appendix-d.pth"),
 }
 
 
@@ -404,7 +411,7 @@ def script_runs(tmp_path_factory, instruction_data_path):
     procs = {}
     for name, (script, flags, _) in RUNS.items():
         log = open(folder / f"{name}.log", "w")  # closed below
-        command = [sys.executable, os.path.join(REPO, script), *flags, *TEST_MODE_FLAGS,
+        command = [sys.executable, os.path.join(REPO, script), *TEST_MODE_FLAGS, *flags,
                    "--data_path", str(instruction_data_path), "--output_dir", str(folder / name)]
         procs[name] = (subprocess.Popen(command, cwd=folder, env=env, stdout=log,
                                         stderr=subprocess.STDOUT), log)
@@ -437,26 +444,37 @@ def assert_same_logits(ours, book, cfg):
         torch.testing.assert_close(ours(idx), book(idx), rtol=0, atol=1e-5)
 
 
-def books_chapter_run(cfg, train_data, val_data, tokenizer, lora=None):
+def books_chapter_run(cfg, train_data, val_data, tokenizer, lora=None, appendix_d=None):
     """The script's test-mode run spelled out with the book's code: seed 123, the model, the
-    chapter's loaders and AdamW, seed 123 again, one epoch of train_model_simple.
+    chapter's loaders and AdamW, seed 123 again, one epoch of train_model_simple, evaluating
+    after every step as test mode does.
 
     With `lora` = (rank, alpha) the model is frozen and gets the book's LoRA layers first, as
-    the exercise does. Returns (model, (train_losses, val_losses, tokens_seen)).
+    the exercise does. With `appendix_d` = (epochs, batch_size, peak_lr, warmup_steps) the
+    training is Appendix D's `train_model` instead (its default initial and minimum rates,
+    clipping to 1.0). Returns (model, the curves the training function returns).
     """
+    epochs, batch_size, lr, warmup_steps = appendix_d or (1, 8, 5e-5, None)
     torch.manual_seed(123)
     model = book_ch04.GPTModel(book_cfg(cfg))
     if lora is not None:
         model.requires_grad_(False)
         book_appendix_e.replace_linear_with_lora(model, *lora)
     train_loader, val_loader = book_loaders(train_data, val_data, tokenizer,
-                                            allowed_max_length=cfg["context_length"])
+                                            allowed_max_length=cfg["context_length"],
+                                            batch_size=batch_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=5e-5, weight_decay=0.1)
+                                  lr=lr, weight_decay=0.1)
     torch.manual_seed(123)
-    curves = book_ch05.train_model_simple(
-        model, train_loader, val_loader, optimizer, "cpu", num_epochs=1, eval_freq=5,
-        eval_iter=5, start_context=book_ch07.format_input(val_data[0]), tokenizer=tokenizer)
+    arguments = dict(eval_freq=1, eval_iter=5, start_context=book_ch07.format_input(val_data[0]),
+                     tokenizer=tokenizer)
+    if appendix_d is None:
+        curves = book_ch05.train_model_simple(model, train_loader, val_loader, optimizer, "cpu",
+                                              num_epochs=1, **arguments)
+    else:
+        curves = book_appendix_d.train_model(model, train_loader, val_loader, optimizer, "cpu",
+                                             n_epochs=epochs, warmup_steps=warmup_steps,
+                                             **arguments)
     return model.eval(), curves
 
 
@@ -573,3 +591,57 @@ def test_pth_saved_from_the_books_model_loads_into_ours(cfg, tmp_path):
     back = tmp_path / "ours.pth"
     torch.save(model.state_dict(), back)
     assert_same_logits(model, load_into_books_model(back, cfg), cfg)
+
+
+def test_appendix_d_options_train_as_the_books_train_model(script_runs, chapter_data, tokenizer):
+    """--warmup_steps 2 --lr_schedule cosine --grad_clip 1.0 is Appendix D's train_model: the
+    same learning rate at every step (the metrics CSV's lr column), the same losses, the same
+    weights; the JSON records the schedule."""
+    path = script_runs["appendix_d"]
+    train_data, _, val_data = ft.split_data(chapter_data)
+    reference, (train_losses, val_losses, _, lrs) = books_chapter_run(
+        ft.TEST_MODE_CONFIG, train_data[:10], val_data[:10], tokenizer,
+        appendix_d=(2, 2, 0.05, 2))
+    assert len(lrs) == 10 and lrs[0] == 3e-5 and lrs[2] == 0.05  # warmup, then the peak
+    rows = extras.read_metrics(path.parent / "metrics-appendix-d.csv")
+    assert [row["lr"] for row in rows] == lrs
+    np.testing.assert_allclose([row["train_loss"] for row in rows], train_losses, rtol=0,
+                               atol=1e-5)
+    np.testing.assert_allclose([row["val_loss"] for row in rows], val_losses, rtol=0, atol=1e-5)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in reference.state_dict().items():  # steps of up to 0.05: rounding grows
+        torch.testing.assert_close(saved[key].to(value.dtype), value, rtol=0, atol=1e-5)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["schedule"] == {"lr_schedule": "cosine", "peak_lr": 0.05, "warmup_steps": 2,
+                                "initial_lr": 3e-5, "min_lr": 1e-6, "total_steps": 10,
+                                "grad_clip": 1.0}
+    assert (info["run_name"], info["steps"], info["losses_step"]) == ("appendix-d", 10, 9)
+
+    # The clipping mattered: the same rates without it end elsewhere.
+    unclipped = unclipped_run(train_data[:10], val_data[:10], tokenizer, lrs)
+    difference = max((unclipped[key] - value).abs().max().item()
+                     for key, value in reference.state_dict().items())
+    assert difference > 1e-3
+
+
+def unclipped_run(train_data, val_data, tokenizer, lrs):
+    """The Appendix D run's steps with its learning rates `lrs` but no clipping, evaluating
+    after every step as it does (the evaluations draw from the random state the shuffling
+    uses); returns the final state dict."""
+    torch.manual_seed(123)
+    model = book_ch04.GPTModel(book_cfg(ft.TEST_MODE_CONFIG))
+    train_loader, val_loader = book_loaders(train_data, val_data, tokenizer,
+                                            allowed_max_length=120, batch_size=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lrs[0], weight_decay=0.1)
+    torch.manual_seed(123)
+    steps = iter(lrs)
+    for _ in range(2):
+        model.train()
+        for inputs, targets in train_loader:
+            optimizer.zero_grad()
+            for group in optimizer.param_groups:
+                group["lr"] = next(steps)
+            book_ch05.calc_loss_batch(inputs, targets, model, "cpu").backward()
+            optimizer.step()
+            book_ch05.evaluate_model(model, train_loader, val_loader, "cpu", eval_iter=5)
+    return model.state_dict()

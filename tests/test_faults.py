@@ -157,7 +157,7 @@ def test_ctrl_c_before_a_reruns_first_epoch_end_keeps_the_earlier_run(tmp_path, 
     assert (f"Resuming from {checkpoint}: training finished at epoch 1, so this run writes the "
             "outputs (--epochs 2 or more would train further)") in lines
     assert not ran_training(out) and len(calls) == 3
-    assert (f"{metrics}: not a metrics log of this script (line 2 does not have the 6 columns); "
+    assert (f"{metrics}: not a metrics log of this script (line 2 does not have the 7 columns); "
             "rebuilt its 1 row from the checkpoint") in lines
     assert metrics.read_bytes() == before[METRICS]
     assert (tmp_path / RESPONSES).read_bytes() == before[RESPONSES]
@@ -551,8 +551,8 @@ def test_weights_that_are_not_finite_are_refused_with_the_file(tmp_path, capsys,
 
 
 def test_json_never_holds_nan(tmp_path):
-    assert ft.last_finite([3.0, math.nan]) is None and ft.last_finite([]) is None
-    assert ft.last_finite([math.nan, 2.5]) == 2.5
+    assert ft.finite_or_none(math.nan) is None and ft.finite_or_none(None) is None
+    assert ft.finite_or_none(math.inf) is None and ft.finite_or_none(2.5) == 2.5
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         save_json({"val_loss": math.nan}, tmp_path / "info.json")
     assert list(tmp_path.iterdir()) == []

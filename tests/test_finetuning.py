@@ -151,32 +151,38 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
     progress = [line for line in lines if line.startswith("Ep ")]
     assert info == {
         "model_name": "Small test model", "config": ft.TEST_MODE_CONFIG,
-        "prompt_style": "alpaca", "experiment": "standalone", "epochs": 2, "steps": 2,
-        "seed": 123,
+        "prompt_style": "alpaca", "experiment": "standalone", "run_name": "standalone",
+        "weights": "last", "epochs": 2, "steps": 2, "seed": 123,
         "tokens_seen": info["tokens_seen"],
         "train_loss": info["train_loss"], "val_loss": info["val_loss"],
+        "losses_step": 1,  # test mode evaluates after each of its two steps
+        "schedule": {"lr_schedule": "constant", "peak_lr": 5e-5, "warmup_steps": 0,
+                     "initial_lr": 3e-5, "min_lr": 1e-6, "total_steps": 2, "grad_clip": None},
         "settings": {"--model": "Small test model", "--seed": 123, "--lr": 5e-5,
                      "--weight_decay": 0.1, "--batch_size": 8, "--precision": "fp32",
+                     "--warmup_steps": 0, "--initial_lr": 3e-5, "--lr_schedule": "constant",
+                     "--min_lr": 1e-6, "--grad_clip": None,
                      "training data": extras.fingerprint(dataset[:10]),
                      "experiment": "standalone"},
     }
     assert f"Train loss {info['train_loss']:.3f}, Val loss {info['val_loss']:.3f}" \
         in progress[-1]
     metrics = (tmp_path / "metrics-standalone.csv").read_text().splitlines()
-    assert metrics[0] == "epoch,step,tokens_seen,train_loss,val_loss,seconds"
+    assert metrics[0] == "epoch,step,tokens_seen,train_loss,val_loss,lr,seconds"
     logged = [row.split(",") for row in metrics[1:]]
     assert [f"Ep {r[0]} (Step {int(r[1]):06d}): Train loss {float(r[3]):.3f}, "
             f"Val loss {float(r[4]):.3f}" for r in logged] == progress
-    assert 0 < int(logged[0][2]) < info["tokens_seen"]  # the last step was not evaluated
+    assert [r[1] for r in logged] == ["0", "1"] and [r[5] for r in logged] == ["5e-05"] * 2
+    assert 0 < int(logged[0][2]) < int(logged[1][2]) == info["tokens_seen"]
     with mock.patch("training_extras.plot_losses") as plot:
         plot_losses_from_metrics(str(tmp_path / "metrics-standalone.csv"), "again.pdf")
     epochs_seen, tokens_seen, train_losses, val_losses = plot.call_args.args
-    assert epochs_seen.tolist() == [0.0]  # one evaluation: step 0
+    assert epochs_seen.tolist() == [0.0, 2.0]  # a curve: steps 0 and 1 of 2 epochs
     assert (tokens_seen, plot.call_args.kwargs) == ([int(r[2]) for r in logged],
                                                     {"save_path": "again.pdf"})
     assert [f"{v:.3f}" for v in train_losses + val_losses] == \
         [f"{float(r[3]):.3f}" for r in logged] + [f"{float(r[4]):.3f}" for r in logged]
-    assert all(float(r[5]) >= 0 for r in logged)
+    assert all(float(r[6]) >= 0 for r in logged)
     # 10 entries, batches of 8: one step per epoch, 8 rows padded to the longest (at most 120)
     assert info["tokens_seen"] % 8 == 0 and 2 * 8 * 20 < info["tokens_seen"] <= 2 * 8 * 120
 
@@ -380,15 +386,22 @@ def test_help_explains_every_flag():
     for flag in ["--model", "--models_dir", "--data_path", "--output_dir", "--epochs",
                  "--batch_size", "--lr", "--weight_decay", "--seed", "--eval_freq", "--eval_iter",
                  "--max_new_tokens", "--gen_batch_size", "--device", "--resume", "--test_mode",
-                 "--weights"]:
+                 "--weights", "--warmup_steps", "--initial_lr", "--min_lr", "--lr_schedule",
+                 "--grad_clip", "--keep_best", "--early_stopping", "--run_name"]:
         assert flag in text
     flat = " ".join(text.split())  # argparse wraps the lines
-    for default in ["(default: 355M)", "(default: 5e-05)", "(default: tf)", "(default: auto)"]:
+    for default in ["(default: 355M)", "(default: 5e-05)", "(default: tf)", "(default: auto)",
+                    "(default: 3e-05)", "(default: 1e-06)", "(default: constant)",
+                    "(default: standalone, the book's;"]:
         assert flat.count(default) == 1, default
     assert "default: None" not in flat and "default: False" not in flat
     args = cli.build_parser().parse_args([])
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
-            args.eval_iter, args.max_new_tokens) == ("355M", None, 5e-5, 0.1, 123, 5, 5, 256)
+            args.eval_iter, args.max_new_tokens) == ("355M", None, 5e-5, 0.1, 123, None, 5, 256)
+    assert cli.eval_freq(args) == 5 and cli.eval_freq(cli.build_parser().parse_args(
+        ["--test_mode"])) == 1
+    assert (args.warmup_steps, args.lr_schedule, args.grad_clip, args.keep_best,
+            args.early_stopping, args.run_name) == (0, "constant", None, False, None, None)
     assert "training epochs (default: 2; with --resume, the interrupted run's own)" in flat
     assert extras.epochs_to_train(args.epochs, "checkpoint.pth", None, cli.DEFAULT_EPOCHS) == 2
     assert cli.DEFAULT_EPOCHS == 2  # the chapter's
@@ -465,3 +478,141 @@ def test_gitignore_covers_every_file_a_run_writes(tmp_path, instruction_data_pat
     status = subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, check=True,
                             capture_output=True, text=True).stdout
     assert status == "?? .gitignore\n", written
+
+
+#####################################
+# Appendix D options, the best weights, early stopping, named runs
+#####################################
+
+
+def overfitting_data(path):
+    """A dataset whose test-mode split trains on one answer ("apple") and validates on another
+    ("zebra"): a high rate soon lowers the validation loss, then raises it."""
+    entries = ([{"instruction": "Name a fruit.", "input": "", "output": "apple apple apple"}] * 95
+               + [{"instruction": "Name an animal.", "input": "", "output": "zebra zebra"}] * 5)
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def metrics_rows(path):
+    """The metrics CSV's rows as dicts of numbers."""
+    return extras.read_metrics(str(path))
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tmp_path_factory):
+    """(folder, flags, completed process) of a run with --keep_best --early_stopping 2 on
+    `overfitting_data`, its checkpoint kept."""
+    folder = tmp_path_factory.mktemp("early")
+    flags = ["--test_mode", "--data_path", str(overfitting_data(folder / "data.json")),
+             "--epochs", "12", "--lr", "0.2", "--eval_iter", "1", "--max_new_tokens", "3",
+             "--output_dir", str(folder)]
+    result = run_script(*flags, "--keep_best", "--early_stopping", "2", "--run_name", "es",
+                        "--keep_checkpoint", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder, flags, result
+
+
+def test_early_stopping_ends_after_k_evaluations_without_a_new_best(early_stopped):
+    folder, _, result = early_stopped
+    rows = metrics_rows(folder / "metrics-es.csv")
+    best = min(range(len(rows)), key=lambda i: rows[i]["val_loss"])
+    assert 0 < best and len(rows) == best + 3 < 12  # the best, then 2 evaluations without
+    lines = result.stdout.splitlines()
+    assert (f"Early stopping after step {best + 2}: the validation loss has not improved for "
+            f"2 evaluations (lowest {rows[best]['val_loss']:.3f}, at step {best})") in lines
+    best_path = folder / "Smalltestmodel-sft-es-best.pth"
+    assert lines[-1] == (f"Lowest validation loss {rows[best]['val_loss']:.3f} at step {best} "
+                         f"(epoch {best + 1}): saved as {best_path}")
+    info = json.loads(best_path.with_suffix(".json").read_text())
+    assert (info["weights"], info["steps"], info["losses_step"], info["run_name"]) == (
+        "best", best + 1, best, "es")
+    assert (info["train_loss"], info["val_loss"]) == (rows[best]["train_loss"],
+                                                      rows[best]["val_loss"])
+    last = json.loads((folder / "Smalltestmodel-sft-es.json").read_text())
+    assert (last["weights"], last["steps"], last["losses_step"]) == ("last", best + 3, best + 2)
+    plot = folder / "loss-plot-es.pdf"
+    assert plot.read_bytes().startswith(b"%PDF")
+
+
+def test_the_best_weights_are_those_of_a_run_that_ends_at_the_best_step(early_stopped):
+    """The same run with --epochs at the best step (one step an epoch) ends with the weights
+    that --keep_best kept; they load into the book's GPTModel, and chat.py answers with them."""
+    folder, flags, _ = early_stopped
+    rows = metrics_rows(folder / "metrics-es.csv")
+    best = min(range(len(rows)), key=lambda i: rows[i]["val_loss"])
+    flags = [flag if flag != "12" else str(best + 1) for flag in flags]
+    result = run_script(*flags, "--run_name", "upto", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    kept = torch.load(folder / "Smalltestmodel-sft-es-best.pth", weights_only=True)
+    expected = torch.load(folder / "Smalltestmodel-sft-upto.pth", weights_only=True)
+    assert kept.keys() == expected.keys()
+    assert all(torch.equal(kept[key], expected[key]) for key in kept)
+
+    from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+    book_cfg = {key: ft.TEST_MODE_CONFIG[key] for key in ("vocab_size", "context_length",
+                                                          "emb_dim", "n_heads", "n_layers",
+                                                          "drop_rate", "qkv_bias")}
+    BookGPTModel(book_cfg).load_state_dict(kept)  # strict
+    chat = run_any_script("chat.py", str(folder / "Smalltestmodel-sft-es-best.pth"),
+                          "--prompt", "Name a fruit.", "--max_new_tokens", "3", cwd=folder)
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_resuming_an_early_stopped_run_writes_its_outputs_without_training(early_stopped):
+    folder, flags, _ = early_stopped
+    checkpoint = folder / "checkpoint-Smalltestmodel-es.pth"
+    step = torch.load(checkpoint, weights_only=True)["progress"]["global_step"]
+    before = torch.load(folder / "Smalltestmodel-sft-es.pth", weights_only=True)
+    result = run_script(*flags, "--keep_best", "--early_stopping", "2", "--run_name", "es",
+                        "--resume", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert (f"Resuming from {checkpoint}: training stopped early after step {step}, so this "
+            "run writes the outputs") in result.stdout.splitlines()
+    assert not any(line.startswith("Ep ") for line in result.stdout.splitlines())
+    after = torch.load(folder / "Smalltestmodel-sft-es.pth", weights_only=True)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_two_named_runs_in_one_folder_keep_all_their_files(tmp_path, instruction_data_path):
+    common = ["--test_mode", "--data_path", str(instruction_data_path), "--max_new_tokens",
+              "3", "--eval_iter", "1", "--output_dir", str(tmp_path)]
+    assert run_script(*common, "--run_name", "first", cwd=tmp_path).returncode == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = run_script(*common, "--lr", "1e-4", "--run_name", "second.try", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    outputs = ["Smalltestmodel-sft-{}.json", "Smalltestmodel-sft-{}.pth",
+               "instruction-data-with-response-{}.json", "loss-plot-{}.pdf", "metrics-{}.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        name.format(run) for run in ("first", "second.try") for name in outputs)
+    assert {name: (tmp_path / name).read_bytes() for name in first} == first
+    assert json.loads((tmp_path / "Smalltestmodel-sft-second.try.json").read_text())[
+        "settings"]["--lr"] == 1e-4
+
+
+def test_resuming_a_cosine_schedule_with_other_epochs_is_refused(tmp_path,
+                                                                 instruction_data_path, capsys):
+    common = ["--test_mode", "--data_path", str(instruction_data_path), "--max_new_tokens",
+              "3", "--eval_iter", "1", "--output_dir", str(tmp_path), "--lr_schedule", "cosine"]
+    ft.main([*common, "--epochs", "2", "--keep_checkpoint"])
+    capsys.readouterr()
+    code, out, err = run_in_process(ft.main, [*common, "--epochs", "3", "--resume"], capsys)
+    checkpoint = tmp_path / "checkpoint-Smalltestmodel-standalone.pth"
+    assert code == 2
+    assert err == (f"Error: {checkpoint}: its cosine schedule spans 2 steps and this run's 3; "
+                   "resume with the --epochs it was started with (leave --epochs out)\n")
+
+
+def test_more_warmup_steps_than_the_run_has_are_refused_before_training(
+        tmp_path, instruction_data_path, capsys):
+    code, out, err = run_in_process(ft.main, [
+        "--test_mode", "--data_path", str(instruction_data_path), "--output_dir",
+        str(tmp_path), "--warmup_steps", "5"], capsys)
+    assert code == 2
+    assert err == "Error: --warmup_steps 5 is more than this run's 2 training steps; pass fewer\n"
+    assert "Initial losses" not in out
+
+
+@pytest.mark.parametrize("name", ["gpt2-medium", "gpt2-medium (355M)", "355M"])
+def test_model_accepts_the_names_the_script_prints(name):
+    assert cli.build_parser().parse_args(["--model", name]).model == "355M"

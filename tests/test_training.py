@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from appendix_d import LearningRateSchedule
 from previous_chapters import GPTModel, plot_losses, train_model_simple
 from script_utils import atomic_write
 from training_extras import ChapterTraining
@@ -33,10 +34,17 @@ def train(model, optimizer, train_loader, val_loader, tokenizer, hooks=None):
 
 
 def resumable_train(model, optimizer, train_loader, val_loader, tokenizer, save_checkpoint=None,
-                    resume_progress=None):
-    """`train` with the chapter script's hooks: checkpoints, Ctrl-C, resuming."""
-    with ChapterTraining(2, "cpu", save_checkpoint, resume_progress) as hooks:
+                    resume_progress=None, schedule=None):
+    """`train` with the chapter script's hooks: checkpoints, Ctrl-C, resuming, and Appendix
+    D's `schedule` when given."""
+    with ChapterTraining(2, "cpu", save_checkpoint, resume_progress,
+                         schedule=schedule) as hooks:
         return train(model, optimizer, train_loader, val_loader, tokenizer, hooks)
+
+
+# 8 steps: 3 of warmup, then cosine decay with clipping, all of it resumed mid-way
+COSINE = LearningRateSchedule(peak_lr=5e-3, total_steps=8, warmup_steps=3, initial_lr=1e-4,
+                              kind="cosine", grad_clip=0.5)
 
 
 def test_training_prints_progress_and_returns_curves(tiny_cfg, tokenizer, capsys):
@@ -61,11 +69,17 @@ def test_training_prints_progress_and_returns_curves(tiny_cfg, tokenizer, capsys
     assert not torch.equal(before["out_head.weight"], model.state_dict()["out_head.weight"])
 
 
+@pytest.mark.parametrize("schedule", [None, COSINE], ids=["chapter", "appendix D"])
 @pytest.mark.parametrize("stop_at_step", [3, 4])  # mid-epoch, and the last step of epoch 1
-def test_ctrl_c_then_resume_ends_with_the_same_weights(tiny_cfg, tokenizer, stop_at_step):
+def test_ctrl_c_then_resume_ends_with_the_same_weights(tiny_cfg, tokenizer, stop_at_step,
+                                                       schedule):
     cfg = {**tiny_cfg, "drop_rate": 0.1}  # dropout makes the random state matter mid-epoch
     model, optimizer, train_loader, val_loader = make_run(cfg)
-    reference = train(model, optimizer, train_loader, val_loader, tokenizer)
+    if schedule is None:
+        reference = train(model, optimizer, train_loader, val_loader, tokenizer)
+    else:
+        reference = resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
+                                    schedule=schedule)
     reference_weights = model.state_dict()
 
     model, optimizer, train_loader, val_loader = make_run(cfg)
@@ -86,7 +100,7 @@ def test_ctrl_c_then_resume_ends_with_the_same_weights(tiny_cfg, tokenizer, stop
     optimizer.step = step_then_ctrl_c
     with pytest.raises(KeyboardInterrupt):
         resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
-                        save_checkpoint=save_checkpoint)
+                        save_checkpoint=save_checkpoint, schedule=schedule)
     assert saved["state"]["global_step"] == stop_at_step - 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -94,9 +108,11 @@ def test_ctrl_c_then_resume_ends_with_the_same_weights(tiny_cfg, tokenizer, stop
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     resumed = resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
-                              resume_progress=saved["state"])
+                              resume_progress=saved["state"], schedule=schedule)
 
     assert resumed == reference
+    if schedule is not None:  # the rate of the last step: the end of the cosine
+        assert optimizer.param_groups[0]["lr"] == schedule.lr_at(7) < schedule.lr_at(3)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reference_weights[name]), name
 
