@@ -1,5 +1,6 @@
-"""The three notebooks run top to bottom in the small setting, their checks catch a notebook
-whose code drifts from the scripts', and their stored outputs are those of a fresh run.
+"""The three notebooks run top to bottom in the small setting and offline, their checks catch a
+notebook whose code drifts from the scripts' and stay out of the chapter's story, and their stored
+outputs are those of a fresh run.
 
 Only cells tagged real-output keep their outputs in the repository: cells that need nothing but
 the dataset (figures included). After changing such a cell, store its fresh outputs with
@@ -11,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -26,7 +28,12 @@ from nbclient.exceptions import CellExecutionError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also when run as a script
 
-from gpt_instruction_finetuning import TEST_MODE_CONFIG, save_finetuned_model  # noqa: E402
+from finetuned_model import (  # noqa: E402
+    TEST_MODE_CONFIG,
+    load_finetuned_model,
+    save_finetuned_model,
+)
+from gpt_instruction_finetuning import generate_responses  # noqa: E402
 from previous_chapters import GPTModel  # noqa: E402
 from script_utils import atomic_write  # noqa: E402
 from tests.conftest import REPO, SHARED_DATA  # noqa: E402
@@ -39,6 +46,7 @@ NOTEBOOKS = ["ch07.ipynb", "exercise-solutions.ipynb", "load-finetuned-model.ipy
 STORE_ENV = {"ch07.ipynb": {"CH07_SMALL": "1"}, "exercise-solutions.ipynb": {},
              "load-finetuned-model.ipynb": {"CH07_SMALL": "1"}}
 MAX_NOTEBOOK_BYTES = 1_500_000
+CHOICE_LINE = 'MODEL_PATH = os.environ.get("CH07_MODEL")'  # load-finetuned-model's choice
 
 
 def outputs_text(cell):
@@ -90,6 +98,25 @@ def kernel_env(small):
     return env
 
 
+def offline_env(folder, vocab_dir, cache):
+    """Environment variables that take the network away from a kernel in `folder`, as on a
+    machine offline: the empty tiktoken cache `cache`, and every web request sent to a loopback
+    port where nothing listens (loopback servers such as the stand-in judge are reached
+    directly). GPT-2's vocabulary files are put in folder/gpt2/124M, as a download leaves them."""
+    model_dir = folder / "gpt2" / "124M"
+    model_dir.mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(vocab_dir / name, model_dir / name)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {"TIKTOKEN_CACHE_DIR": str(cache), "NO_PROXY": "127.0.0.1,localhost",
+           "no_proxy": "127.0.0.1,localhost"}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env[name] = nowhere
+    return env
+
+
 def execute(nb, folder):
     """Run notebook `nb` top to bottom with `folder` as the kernel's working folder."""
     NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -102,16 +129,20 @@ def read(name):
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """The notebooks executed in order with CH07_SMALL=1 in one scratch folder:
-    (folder, {name: executed notebook})."""
+def executed(tmp_path_factory, gpt2_vocab_dir, instruction_data_path):
+    """The notebooks executed in order with CH07_SMALL=1 in one scratch folder, offline with
+    GPT-2's vocabulary files in gpt2/124M: (folder, {name: executed notebook}, the tiktoken
+    cache they were given empty)."""
     folder = tmp_path_factory.mktemp("notebooks")
+    cache = tmp_path_factory.mktemp("empty-tiktoken-cache")
+    env = {**kernel_env(small=True), "CH07_DATA": str(instruction_data_path),
+           **offline_env(folder, gpt2_vocab_dir, cache)}
     with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment
         mp.delenv("CH07_MODEL", raising=False)  # the notebooks' default files
-        for key, value in kernel_env(small=True).items():
+        for key, value in env.items():
             mp.setenv(key, value)
         results = {name: execute(read(name), folder) for name in NOTEBOOKS}
-    yield folder, results
+    yield folder, results, cache
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -120,14 +151,39 @@ def all_text(nb):
     return "\n".join(outputs_text(cell) for cell in nb.cells if cell.cell_type == "code")
 
 
-def test_ch07_runs_in_the_small_setting(executed):
-    folder, results = executed
+def code_cells(nb):
+    """The code cells of `nb`, in order."""
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def cell_holding(nb, marker):
+    """The one code cell of `nb` whose source holds `marker`."""
+    cells = [cell for cell in code_cells(nb) if marker in cell.source]
+    assert len(cells) == 1, f"{len(cells)} cells hold {marker!r}"
+    return cells[0]
+
+
+def test_the_notebooks_run_offline(executed):
+    """GPT-2's tokenizer came from the download's files: tiktoken fetched nothing into its
+    cache, and every notebook ran to its end."""
+    folder, results, cache = executed
+    assert list(cache.iterdir()) == []
+    assert sorted(p.name for p in (folder / "gpt2" / "124M").iterdir()) == ["encoder.json",
+                                                                            "vocab.bpe"]
+    for name in NOTEBOOKS:  # the last cell of each printed its result
+        assert outputs_text(code_cells(results[name])[-1]), name
+
+
+def test_ch07_runs_in_the_small_setting(executed, tokenizer):
+    folder, results, _ = executed
     text = all_text(results["ch07.ipynb"])
     for check in ("download_and_load_file: same as the script's for all 1100 entries: True",
                   "format_input: same as the script's for all 1100 entries: True",
                   "split_data: same as the script's for all 1100 entries: True",
                   "InstructionDataset: same as the script's for all 1100 entries: True",
                   "custom_collate_fn: same as the script's for all 138 batches of the dataset",
+                  "BASE_CONFIG and model_configs: same as the script's for all 4 GPT-2 sizes: "
+                  "True",
                   "query_model: same as the script's for all 1100 prompts of the dataset: True",
                   "judge_prompt: same as the script's for all 1100 entries: True",
                   "generate_model_scores: same as the script's for all 1100 entries: True"):
@@ -138,8 +194,16 @@ def test_ch07_runs_in_the_small_setting(executed):
     assert "Loaded model: Small test model" in text
     assert "Training completed in " in text
     assert (folder / "loss-plot.pdf").read_bytes().startswith(b"%PDF")
+    plot = shown(cell_holding(results["ch07.ipynb"], "plot_losses("))
+    assert [kind for kind, _ in plot] == ["stream stdout", "image"]  # saved, then shown
+    assert plot[0][1] == "Plot saved as loss-plot.pdf\n"
     responses = json.loads((folder / "instruction-data-with-response.json").read_text())
     assert len(responses) == 10 and all("model_response" in e for e in responses)
+    # the book's loop over the test set answers as the script's batched generation does
+    model, _, _ = load_finetuned_model(str(folder / "Smalltestmodel-sft.pth"))
+    scripts = generate_responses(model, responses, tokenizer, TEST_MODE_CONFIG["context_length"],
+                                 max_new_tokens=20, batch_size=8)
+    assert [e["model_response"] for e in scripts] == [e["model_response"] for e in responses]
     assert (folder / "Smalltestmodel-sft.pth").exists()
     info = json.loads((folder / "Smalltestmodel-sft.json").read_text())  # saved beside it
     assert info["config"] == TEST_MODE_CONFIG and info["prompt_style"] == "alpaca"
@@ -164,7 +228,7 @@ def test_exercise_solutions_run_in_the_small_setting(executed):
 
 
 def test_load_finetuned_model_runs_in_the_small_setting(executed):
-    folder, results = executed
+    folder, results, _ = executed
     text = all_text(results["load-finetuned-model.ipynb"])
     # ch07.ipynb ran first in the same folder and saved its tiny finetuned model there
     assert "Loaded Smalltestmodel-sft.pth" in text
@@ -175,16 +239,19 @@ def test_load_finetuned_model_runs_in_the_small_setting(executed):
     assert "Response: " in text
 
 
-def run_load_notebook(folder, monkeypatch, model_path=None, small=True):
-    """Run load-finetuned-model.ipynb in `folder` (on `model_path` through CH07_MODEL when
-    given); its text output."""
+def run_load_notebook(folder, monkeypatch, model_path=None, small=True, via_env=False):
+    """Run load-finetuned-model.ipynb in `folder`, on `model_path` when given: written into its
+    MODEL_PATH line as a reader does, or set as CH07_MODEL when `via_env`; its text output."""
     monkeypatch.delenv("CH07_MODEL", raising=False)
     monkeypatch.delenv("CH07_SMALL", raising=False)
     for key, value in kernel_env(small).items():
         monkeypatch.setenv(key, value)
-    if model_path is not None:
+    nb = read("load-finetuned-model.ipynb")
+    if model_path is not None and via_env:
         monkeypatch.setenv("CH07_MODEL", str(model_path))
-    return all_text(execute(read("load-finetuned-model.ipynb"), folder))
+    elif model_path is not None:
+        replace_in_cell(nb, CHOICE_LINE, f"MODEL_PATH = {str(model_path)!r}")
+    return all_text(execute(nb, folder))
 
 
 def test_load_finetuned_model_saves_a_tiny_model_when_none_exists(tmp_path, monkeypatch):
@@ -225,7 +292,7 @@ def test_load_finetuned_model_loads_a_bare_pth_with_the_chapters_defaults(tmp_pa
     path = tmp_path / "book-sft.pth"
     torch.manual_seed(2)
     torch.save(GPTModel(config).state_dict(), path)
-    text = run_load_notebook(tmp_path, monkeypatch, path)
+    text = run_load_notebook(tmp_path, monkeypatch, path, via_env=True)
     assert f"Loaded {path}" in text
     assert f"No {tmp_path / 'book-sft.json'} beside the weights: the chapter's defaults" in text
     assert "Prompt style: alpaca" in text
@@ -250,14 +317,14 @@ def test_load_finetuned_model_says_what_to_run_without_a_model(tmp_path, monkeyp
 
 def test_load_finetuned_model_names_the_models_there_are_for_a_wrong_name(tmp_path,
                                                                           monkeypatch):
-    """A CH07_MODEL that does not exist: the notebook lists the finetuned models of its folder
+    """A MODEL_PATH that does not exist: the notebook lists the finetuned models of its folder
     and never claims a script saves the mistyped name."""
     for name in ("gpt2-medium355M-sft-lora.pth", "Smalltestmodel-sft.pth", "notes.pth"):
         (tmp_path / name).write_bytes(b"")
     text = run_load_notebook(tmp_path, monkeypatch, "typo.pth")
-    assert ("CH07_MODEL=typo.pth: no such file. Finetuned models in this folder: "
-            "Smalltestmodel-sft.pth, gpt2-medium355M-sft-lora.pth. Set CH07_MODEL to one of "
-            "them") in text
+    assert ("MODEL_PATH typo.pth: no such file. Finetuned models in this folder: "
+            "Smalltestmodel-sft.pth, gpt2-medium355M-sft-lora.pth. Set MODEL_PATH in the first "
+            "code cell to one of them and run this notebook again.") in text
     assert "saves typo.pth" not in text and "notes.pth" not in text
     assert "No model loaded" in text
 
@@ -265,7 +332,7 @@ def test_load_finetuned_model_names_the_models_there_are_for_a_wrong_name(tmp_pa
 def test_load_finetuned_model_names_the_command_when_the_folder_has_no_model(tmp_path,
                                                                             monkeypatch):
     text = run_load_notebook(tmp_path, monkeypatch, tmp_path / "models" / "typo.pth")
-    assert (f"CH07_MODEL={tmp_path / 'models' / 'typo.pth'}: no such file, and there is no "
+    assert (f"MODEL_PATH {tmp_path / 'models' / 'typo.pth'}: no such file, and there is no "
             f"finetuned model (*-sft*.pth) in {tmp_path / 'models'}. Run "
             "`python gpt_instruction_finetuning.py --test_mode` first (it saves "
             "Smalltestmodel-sft-standalone.pth)") in text
@@ -297,6 +364,70 @@ def test_a_notebook_whose_code_drifts_from_the_scripts_stops_at_its_check(tmp_pa
         monkeypatch.setenv(key, value)
     with pytest.raises(CellExecutionError, match=message):
         execute(nb, tmp_path)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_take_gpt2s_tokenizer_as_the_scripts_do(name):
+    """Offline, tiktoken.get_encoding fails where gpt2_tokenizer builds the same encoding from
+    a GPT-2 download's files."""
+    sources = [cell.source for cell in code_cells(read(name))]
+    assert not any("tiktoken.get_encoding" in source or "import tiktoken" in source
+                   for source in sources)
+    assert sum('tokenizer = gpt2_tokenizer(models_dir="gpt2")' in source
+               for source in sources) == 1
+
+
+@pytest.mark.parametrize("name, checks, section_mark", [
+    ("ch07.ipynb", "# Checks against the script", "## 7."),
+    ("exercise-solutions.ipynb", "# Checks against the experiments", "## Exercise 7."),
+])
+def test_checks_against_the_scripts_come_at_the_end_of_their_section(name, checks,
+                                                                    section_mark):
+    """Every check runs in a cell of checks that closes its section (the next cell opens the
+    next section); the story's cells call into the script for nothing."""
+    cells = read(name).cells
+    places = [i for i, cell in enumerate(cells) if cell.source.startswith(checks)]
+    assert places
+    for i in places:
+        assert cells[i - 1].source.startswith(f"###{checks}"), f"{name} cell {i - 1}"
+        assert cells[i + 1].cell_type == "markdown"
+        assert cells[i + 1].source.startswith("## "), f"{name} cell {i + 1}"
+        before = "\n".join(cell.source for cell in cells[:i] if cell.cell_type == "markdown")
+        number = re.findall(rf"^{section_mark}(\d)", before, re.M)[-1]
+        assert cells[i].source.splitlines()[0].endswith(f"7.{number}"), f"{name} cell {i}"
+    for i, cell in enumerate(cells):
+        if cell.cell_type == "code" and not cell.source.startswith(checks):  # the story
+            assert not re.search(r"^check_same\(", cell.source, re.M), f"{name} cell {i}"
+            assert not re.search(r"\bscript\.", cell.source), f"{name} cell {i}"
+
+
+def test_ch07_shows_the_books_own_lines_in_its_story():
+    nb = read("ch07.ipynb")
+    for book_line in ("optimizer = torch.optim.AdamW(model.parameters(), lr=0.00005, "
+                      "weight_decay=0.1)",
+                      "train_losses, val_losses, tokens_seen = train_model_simple(",
+                      'test_data[i]["model_response"] = response_text',
+                      "class InstructionDataset(Dataset):",
+                      "def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100",
+                      "def format_input(entry):",
+                      'CHOOSE_MODEL = "gpt2-medium (355M)"'):
+        assert not cell_holding(nb, book_line).source.startswith("# Checks"), book_line
+    story = [cell.source for cell in code_cells(nb) if not cell.source.startswith("# Checks")]
+    for call in ("make_optimizer", "generate_responses", "MODEL_CONFIGS"):
+        assert not any(call in source for source in story), call
+
+
+def test_load_finetuned_model_says_how_to_choose_the_model_before_it_runs():
+    cells = read("load-finetuned-model.ipynb").cells
+    assert cells[0].cell_type == "markdown"
+    for name in ("MODEL_PATH", "gpt2-medium355M-sft-standalone.pth",
+                 "gpt2-small124M-sft-standalone.pth", "--model 124M", "--run_name NAME",
+                 "gpt2-medium355M-sft-NAME.pth", "--keep_best",
+                 "gpt2-medium355M-sft-standalone-best.pth"):
+        assert name in cells[0].source, name
+    first_code = code_cells(read("load-finetuned-model.ipynb"))[0].source
+    assert first_code.splitlines()[-1] == CHOICE_LINE
+    assert first_code.count("MODEL_PATH") == 1 and "CH07_MODEL" in first_code
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
