@@ -497,15 +497,15 @@ def parse_rubric_score(reply):
 # How the judge is asked (--prompt) and what its answer means. `scale_note` is added to the
 # average's line; the chapter's prompt keeps the chapter's output. `max_tokens` caps a reply:
 # room for "I'd rate it 85 out of 100." and more, or for the rubric's feedback and score line.
-PromptStyle = namedtuple("PromptStyle", "build parse low high scale_note bins max_tokens")
-PROMPT_STYLES = {
-    "score": PromptStyle(judge_prompt, parse_score, 0, 100, "", range(0, 105, 5), 64),
-    "rubric": PromptStyle(rubric_prompt, parse_rubric_score, 1, 5, " on a 1-5 scale",
+JudgePrompt = namedtuple("JudgePrompt", "build parse low high scale_note bins max_tokens")
+JUDGE_PROMPTS = {
+    "score": JudgePrompt(judge_prompt, parse_score, 0, 100, "", range(0, 105, 5), 64),
+    "rubric": JudgePrompt(rubric_prompt, parse_rubric_score, 1, 5, " on a 1-5 scale",
                           [x - 0.5 for x in range(1, 7)], 256),
 }
 
 
-def entry_prompts(json_data, json_key, style=PROMPT_STYLES["score"]):
+def entry_prompts(json_data, json_key, style=JUDGE_PROMPTS["score"]):
     """The judge's prompt for each entry; None where the response is empty (it gets the
     lowest score)."""
     return [style.build(entry, json_key) if entry[json_key].strip() else None
@@ -555,7 +555,7 @@ class ScoreStore:
         """The saved record of `judge` answering exactly `prompt`, whatever its score, or None."""
         return self.records.get((judge, prompt_sha256(prompt)))
 
-    def find(self, judge, prompt, style=PROMPT_STYLES["score"]):
+    def find(self, judge, prompt, style=JUDGE_PROMPTS["score"]):
         """The saved record of `judge` answering exactly `prompt`, or None. A score outside the
         scale of `style`, which only an edited file holds, counts as none, so it is asked again."""
         record = self.saved(judge, prompt)
@@ -586,7 +586,7 @@ def cancel(futures):
 
 
 def score_prompts(prompts, entries, judge, ask, workers=1, store=None,
-                  style=PROMPT_STYLES["score"]):
+                  style=JUDGE_PROMPTS["score"]):
     """Return the score for each prompt (built from the entry of `entries` at the same place):
     None where the reply held no score, the lowest score (0, or 1 on the rubric's scale) for a
     None prompt (an empty response, not asked).
@@ -651,13 +651,13 @@ def score_prompts(prompts, entries, judge, ask, workers=1, store=None,
 
 
 def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, workers=1,
-                          store=None, backend="ollama", prompt_style="score", **query_options):
+                          store=None, backend="ollama", prompt="score", **query_options):
     """Score every entry's `json_key` response with the judge and return the scores, in entry
     order (the book's function). Replies that are not scores are reported and left out.
-    `prompt_style` is "score" (the chapter's 0-100 prompt) or "rubric" (1-5); `store` (a
-    ScoreStore) reuses and keeps this judge's replies; `query_options` go to query_model
-    (timeout, retries, backoff, max_tokens: the prompt style's cap unless given)."""
-    style = PROMPT_STYLES[prompt_style]
+    `prompt` names one of JUDGE_PROMPTS: "score" (the chapter's 0-100 prompt) or "rubric"
+    (1-5); `store` (a ScoreStore) reuses and keeps this judge's replies; `query_options` go to
+    query_model (timeout, retries, backoff, max_tokens: the prompt's cap unless given)."""
+    style = JUDGE_PROMPTS[prompt]
     ask = partial(query_model, model=model, url=url, backend=backend,
                   **{"max_tokens": style.max_tokens, **query_options})
     scores = score_prompts(entry_prompts(json_data, json_key, style), json_data,
@@ -681,7 +681,7 @@ def bootstrap_interval(values, resamples=10_000, seed=123):
     return float(low), float(high)
 
 
-def count_lines(scores, num_entries, empty=0, style=PROMPT_STYLES["score"]):
+def count_lines(scores, num_entries, empty=0, style=JUDGE_PROMPTS["score"]):
     """How many replies counted, and how many empty responses got the lowest score unasked."""
     lines = [f"Number of scores: {len(scores)} of {num_entries}"]
     if empty:
@@ -690,7 +690,7 @@ def count_lines(scores, num_entries, empty=0, style=PROMPT_STYLES["score"]):
     return lines
 
 
-def summarize(scores, num_entries, style=PROMPT_STYLES["score"], empty=0):
+def summarize(scores, num_entries, style=JUDGE_PROMPTS["score"], empty=0):
     """The summary lines: how many replies counted (and empty responses), mean (with the scale
     named when it is the rubric's), median, spread, 95% interval."""
     lines = count_lines(scores, num_entries, empty, style)
@@ -760,7 +760,7 @@ def difference_line(label, base_label, differences):
             f"(95% bootstrap interval [{low:.2f}, {high:.2f}]) over {len(differences)} {noun}")
 
 
-def comparison_lines(header, runs, scores_per_run, style=PROMPT_STYLES["score"]):
+def comparison_lines(header, runs, scores_per_run, style=JUDGE_PROMPTS["score"]):
     """The closing table: scores and average per run (the rubric's scale named in its
     heading), then each run's paired difference to the first."""
     width = max(len(header), *(len(run.label) for run in runs))
@@ -777,7 +777,7 @@ def comparison_lines(header, runs, scores_per_run, style=PROMPT_STYLES["score"])
     return lines
 
 
-def plot_scores(labeled_scores, path, style=PROMPT_STYLES["score"]):
+def plot_scores(labeled_scores, path, style=JUDGE_PROMPTS["score"]):
     """Save one histogram per (label, scores), stacked, to `path` (format from its extension),
     with the bins of the prompt style's scale (5 points wide, or one bar per rubric score).
 
@@ -818,7 +818,7 @@ def build_parser():
                              f"openai: {OPENAI_URL})")
     parser.add_argument("--backend", default="ollama", choices=["ollama", "openai"],
                         help="ollama, or openai for any OpenAI-compatible server")
-    parser.add_argument("--prompt", default="score", choices=list(PROMPT_STYLES),
+    parser.add_argument("--prompt", default="score", choices=list(JUDGE_PROMPTS),
                         help="score: the chapter's prompt, 0-100 (default); rubric: a 1-5 "
                              "rubric, with feedback before the score")
     parser.add_argument("--json_key", default=["model_response"], nargs="+",
@@ -835,8 +835,8 @@ def build_parser():
     parser.add_argument("--max_reply_tokens", type=int, default=None,
                         help="the most tokens the judge may write per reply: Ollama's "
                              "num_predict, or max_tokens with --backend openai (default: "
-                             f"{PROMPT_STYLES['score'].max_tokens} with --prompt score, "
-                             f"{PROMPT_STYLES['rubric'].max_tokens} with --prompt rubric)")
+                             f"{JUDGE_PROMPTS['score'].max_tokens} with --prompt score, "
+                             f"{JUDGE_PROMPTS['rubric'].max_tokens} with --prompt rubric)")
     parser.add_argument("--workers", type=int, default=1,
                         help="requests in flight at once (default: 1)")
     parser.add_argument("--output", default=None,
@@ -956,7 +956,19 @@ def load_runs(args):
         for key in args.json_key:
             runs.append(Run(file_path if len(args.file_path) > 1 else key, entries, key,
                             store_path))
-    return runs
+    return label_by_run_name(runs)
+
+
+RESPONSES_FILE = re.compile(r"instruction-data-with-response-(.+)\.json")  # --run_name's
+
+
+def label_by_run_name(runs):
+    """Label runs of several responses files of the finetuning script by their --run_name
+    ("standalone", "cosine") instead of their paths, when those names tell them apart."""
+    names = [RESPONSES_FILE.fullmatch(os.path.basename(run.label)) for run in runs]
+    if len(runs) < 2 or not all(names) or len({m.group(1) for m in names}) < len(runs):
+        return runs
+    return [run._replace(label=m.group(1)) for run, m in zip(runs, names, strict=True)]
 
 
 def warn_long_prompts(prompts):
@@ -971,7 +983,7 @@ def warn_long_prompts(prompts):
               file=sys.stderr)
 
 
-def unanswered(prompts, store, judge, style=PROMPT_STYLES["score"]):
+def unanswered(prompts, store, judge, style=JUDGE_PROMPTS["score"]):
     """How many of `prompts` have no saved reply of `judge` yet (None, an empty response, is
     never asked)."""
     return sum(p is not None and store.find(judge, p, style) is None for p in prompts)
@@ -1070,7 +1082,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args)
     url = chat_url(judge_address(args), args.backend)
-    style = PROMPT_STYLES[args.prompt]
+    style = JUDGE_PROMPTS[args.prompt]
     runs = load_runs(args)
     check_outputs(args, runs)
     stores = {path: ScoreStore(path) for path in dict.fromkeys(run.store_path for run in runs)}
@@ -1099,7 +1111,8 @@ def main(argv=None):
         warned |= report_run(run, prompts, scores, store.path, style)
         scores_per_run.append(scores)
     if len(runs) > 1:
-        header = "File" if len(args.file_path) > 1 else "Key"
+        header = "Key" if len(args.file_path) == 1 else (
+            "File" if runs[0].label in args.file_path else "Run")
         print("\n".join(comparison_lines(header, runs, scores_per_run, style)))
     if args.write_scores:
         replies_per_run = [saved_replies(prompts, stores[run.store_path], judge, style)

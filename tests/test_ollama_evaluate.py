@@ -422,6 +422,21 @@ def test_comparing_two_files(tmp_path, judge, capsys, monkeypatch):
     assert low < 25 < high
 
 
+def test_two_named_runs_are_compared_by_their_run_names(tmp_path, judge, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = ("instruction-data-with-response-standalone.json",
+                     "instruction-data-with-response-cosine.json")
+    write(tmp_path, [entry("good", 0), entry("bad", 1)], first)  # scores 90, 15
+    write(tmp_path, [entry("good", 0), entry("good", 1)], second)  # scores 90, 90
+    oe.main(["--file_path", first, second, "--url", judge.url])
+    out = capsys.readouterr().out.splitlines()
+    assert "--- standalone ---" in out and "--- cosine ---" in out
+    assert out[-4:-1] == ["Run         Scores        Average",
+                          "standalone  2 of 2        52.50",
+                          "cosine      2 of 2        90.00"]
+    assert out[-1].startswith("Difference cosine - standalone: +37.50 ")
+
+
 def test_equal_differences_collapse_the_interval(tmp_path, judge, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path, [entry("good", 0), entry("good", 1)], "a.json")
@@ -849,7 +864,7 @@ def test_rubric_scores_compare_across_files(tmp_path, judge, capsys, monkeypatch
 
 def test_rubric_book_function_gives_the_lowest_score_to_an_empty_response(judge):
     assert oe.generate_model_scores(RUBRIC_ENTRIES[:4], "model_response", url=judge.url,
-                                    prompt_style="rubric") == [5, 3, 1, 1]
+                                    prompt="rubric") == [5, 3, 1, 1]
     assert len(judge.prompts) == 3
 
 
@@ -858,7 +873,7 @@ def test_rubric_histogram_has_one_bar_per_score(tmp_path, monkeypatch):
     monkeypatch.setattr("matplotlib.axes.Axes.hist",
                         lambda ax, scores, bins, **kwargs: drawn.append((scores, list(bins))))
     oe.plot_scores([(None, [5, 3, 1])], str(tmp_path / "scores.png"),
-                   oe.PROMPT_STYLES["rubric"])
+                   oe.JUDGE_PROMPTS["rubric"])
     assert drawn == [([5, 3, 1], [0.5, 1.5, 2.5, 3.5, 4.5, 5.5])]
     assert (tmp_path / "scores.png").read_bytes().startswith(b"\x89PNG")
 
@@ -907,7 +922,7 @@ def test_each_request_caps_the_reply_length(tmp_path, judge, capsys, flags, cap)
 def test_the_book_function_caps_replies_by_prompt_style(judge):
     oe.generate_model_scores([entry("good")], "model_response", url=judge.url)
     oe.generate_model_scores([entry("good")], "model_response", url=judge.url,
-                             prompt_style="rubric")
+                             prompt="rubric")
     oe.generate_model_scores([entry("good")], "model_response", url=judge.url, max_tokens=5)
     assert [body["options"]["num_predict"] for body in judge.bodies] == [64, 256, 5]
 
