@@ -537,7 +537,8 @@ def test_early_stopping_ends_after_k_evaluations_without_a_new_best(early_stoppe
 
 def test_the_best_weights_are_those_of_a_run_that_ends_at_the_best_step(early_stopped):
     """The same run with --epochs at the best step (one step an epoch) ends with the weights
-    that --keep_best kept; they load into the book's GPTModel, and chat.py answers with them."""
+    that --keep_best kept; they load into the book's GPTModel, chat.py answers with them, and
+    both exports take them."""
     folder, flags, _ = early_stopped
     rows = metrics_rows(folder / "metrics-es.csv")
     best = min(range(len(rows)), key=lambda i: rows[i]["val_loss"])
@@ -554,9 +555,13 @@ def test_the_best_weights_are_those_of_a_run_that_ends_at_the_best_step(early_st
                                                           "emb_dim", "n_heads", "n_layers",
                                                           "drop_rate", "qkv_bias")}
     BookGPTModel(book_cfg).load_state_dict(kept)  # strict
-    chat = run_any_script("chat.py", str(folder / "Smalltestmodel-sft-es-best.pth"),
-                          "--prompt", "Name a fruit.", "--max_new_tokens", "3", cwd=folder)
+    best = str(folder / "Smalltestmodel-sft-es-best.pth")
+    chat = run_any_script("chat.py", best, "--prompt", "Name a fruit.", "--max_new_tokens", "3",
+                          cwd=folder)
     assert chat.returncode == 0, chat.stderr
+    for script in ("export_hf.py", "export_gguf.py"):
+        export = run_any_script(script, best, str(folder / script[:-3]), cwd=folder)
+        assert export.returncode == 0, export.stderr
 
 
 def test_resuming_an_early_stopped_run_writes_its_outputs_without_training(early_stopped):
