@@ -224,8 +224,3 @@ def test_lora_alpha_of_the_json_wins(tmp_path):
     loaded, info, _ = finetuned_model.load_finetuned_model(path, lora_alpha=100)
     assert lora.lora_config(loaded) == {"rank": 2, "alpha": 3.5}
     assert same_logits(loaded, model)
-
-
-def test_lora_rank_reads_the_width_of_the_a_matrices():
-    assert lora.lora_rank(lora_model(rank=3, alpha=1).state_dict()) == 3
-    assert lora.lora_rank(GPTModel(CONFIG).state_dict()) is None

@@ -1,5 +1,5 @@
-"""The reader's own data: JSON Lines beside the book's JSON list, entries without `input`, and
-the one-line refusals of data and flags that cannot be used."""
+"""instruction_data.py: the reader's own data (JSON Lines beside the book's JSON list, entries
+without `input`), the prompt styles, and the one-line refusals of data that cannot be used."""
 
 import json
 from functools import partial
