@@ -4,6 +4,9 @@ alpha is unknown. Each is one DataError naming the file (and the config key), ra
 model is built."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ import lora
 from previous_chapters import GPTModel
 from script_utils import DataError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ft.TEST_MODE_CONFIG  # 12-dim, 2 heads, 1 layer, 120 positions
 
 
@@ -224,3 +228,14 @@ def test_lora_alpha_of_the_json_wins(tmp_path):
     loaded, info, _ = finetuned_model.load_finetuned_model(path, lora_alpha=100)
     assert lora.lora_config(loaded) == {"rank": 2, "alpha": 3.5}
     assert same_logits(loaded, model)
+
+
+@pytest.mark.parametrize("module", ["finetuned_model", "chat", "export_hf", "export_gguf"])
+def test_loading_a_model_imports_no_training_code(module):
+    """Loading and using a finetuned model needs the saved-model format, not the chapter
+    script, its training extras or torchrun's code."""
+    code = (f"import sys, {module}; print(sorted(m for m in sys.modules if m in "
+            "('gpt_instruction_finetuning', 'training_extras', 'exercise_experiments')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout == "[]\n"
