@@ -68,9 +68,12 @@ def add_training_flags(parser):
                         help=f"evaluate every this many steps (default: {DEFAULT_EVAL_FREQ}; 1 "
                              "with --test_mode, so that its curve has a point per step)")
     parser.add_argument("--eval_iter", type=int, default=5, help="batches per loss estimate")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="bf16 computes the losses and the answers in bfloat16 autocast, "
-                             "for GPUs with bf16 units (Ampere or newer)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp16"],
+                        help="fp32: exact float32; tf32: float32 weights, TF32 matrix products "
+                             "(NVIDIA GPUs from Ampere on); bf16: bfloat16 autocast for the "
+                             "losses and the answers (GPUs with bf16 units, Ampere or newer); "
+                             "fp16: float16 autocast with a gradient scaler, for GPUs without "
+                             "bf16 (T4, V100)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the training steps with torch.compile (CUDA with "
                              "Triton; the first steps wait while it compiles)")
@@ -113,7 +116,9 @@ def add_run_flags(parser):
                              f"one folder keep their files (default: {DEFAULT_RUN_NAME}, the "
                              "book's; an exercise's own name in exercise_experiments.py)")
     parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu")
+                        help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps (from torch 2.9 "
+                             "on, as the book: older versions compute wrong losses there), "
+                             "then cpu")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint that an interrupted run left")
     parser.add_argument("--keep_checkpoint", action="store_true",

@@ -148,7 +148,9 @@ def load_finetuned_model(path, device="cpu", lora_alpha=None):
         raise DataError(f"{path}: not a GPT-2 state dict ({exc})") from None
     model = build_model(info["config"], state_dict, info_path, lora_alpha)
     try:
-        model.load_state_dict(state_dict)
+        # The loaded tensors become the weights, in float32 as copying them in would make them.
+        model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
+                               for name, tensor in state_dict.items()}, assign=True)
     except RuntimeError as exc:
         raise DataError(f"{path}: the weights do not fit the model described by {info_path} "
                         f"({str(exc).splitlines()[0]}); save them again") from None
@@ -160,7 +162,9 @@ def build_model(config, state_dict, info_path, lora_alpha=None):
     and alpha from the config's "lora" entry, else the rank from the weights and `lora_alpha`).
 
     Unmerged LoRA weights without a recorded alpha need `lora_alpha`: it scales every update
-    and is not in the weights, so a guess would silently change every answer.
+    and is not in the weights, so a guess would silently change every answer. The model is
+    built on the meta device, without memory and without drawing random weights that the
+    loaded ones replace at once: load `state_dict` into it with `assign=True`.
     """
     lora = config.get("lora")
     rank = lora_rank(state_dict)
@@ -173,9 +177,10 @@ def build_model(config, state_dict, info_path, lora_alpha=None):
                             "--lora_alpha (the book trains with 16) or put that JSON back")
         check_lora_alpha(lora_alpha, "lora_alpha")
         lora = {"rank": rank, "alpha": lora_alpha}
-    model = GPTModel(config)  # a config checked by check_config, or read off the weights
-    if lora:
-        replace_linear_with_lora(model, rank=lora["rank"], alpha=lora["alpha"])
+    with torch.device("meta"):
+        model = GPTModel(config)  # a config checked by check_config, or read off the weights
+        if lora:
+            replace_linear_with_lora(model, rank=lora["rank"], alpha=lora["alpha"])
     return model
 
 

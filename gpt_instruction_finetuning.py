@@ -16,6 +16,7 @@ full disk or a diverging loss) in training_extras.py; loading a saved model back
 finetuned_model.py.
 """
 
+import gc
 import math
 import os
 import re
@@ -200,13 +201,16 @@ def custom_collate_fn(batch, pad_token_id=END_OF_TEXT, ignore_index=IGNORE_INDEX
 #####################################
 
 
-def build_loaders(train_data, val_data, tokenizer, device, batch_size, experiment,
-                  rank=0, world_size=1):
+def build_loaders(train_data, val_data, tokenizer, batch_size, experiment, rank=0,
+                  world_size=1):
     """Training (shuffled, last partial batch dropped) and validation (in order) loaders.
 
-    Under torchrun `batch_size` is the global batch: each rank loads its share.
+    Under torchrun `batch_size` is the global batch: each rank loads its share. The batches stay
+    on the CPU: the training steps prepare their own copy for the device
+    (`accelerator.prepare_batch`, copied without making a GPU wait), and the book's loss
+    functions move theirs.
     """
-    collate = partial(experiment.collate_fn, device=device,
+    collate = partial(experiment.collate_fn, device="cpu",
                       allowed_max_length=experiment.allowed_max_length)
     train_dataset = experiment.dataset_class(train_data, tokenizer, experiment.prompt_style)
     warn_if_truncated(train_dataset, experiment.allowed_max_length, "training")
@@ -256,8 +260,10 @@ def load_model(args, config, device):
 
 def print_initial_losses(model, train_loader, val_loader, device, ctx=None):
     """The chapter's check before training: the loss on 5 training and 5 validation batches,
-    computed under `ctx` (the run's precision) when given."""
+    computed under `ctx` (the run's precision) when given, batch by batch as the book does, on
+    the eager model (a compiled model's graphs are the training steps')."""
     print("Initial losses")
+    model = accelerator.eager_model(model)
     with torch.no_grad(), ctx or nullcontext():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
@@ -325,6 +331,7 @@ def train(args, setup, models, loaders, files, schedule, describe, start_context
     if not files.resuming:
         print_initial_losses(model, train_loader, val_loader, setup.device, setup.ctx)
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
+    optimizer = accelerator.with_precision(optimizer, args.precision, setup.device)  # fp16
     progress = files.restore(raw_model, optimizer)  # None when starting over
     best = None
     if args.keep_best or args.early_stopping:
@@ -335,7 +342,8 @@ def train(args, setup, models, loaders, files, schedule, describe, start_context
                                    micro_batch_size=args.micro_batch_size,
                                    metrics_path=files.paths["metrics"],
                                    save_on_interrupt=not files.keeps_earlier,
-                                   schedule=schedule, best=best)
+                                   schedule=schedule, best=best,
+                                   loss_scaler=optimizer if args.precision == "fp16" else None)
     return finetune(model, train_loader, val_loader, optimizer, setup.device, args,
                     start_context, tokenizer, hooks)
 
@@ -353,7 +361,11 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
     is the same as generating for its prompt alone. `batch_size` None sizes the batches to the
     device (`default_gen_batch_size`). An `answer_log` (`extras.AnswerLog`) keeps the answers
     after each batch and supplies those an interrupted run kept, which are not generated again.
+    Nothing of training stays in memory meanwhile: the gradients are freed, and so is what
+    training left unreferenced (the optimizer's moments, held in reference cycles).
     """
+    model.zero_grad(set_to_none=True)
+    gc.collect()
     prompts = [prompt_style.format_input(entry) for entry in test_data]
     encoded = [text_to_token_ids(p, tokenizer)[0].tolist() for p in prompts]
     batch_size = batch_size or accelerator.default_gen_batch_size(
@@ -513,7 +525,7 @@ def run(args, experiment=None):
         settings = extras.run_settings(args, experiment, model_name, train_data)
         files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)  # before the model is built
         torch.manual_seed(args.seed)
-        train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, setup.device,
+        train_loader, val_loader = build_loaders(train_data, val_data, tokenizer,
                                                  experiment.batch_size, experiment, setup.rank,
                                                  setup.world_size)
         extras.check_counted_tokens(train_loader, args.data_path or experiment.data_file)

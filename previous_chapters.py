@@ -77,13 +77,26 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
 #####################################
 
 
-def _fill_missing_mask(module, state_dict, prefix, *args):
-    """Let a state dict without the causal mask load with `strict=True`.
+def causal_mask(context_length):
+    """(context_length, context_length) bool, True above the diagonal: the keys after each query.
+
+    Always built on the CPU (also while a model is built on the meta device), as loading fills
+    it in for files that do not hold it.
+    """
+    ones = torch.ones(context_length, context_length, dtype=torch.bool, device="cpu")
+    return torch.triu(ones, 1)
+
+
+def _load_mask(module, state_dict, prefix, *args):
+    """Let every state dict load its causal mask with `strict=True`, also with `assign=True`.
 
     The book's attention saves its mask in the state dict, and so does this one, so `.pth` files
-    load both ways; files written before the mask was saved get the module's own mask.
+    load both ways: the book's 1.0/0.0 floats become booleans, and files written before the mask
+    was saved get a new causal mask (a model built on the meta device has none of its own).
     """
-    state_dict.setdefault(prefix + "mask", module.mask)
+    saved = state_dict.get(prefix + "mask")
+    state_dict[prefix + "mask"] = (causal_mask(module.mask.shape[0]) if saved is None
+                                   else saved.bool())
 
 
 class MultiHeadAttention(nn.Module):
@@ -112,7 +125,7 @@ class MultiHeadAttention(nn.Module):
         # dict as the book's is (its 1.0/0.0 floats load into these booleans and back).
         causal = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
         self.register_buffer("mask", causal)
-        self.register_load_state_dict_pre_hook(_fill_missing_mask)
+        self.register_load_state_dict_pre_hook(_load_mask)
 
     def _split_heads(self, x):
         """(b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)."""
@@ -123,10 +136,13 @@ class MultiHeadAttention(nn.Module):
         """Attend over `x` (b, num_tokens, d_in) and return (b, num_tokens, d_out).
 
         `layer_cache` (a `LayerKVCache`) holds the keys and values of earlier positions; the new
-        ones are appended to it. `blocked` (bool, broadcastable to (b, 1, num_tokens, num_keys))
-        marks the keys each query must not see; None means plain causal attention starting at
-        position 0, the training case. `segments` (token counts summing to num_tokens) says that
-        `x` holds several sequences one after another: each one attends causally to itself only.
+        ones are appended to it. `blocked` (broadcastable to (b, 1, num_tokens, num_keys)) marks
+        the keys each query must not see: bool, True where blocked, or (fused attention only)
+        the same as a float mask added to the scores, -inf where blocked and 0 elsewhere, which
+        `GPTModel.features` builds once for all layers. None means plain causal attention
+        starting at position 0, the training case. `segments` (token counts summing to
+        num_tokens) says that `x` holds several sequences one after another: each one attends
+        causally to itself only.
         """
         b, num_tokens, _ = x.shape
         queries = self._split_heads(self.W_query(x))  # (b, num_heads, num_tokens, head_dim)
@@ -148,9 +164,10 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, queries, keys, values, blocked):
         """Weighted sum of `values` for each query: (b, num_heads, num_queries, head_dim)."""
         if self.fused:
+            if blocked is not None and blocked.dtype == torch.bool:
+                blocked = ~blocked  # scaled_dot_product_attention's masks say which keys count
             return F.scaled_dot_product_attention(
-                queries, keys, values,
-                attn_mask=None if blocked is None else ~blocked,
+                queries, keys, values, attn_mask=blocked,
                 dropout_p=self.dropout.p if self.training else 0.0,
                 is_causal=blocked is None,
             )
@@ -355,10 +372,23 @@ class GPTModel(nn.Module):
             positions = (positions[None, :] - pad_lengths[:, None]).clamp(min=0)  # (b, num_tokens)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (b, num_tokens, emb_dim)
         x = self.drop_emb(x)
-        blocked = _blocked_keys(num_tokens, start, pad_lengths, in_idx.device)
+        blocked = self._attention_mask(_blocked_keys(num_tokens, start, pad_lengths,
+                                                     in_idx.device))
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if cache is None else cache.layers[i], blocked)
         return self.final_norm(x)
+
+    def _attention_mask(self, blocked):
+        """`blocked` (bool) as the layers take it: for fused attention, once for all layers, the
+        float mask that `scaled_dot_product_attention` would otherwise make from it in every
+        layer (0 where a key counts, -inf where blocked), in the dtype the queries have."""
+        if blocked is None or not self.trf_blocks[0].att.fused:
+            return blocked
+        device_type = blocked.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else self.tok_emb.weight.dtype)
+        return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(
+            blocked, -torch.inf)  # (1 or b, 1, num_tokens, num_keys)
 
     def packed_features(self, in_idx, lengths):
         """Final-normed hidden states (sum(lengths), emb_dim) of the first `lengths[i]` tokens of
@@ -381,53 +411,35 @@ class GPTModel(nn.Module):
             x = block(x, segments=segments)
         return self.final_norm(x[0])  # (packed, emb_dim)
 
-    # Device types on which `forward(keep=...)` packs rows. On a CPU, skipping the padding saves
-    # its compute; on a GPU one call over whole rows beats a Python loop of calls per row.
+    # Device types on which `forward(keep=mask)` packs rows. On a CPU, skipping the padding
+    # saves its compute; on a GPU one call over whole rows beats a Python loop of calls per row.
     pack_on = ("cpu",)
-    # On other devices rows are padded at the end to a multiple of this many tokens, so a run
-    # meets a few shapes only (compiled graphs and attention kernels are made once per shape).
-    length_multiple = 16
 
     def forward(self, in_idx, cache=None, pad_lengths=None, keep=None):
         """Return next-token logits (b, num_tokens, vocab_size) for token ids (b, num_tokens).
 
-        `keep` (bool, (b, num_tokens)) returns logits only where it is True, as
-        (num_kept, vocab_size) in row-major order: that is all a loss with ignored targets
-        needs, and the output head, the largest matrix, runs only on kept positions. On the
-        device types in `pack_on` the positions after a row's last kept one are not computed
-        at all (see `packed_features`); elsewhere whole rows are computed in one pass.
+        `keep` returns logits only at some positions, as (num_kept, vocab_size) in row-major
+        order: that is all a loss with ignored targets needs, and the output head, the largest
+        matrix, runs only there. It is either a bool mask (b, num_tokens), True where a target
+        counts, or the indices (num_kept,) of those positions among the b * num_tokens ones, as
+        `accelerator.prepare_batch` builds them on the CPU for a GPU: with indices, the device
+        never waits for the host to count the kept positions, and torch.compile sees no
+        data-dependent shape. With a mask, on the device types in `pack_on` the positions after
+        a row's last kept one are not computed at all (see `packed_features`); elsewhere whole
+        rows are computed in one pass.
         """
         if keep is None:
             return self.out_head(self.features(in_idx, cache, pad_lengths))
         if cache is not None or pad_lengths is not None:
             raise ValueError("keep= computes whole rows from position 0, without cache or padding")
+        if keep.dtype != torch.bool:
+            hidden = self.features(in_idx).flatten(0, 1)  # (b * num_tokens, emb_dim)
+            return self.out_head(hidden.index_select(0, keep))  # (num_kept, vocab_size)
         if in_idx.device.type in self.pack_on:
             lengths = needed_lengths(keep)  # (b,)
             hidden = self.packed_features(in_idx, lengths)  # (packed, emb_dim)
-            return kept_logits(self.out_head, hidden, pack_rows(keep, lengths))
-        num_tokens = in_idx.shape[1]
-        padded = pad_to_multiple(in_idx, self.length_multiple, self.pos_emb.num_embeddings)
-        hidden = self.features(padded)[:, :num_tokens]  # (b, num_tokens, emb_dim)
-        return kept_logits(self.out_head, hidden, keep)
-
-
-def pad_to_multiple(in_idx, multiple, context_length):
-    """`in_idx` (b, num_tokens) with token 0 appended to each row up to a multiple of `multiple`
-    tokens (at most `context_length`). Under causal attention no position sees the ones after
-    it, so the original positions compute the same as without the padding."""
-    num_tokens = in_idx.shape[1]
-    target = min(-(-num_tokens // multiple) * multiple, max(context_length, num_tokens))
-    return F.pad(in_idx, (0, target - num_tokens))  # (b, target)
-
-
-@torch.compiler.disable
-def kept_logits(out_head, hidden, keep):
-    """Logits (num_kept, vocab_size) of the positions where `keep` is True.
-
-    The number of kept positions differs from batch to batch, so under torch.compile this step
-    runs eagerly: the compiled part before it then sees a few fixed shapes only.
-    """
-    return out_head(hidden[keep])
+            return self.out_head(hidden[pack_rows(keep, lengths)])
+        return self.out_head(self.features(in_idx)[keep])  # (num_kept, vocab_size)
 
 
 def needed_lengths(keep):
@@ -519,7 +531,22 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     """
     new_tokens = list(_generation_steps(model, idx, max_new_tokens, context_size, temperature,
                                         top_k, eos_id, use_cache, pad_lengths))  # each (b, 1)
-    return torch.cat([idx, *new_tokens], dim=1)  # (b, num_tokens + len(new_tokens))
+    if not new_tokens:
+        return idx
+    tokens = torch.cat(new_tokens, dim=1)  # (b, steps)
+    if eos_id is not None:
+        tokens = _until_all_ended(tokens, eos_id)
+    return torch.cat([idx, tokens], dim=1)  # (b, num_tokens + new ones)
+
+
+def _until_all_ended(tokens, eos_id):
+    """`tokens` (b, steps) without the steps from the first one at which every row has produced
+    `eos_id` on: the steps that `_generation_steps` takes past the end before it checks."""
+    ended = (tokens == eos_id).cummax(dim=1).values  # (b, steps): the row has ended by then
+    all_ended = ended.all(dim=0)  # (steps,)
+    if not all_ended.any():
+        return tokens
+    return tokens[:, :int(all_ended.int().argmax())]
 
 
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
@@ -534,7 +561,13 @@ def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, t
         raise ValueError(f"generate_stream continues one prompt, got a batch of {idx.shape[0]}")
     for idx_next in _generation_steps(model, idx, max_new_tokens, context_size, temperature,
                                       top_k, eos_id, use_cache=True, pad_lengths=None):
-        yield idx_next.item()
+        token = idx_next.item()
+        if token == eos_id:
+            return
+        yield token
+
+
+END_CHECK_EVERY = 8  # greedy generation steps between two checks that every row has ended
 
 
 @torch.no_grad()
@@ -542,12 +575,17 @@ def _generation_steps(model, idx, max_new_tokens, context_size, temperature, top
                       use_cache, pad_lengths):
     """Yield the token ids (b, 1) that each generation step of `generate` appends to `idx`.
 
-    Under `torch.no_grad()` as a decorator, gradients are off only while a step runs, not in the
+    Rows that have produced `eos_id` get `eos_id` from then on, and the steps go on a little
+    past the end, which callers cut off: asking whether every row has ended makes the host wait
+    for the device, so greedy generation asks only every `END_CHECK_EVERY` steps. Sampling asks
+    at every step, so that it draws the same random numbers as the book's loop. Under
+    `torch.no_grad()` as a decorator, gradients are off only while a step runs, not in the
     caller's code between two steps.
     """
     cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
+    check_every = 1 if temperature > 0.0 else END_CHECK_EVERY
+    for step in range(max_new_tokens):
         if use_cache and idx.shape[1] <= context_size and hasattr(model, "features"):
             if cache is None:
                 capacity = min(context_size, idx.shape[1] + max_new_tokens)
@@ -562,10 +600,10 @@ def _generation_steps(model, idx, max_new_tokens, context_size, temperature, top
         if eos_id is not None:
             idx_next = idx_next.masked_fill(finished[:, None], eos_id)
             finished |= idx_next[:, 0] == eos_id
-            if finished.all():
-                return
         idx = torch.cat((idx, idx_next), dim=1)  # (b, num_tokens + 1)
         yield idx_next
+        if eos_id is not None and (step + 1) % check_every == 0 and finished.all():
+            return
 
 
 def generate_batch(model, prompts, max_new_tokens, context_size, eos_id=None, pad_token_id=50256):

@@ -11,9 +11,9 @@
   before any checkpoint or metrics row holds it.
 - A progress bar over the training steps, with an ETA, on stderr; lines printed meanwhile
   appear whole above it.
-- Precision, micro-batches and the evaluation in one pass: the loss computed under the run's
-  autocast context, a batch computed a few rows at a time with gradients accumulated, and the
-  chapter's 5 + 5 evaluation batches in one forward pass where rows are not packed (GPUs).
+- Precision, micro-batches and the GPU path: the loss computed under the run's autocast
+  context (scaled for fp16), a batch computed a few rows at a time with gradients accumulated,
+  and where rows are not packed (GPUs) each batch prepared on the CPU for the device.
 - A metrics log: one CSV row per evaluation, appended as training goes.
 - The run's set-up and bookkeeping: the bf16 autocast context, the attention kernels and
   torch.compile for the training model, the size of generation batches, the settings a
@@ -51,9 +51,10 @@ from tqdm import tqdm
 from accelerator import (
     compiled_for_training,
     device_type,
-    evaluate_in_one_pass,
+    eager_model,
     pick_device,
     precision_context,
+    prepared_loss,
 )
 from finetuned_model import all_finite, first_line, read_pth, save_finetuned_model, save_pth
 from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
@@ -850,23 +851,35 @@ class FiniteWatch:
     bad step. Checked before a metrics row is logged and before a checkpoint is saved (with
     the weights themselves, which an update too large can overflow from finite gradients), so
     that neither ever holds a diverged step. Under torchrun every rank finds the same step.
+
+    With `skips_nonfinite` (fp16's gradient scaler) a step whose gradients are not finite was
+    skipped, not applied: the scaler lowers its scale and goes on, so such a step is a
+    divergence only as the last of more than `MAX_SKIPPED_STEPS` in a row.
     """
 
-    def __init__(self, device):
+    MAX_SKIPPED_STEPS = 16  # fp16's scale has come down from 2**16 to 1 by then
+
+    def __init__(self, device, skips_nonfinite=False):
         self.device = device
+        self.skips_nonfinite = skips_nonfinite
+        self.skipped_in_a_row = 0
         self.records = []
-        self.loss = self.counted = self.last_step = None
+        self.loss = self.counted = self.last_step = self.norm = None
 
     def note_loss(self, loss, counted):
         """The running step's loss (the whole batch's) and its count of counted targets."""
         self.loss, self.counted = loss.detach().clone(), counted
 
+    def note_gradients(self, model):
+        """The running step's gradient norm, taken before an evaluation frees the gradients."""
+        self.norm = gradient_norm(model)
+
     def record(self, step, model):
-        """Record the step just taken: its loss, and the norm of the gradients it applied."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        self.records.append((step, self.loss, torch.nn.utils.get_total_norm(grads),
-                             self.counted))
-        self.last_step = step
+        """Record the step just taken: its loss, and the norm of the gradients it applied (as
+        noted before they were freed, else as `model` holds them)."""
+        norm = gradient_norm(model) if self.norm is None else self.norm
+        self.records.append((step, self.loss, norm, self.counted))
+        self.last_step, self.norm = step, None
 
     def check(self, model=None):
         """Raise TrainingDiverged for the first bad step recorded since the last check; with
@@ -874,7 +887,13 @@ class FiniteWatch:
         records, self.records = self.records, []
         finite = torch.stack([torch.isfinite(loss) & torch.isfinite(norm)
                               for _, loss, norm, _ in records]).tolist() if records else []
-        bad = [record for record, ok in zip(records, finite, strict=True) if not ok]
+        bad = []
+        for record, ok in zip(records, finite, strict=True):
+            if self.skips_nonfinite:  # a run of skipped steps, and whether it is too long
+                self.skipped_in_a_row = 0 if ok else self.skipped_in_a_row + 1
+                ok = self.skipped_in_a_row <= self.MAX_SKIPPED_STEPS
+            if not ok:
+                bad.append(record)
         step = bad[0][0] if bad else None
         if step is None and model is not None and not all_finite(model.parameters()):
             step = self.last_step
@@ -891,9 +910,19 @@ class FiniteWatch:
                                          "target is masked)", empty_batch=True)
         if loss is None:
             raise TrainingDiverged(step, "the weights after it are not finite numbers")
+        if self.skips_nonfinite:
+            raise TrainingDiverged(step, f"it is the {self.MAX_SKIPPED_STEPS + 1}th step in a "
+                                         "row whose gradients are not finite numbers even at "
+                                         "fp16's lowest scales; use --precision bf16 or fp32")
         if not math.isfinite(loss.item()):
             raise TrainingDiverged(step, f"the loss is {loss.item()}")
         raise TrainingDiverged(step, f"the gradient norm is {norm.item()}")
+
+
+def gradient_norm(model):
+    """The total norm of `model`'s gradients (a tensor on their device, not waited for)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                          if p.grad is not None])
 
 
 class EarlyStopped(Exception):
@@ -953,6 +982,11 @@ class ChapterTraining(TrainingHooks):
     a resumed run finishes from.
 
     `ctx` (e.g. a bf16 autocast) is entered wherever the model computes a loss.
+    `loss_scaler` (fp16's `accelerator.ScaledOptimizer`, the optimizer of the loop) scales the
+    losses before their backward passes and unscales the gradients before they are clipped;
+    the steps it skips are not divergences (`FiniteWatch`). Where rows are computed whole (a
+    GPU), each batch's loss comes from `accelerator.prepare_batch`: padded to a few lengths,
+    the counted positions as indices, copied without making the device wait.
     `micro_batch_size` computes each batch that many rows at a time, accumulating gradients:
     the same update as the whole batch at once, with less memory. `metrics_path` receives one
     CSV row per evaluation; the rows are also kept in the progress, so a resumed run rewrites
@@ -962,7 +996,7 @@ class ChapterTraining(TrainingHooks):
 
     def __init__(self, num_epochs, device, save_checkpoint=None, resume_progress=None,
                  ctx=None, micro_batch_size=None, metrics_path=None, save_on_interrupt=True,
-                 schedule=None, best=None):
+                 schedule=None, best=None, loss_scaler=None):
         self.num_epochs = num_epochs
         self.schedule = schedule
         self.best = best
@@ -975,7 +1009,8 @@ class ChapterTraining(TrainingHooks):
         self.metrics_path = metrics_path if is_main_process() else None
         self.save_on_interrupt = save_on_interrupt
         self.distributed = is_distributed()
-        self.watch = FiniteWatch(device)
+        self.loss_scaler = loss_scaler
+        self.watch = FiniteWatch(device, skips_nonfinite=loss_scaler is not None)
         self.bar = None
 
     def __enter__(self):
@@ -1042,9 +1077,9 @@ class ChapterTraining(TrainingHooks):
         self.model = model
         if self.micro_batch_size is None and not self.distributed:
             with self.ctx:
-                loss = super().batch_loss(input_batch, target_batch, model, device)
+                loss = self.whole_batch_loss(input_batch, target_batch, model, device)
             self.watch.note_loss(loss, (target_batch != IGNORE_INDEX).sum())
-            return loss
+            return self.scaled(loss)
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
         counted = (target_batch != IGNORE_INDEX).sum()  # the whole batch's counted targets
         ranks = 1
@@ -1059,13 +1094,26 @@ class ChapterTraining(TrainingHooks):
                 with self.ctx:
                     loss_sum, _ = token_loss_sum(inputs, targets, model)
                 share = loss_sum * ranks / counted
-                share.backward()
+                self.scaled(share).backward()
             shares.append(share.detach())
         with self.ctx:
             loss_sum, _ = token_loss_sum(*parts[-1], model)
         loss = loss_sum * ranks / counted
         self.watch.note_loss(sum(shares, loss.detach()), counted)
-        return loss
+        return self.scaled(loss)
+
+    def whole_batch_loss(self, input_batch, target_batch, model, device):
+        """The book's `calc_loss_batch` where rows are packed (a CPU); elsewhere the same loss
+        from the batch as `accelerator.prepare_batch` prepares it on the CPU."""
+        eager = eager_model(model)
+        if device_type(device) in eager.pack_on:
+            return super().batch_loss(input_batch, target_batch, model, device)
+        return prepared_loss(input_batch, target_batch, model, device,
+                             eager.pos_emb.num_embeddings)
+
+    def scaled(self, loss):
+        """`loss` as it is backpropagated: times fp16's loss scale, or as it is."""
+        return loss if self.loss_scaler is None else self.loss_scaler.scale(loss)
 
     def batch_tokens(self, input_batch):
         if self.distributed:
@@ -1073,21 +1121,23 @@ class ChapterTraining(TrainingHooks):
         return super().batch_tokens(input_batch)
 
     def evaluate(self, model, train_loader, val_loader, device, eval_iter):
-        """The chapter's evaluation under `ctx`; where rows are not packed (GPUs), its batches
-        go through the model in one pass."""
+        """The chapter's evaluation under `ctx`, batch by batch as the book computes it, on the
+        eager model (a compiled model's graphs are the training steps'). The step's gradients
+        are freed first, their norm noted for `FiniteWatch`: the next step sets them anew."""
+        self.watch.note_gradients(model)
+        model.zero_grad(set_to_none=True)
         with self.ctx:
-            if device_type(device) in getattr(model, "module", model).pack_on:
-                train_loss, val_loss = super().evaluate(model, train_loader, val_loader,
-                                                        device, eval_iter)
-            else:
-                train_loss, val_loss = evaluate_in_one_pass(model, train_loader, val_loader,
-                                                            eval_iter)
+            train_loss, val_loss = super().evaluate(eager_model(model), train_loader, val_loader,
+                                                    device, eval_iter)
         if self.distributed:  # each rank's loader holds its own share of the training set
             train_loss = mean_across_ranks(train_loss, device)
         return train_loss, val_loss
 
     def before_update(self, model, optimizer, progress):
-        """Appendix D's learning rate for the step, and its clipping (`schedule`)."""
+        """Appendix D's learning rate for the step, and its clipping (`schedule`), of the
+        gradients as computed (fp16's are unscaled first)."""
+        if self.loss_scaler is not None:
+            self.loss_scaler.unscale()
         if self.schedule is None:
             self.lr = optimizer.param_groups[0]["lr"]
         else:

@@ -5,24 +5,36 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ["load", "initial losses", "training", "evaluation", "answers"]
 
 
-def test_gpu_benchmark_quick_prints_one_table_of_every_phase():
+def test_gpu_benchmark_quick_prints_one_table_of_every_phase_and_count():
     result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_gpu.py"),
                              "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("torch ")
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
-    assert rows[0] == ["GPT-2 124M, 1 epoch(s), 4 new tokens at most", "book", "fp32", "bf16"]
-    assert [row[0] for row in rows[2:]] == [
-        "load (s)", "initial losses (s)", "training (s)", "answers (s)", "whole job (s)",
-        "peak resident (GiB)", "median step (ms)", "initial losses"]
-    for row in rows[2:9]:
-        assert all(float(cell) > 0 for cell in row[1:]), row
-    for column in (1, 2, 3):  # the whole job is the sum of its phases (each rounded)
-        phases = sum(float(row[column]) for row in rows[2:6])
-        assert abs(float(rows[6][column]) - phases) < 0.03
-    book, fp32, bf16 = rows[9][1:]
-    assert book == fp32  # the same weights and batches give the book's numbers
-    assert bf16 != fp32 and abs(float(bf16.split(" / ")[0]) - float(fp32.split(" / ")[0])) < 0.1
+    assert rows[0] == ["GPT-2 2-layer, 1 epoch(s), 4 new tokens at most", "book", "fp32",
+                       "fp32+compile"]
+    table = {row[0]: row[1:] for row in rows[2:]}
+    assert list(table) == [
+        *(f"{phase} (s)" for phase in PHASES), "whole job (s)",
+        *(f"{phase}: peak resident (GiB)" for phase in PHASES), "median step (ms)",
+        "initial losses", "operations per step", "syncs per step", "compiled graphs",
+        "graph breaks", "CUDA graph recordings", "distinct step lengths"]
+    for phase in PHASES:
+        assert all(float(cell) > 0 for cell in table[f"{phase} (s)"]), phase
+        assert all(float(cell) > 0 for cell in table[f"{phase}: peak resident (GiB)"]), phase
+    for column in range(3):  # the whole job is the sum of its phases (each rounded)
+        phases = sum(float(table[f"{phase} (s)"][column]) for phase in PHASES)
+        assert abs(float(table["whole job (s)"][column]) - phases) < 0.03
+    book, fp32, compiled = table["initial losses"]
+    assert book == fp32 == compiled  # the same weights and batches give the book's numbers
+    # The GPU path: no waits in a step, one graph for every length, no break, no recording.
+    assert table["syncs per step"] == ["-", "0", "-"]
+    assert int(table["operations per step"][1]) > 0
+    assert table["compiled graphs"] == ["-", "0", "1"]
+    assert table["graph breaks"] == ["-", "0", "0"]
+    assert table["CUDA graph recordings"] == ["-", "0", "0"]
+    assert table["distinct step lengths"][1:] == ["2", "2"]

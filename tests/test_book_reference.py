@@ -285,7 +285,7 @@ def book_loaders(train_data, val_data, tokenizer, allowed_max_length=1024, batch
 
 def test_script_loaders_give_the_books_batches(chapter_data, tokenizer):
     train_data, _, val_data = ft.split_data(chapter_data)
-    ours = ft.build_loaders(train_data, val_data, tokenizer, "cpu", 8, ft.Experiment())
+    ours = ft.build_loaders(train_data, val_data, tokenizer, 8, ft.Experiment())
     book = book_loaders(train_data, val_data, tokenizer)
     for our_loader, book_loader in zip(ours, book, strict=True):
         torch.manual_seed(123)
@@ -348,7 +348,7 @@ def test_train_model_simple_gives_the_books_losses_and_tokens_seen(chapter_data,
     train_data, val_data = train_data[:12], val_data[:6]
     ours, book = twin_models(TRAIN_CONFIG)
     experiment = ft.Experiment(allowed_max_length=TRAIN_CONFIG["context_length"])
-    our_train, our_val = ft.build_loaders(train_data, val_data, tokenizer, "cpu", 4, experiment)
+    our_train, our_val = ft.build_loaders(train_data, val_data, tokenizer, 4, experiment)
     book_train, book_val = book_loaders(train_data, val_data, tokenizer, batch_size=4,
                                         allowed_max_length=TRAIN_CONFIG["context_length"])
     start_context = book_ch07.format_input(val_data[0])

@@ -1,5 +1,5 @@
-"""The training paths chosen per device, bf16, --compile, micro-batches and the one-pass
-evaluation: each gives the fp32 CPU path's numbers (run here on the CPU)."""
+"""The training paths chosen per device, the GPU path's prepared batches, bf16, --compile and
+micro-batches: each gives the fp32 CPU path's numbers (run here on the CPU)."""
 
 import copy
 import sys
@@ -14,16 +14,11 @@ from torch.utils.data import DataLoader
 import accelerator
 import gpt_instruction_finetuning as ft
 import training_extras as extras
-from accelerator import evaluate_in_one_pass, mean_batch_losses
+from accelerator import pad_to_multiple, prepare_batch, prepared_loss
+from appendix_d import LearningRateSchedule
 from instruction_data import DataError
-from previous_chapters import (
-    GPTModel,
-    calc_loss_batch,
-    evaluate_model,
-    pad_to_multiple,
-    train_model_simple,
-)
-from training_extras import ChapterTraining
+from previous_chapters import IGNORE_INDEX, GPTModel, calc_loss_batch, train_model_simple
+from training_extras import ChapterTraining, FiniteWatch, TrainingDiverged
 
 
 @pytest.fixture
@@ -70,56 +65,59 @@ def test_whole_rows_give_the_packed_losses_and_gradients(cfg, chapter_batches):
                                      packed)
 
 
-def test_whole_rows_are_padded_to_a_few_lengths(cfg):
+def test_rows_are_padded_to_a_few_lengths():
     inputs = torch.randint(0, 50257, (3, 61))
     assert pad_to_multiple(inputs, 16, 1024).shape == (3, 64)
     assert torch.equal(pad_to_multiple(inputs, 16, 1024)[:, :61], inputs)
     assert pad_to_multiple(inputs, 16, 62).shape == (3, 62)  # never past the context
     assert pad_to_multiple(inputs[:, :48], 16, 1024).shape == (3, 48)
-    model = whole_rows(GPTModel(cfg))
-    seen = []
-    model.features = mock.Mock(side_effect=lambda idx: seen.append(idx.shape[1])
-                               or torch.zeros(*idx.shape, cfg["emb_dim"]))
-    model(inputs, keep=torch.ones(3, 61, dtype=torch.bool))
-    assert seen == [64]
 
 
-def test_one_pass_evaluation_gives_the_books_losses_and_random_draws(cfg, chapter_batches):
+def test_prepared_batch_holds_the_counted_positions_as_indices():
+    inputs = torch.arange(1, 19).view(2, 9)
+    targets = torch.full((2, 9), IGNORE_INDEX)
+    targets[0, 2:5] = torch.tensor([7, 8, 9])
+    targets[1, 0] = 6
+    padded, kept, counted = prepare_batch(inputs, targets, "cpu", context_length=1024)
+    assert padded.shape == (2, 16) and torch.equal(padded[:, :9], inputs)
+    assert kept.tolist() == [2, 3, 4, 16]  # row 1 starts at 16 in the padded rows
+    assert counted.tolist() == [7, 8, 9, 6]
+    assert torch.equal(padded.flatten()[kept], inputs.flatten()[[2, 3, 4, 9]])
+
+
+def test_prepared_batches_give_the_books_losses_and_gradients(cfg, chapter_batches):
     torch.manual_seed(0)
-    model = whole_rows(GPTModel(cfg))
-    train_loader = DataLoader(chapter_batches, batch_size=None, shuffle=True)
-    val_loader = DataLoader(chapter_batches[:2], batch_size=None)
-    torch.manual_seed(5)
-    expected = evaluate_model(model, train_loader, val_loader, "cpu", eval_iter=5)
-    after_expected = torch.rand(3)
-    torch.manual_seed(5)
-    got = evaluate_in_one_pass(model, train_loader, val_loader, eval_iter=5)
-    assert torch.equal(torch.rand(3), after_expected)  # the same draws from the shuffle
-    assert got == pytest.approx(expected, abs=1e-5)
-    assert model.training  # back in training mode, as evaluate_model leaves it
-    each = mean_batch_losses(chapter_batches[:3], model)
-    assert each == pytest.approx([calc_loss_batch(x, y, model, "cpu").item()
-                                  for x, y in chapter_batches[:3]], abs=1e-5)
+    packed = GPTModel(cfg)
+    model = copy.deepcopy(packed)
+    for inputs, targets in chapter_batches[:3]:
+        model.zero_grad()
+        packed.zero_grad()
+        got = prepared_loss(inputs, targets, model, "cpu", cfg["context_length"])
+        expected = calc_loss_batch(inputs, targets, packed, "cpu")
+        got.backward()
+        expected.backward()
+        assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+        for (name, a), b in zip(model.named_parameters(), packed.parameters(), strict=True):
+            assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
-def test_evaluation_of_an_empty_loader_is_nan_as_in_the_book(cfg, chapter_batches):
-    model = whole_rows(GPTModel(cfg))
-    train_loss, val_loss = evaluate_in_one_pass(model, chapter_batches[:1], [], eval_iter=5)
-    assert val_loss != val_loss and train_loss == pytest.approx(
-        calc_loss_batch(*chapter_batches[0], model, "cpu").item(), abs=1e-5)
-
-
-def train_three_steps(cfg, batches, **hook_options):
-    """Weights after three steps on `batches` through the chapter script's hooks.
+def train_three_steps(cfg, batches, whole=False, precision="fp32", **hook_options):
+    """Weights after three steps on `batches` through the chapter script's hooks; `whole`
+    computes whole rows as on a GPU, `precision` is the script's --precision.
 
     Plain SGD applies the gradient as it is: AdamW would divide the near-zero gradients of the
     key biases (attention does not depend on them) by their own size, blowing float rounding
     up to whole steps.
     """
     torch.manual_seed(0)
-    model = GPTModel(cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    with ChapterTraining(1, "cpu", **hook_options) as hooks:
+    model = whole_rows(GPTModel(cfg)) if whole else GPTModel(cfg)
+    cpu = torch.device("cpu")
+    optimizer = accelerator.with_precision(torch.optim.SGD(model.parameters(), lr=0.5),
+                                           precision, cpu)
+    if precision == "fp16":
+        hook_options.update(loss_scaler=optimizer)
+    with ChapterTraining(1, "cpu", ctx=accelerator.precision_context(cpu, precision),
+                         **hook_options) as hooks:
         train_model_simple(model, batches, batches[:1], optimizer, "cpu", num_epochs=1,
                            eval_freq=100, eval_iter=1, start_context="Hi",
                            tokenizer=mock.Mock(), hooks=hooks)
@@ -137,6 +135,29 @@ def test_micro_batches_give_the_whole_batchs_weights(cfg, chapter_batches, micro
                            GPTModel(cfg).state_dict()["out_head.weight"])
 
 
+def test_whole_rows_train_to_the_packed_rows_weights(cfg, chapter_batches):
+    with mock.patch("previous_chapters.generate_and_print_sample"):
+        expected = train_three_steps(cfg, chapter_batches[:3])
+        got = train_three_steps(cfg, chapter_batches[:3], whole=True)
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6), name
+
+
+def test_fp16_trains_close_to_fp32_with_its_gradients_unscaled_before_clipping(
+        cfg, chapter_batches):
+    clipped = LearningRateSchedule(peak_lr=0.5, total_steps=3, grad_clip=0.5)
+    with mock.patch("previous_chapters.generate_and_print_sample"):
+        start = GPTModel(cfg).state_dict()
+        expected = train_three_steps(cfg, chapter_batches[:3], schedule=clipped)
+        got = train_three_steps(cfg, chapter_batches[:3], precision="fp16", schedule=clipped)
+    moved = (expected["out_head.weight"] - start["out_head.weight"]).abs().max()
+    difference = (got["out_head.weight"] - expected["out_head.weight"]).abs().max()
+    assert moved > 1e-3 and difference < moved / 20  # scaled gradients would barely move
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype  # the weights stay float32
+        assert torch.allclose(got[name], tensor, atol=5e-3), name
+
+
 def test_bf16_losses_stay_close_to_fp32_and_the_weights_stay_fp32(cfg, chapter_batches):
     torch.manual_seed(0)
     model = GPTModel(cfg)
@@ -152,16 +173,31 @@ def test_bf16_losses_stay_close_to_fp32_and_the_weights_stay_fp32(cfg, chapter_b
         assert calc_loss_batch(inputs, targets, model, "cpu").item() == fp32.item()
 
 
-def test_compiled_training_model_gives_the_eager_losses_and_gradients(cfg,
-                                                                      chapter_batches):
+def test_compiled_steps_make_one_graph_without_breaks_and_the_eager_numbers(cfg,
+                                                                            chapter_batches):
     torch.manual_seed(0)
     model = GPTModel(cfg)
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
-    compiled = accelerator.compiled_for_training(model, torch.device("cpu"))
-    assert_same_losses_and_gradients(chapter_batches[:2], compiled, reference, trained=model,
-                                     atol=1e-5)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    # Graphs and breaks are dynamo's, whichever backend compiles them: aot_eager takes seconds.
+    with mock.patch("torch.compile", partial(torch.compile, backend="aot_eager")):
+        compiled = accelerator.compiled_for_training(model, torch.device("cpu"))
+    lengths, counts = set(), set()
+    for inputs, targets in chapter_batches[:4]:
+        model.zero_grad()
+        reference.zero_grad()
+        got = prepared_loss(inputs, targets, compiled, "cpu", cfg["context_length"])
+        expected = calc_loss_batch(inputs, targets, reference, "cpu")
+        got.backward()
+        expected.backward()
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+        for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+        lengths.add(pad_to_multiple(inputs, 16, cfg["context_length"]).shape[1])
+        counts.add(int((targets != IGNORE_INDEX).sum()))
+    assert len(lengths) == 2 and len(counts) == 4  # shapes that differ, one graph for all
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
     assert type(model) is GPTModel and set(model.state_dict()) == set(reference.state_dict())
 
 
@@ -172,22 +208,24 @@ def test_without_compile_the_training_model_is_the_model(cfg):
 
 def gpt2_medium_on(device):
     """Stands in for GPT-2 355M on `device`: the sizes the generation batch is computed from."""
+    weight = SimpleNamespace(device=device, dtype=torch.float32)
     return SimpleNamespace(
-        pos_emb=SimpleNamespace(weight=SimpleNamespace(device=device), num_embeddings=1024),
-        tok_emb=SimpleNamespace(embedding_dim=1024, num_embeddings=50257), trf_blocks=[None] * 24)
+        pos_emb=SimpleNamespace(weight=weight, num_embeddings=1024),
+        tok_emb=SimpleNamespace(embedding_dim=1024, num_embeddings=50257, weight=weight),
+        trf_blocks=[None] * 24)
 
 
-def test_generation_batch_size_follows_the_device():
-    sized = partial(accelerator.default_gen_batch_size, prompt_lengths=[100] * 110,
-                    max_new_tokens=256)
-    assert sized(gpt2_medium_on(torch.device("cpu"))) == 8
+def test_generation_batch_size_follows_the_device_and_the_cache_dtype():
+    sized = partial(accelerator.default_gen_batch_size, max_new_tokens=256)
+    assert sized(gpt2_medium_on(torch.device("cpu")), [100] * 110) == 8
     cuda = gpt2_medium_on(torch.device("cuda"))
-    gib = 1 << 30
-    with mock.patch("torch.cuda.mem_get_info", return_value=(100 * gib, 141 * gib)):
-        assert sized(cuda) == 110  # the whole test set at once
-    with mock.patch("torch.cuda.mem_get_info", return_value=(4 * gib, 8 * gib)):
-        # 2 GiB for keys and values of 24 layers x 356 positions x 1024 x 4 bytes x 2
-        assert sized(cuda) == 2 * gib // (2 * 24 * 356 * 1024 * 4 + 8 * 50257)
+    logits = 2 * 50257 * 4
+    # 4 GiB of keys and values: 24 layers x 356 positions x 1024 x 2 (keys, values) x 4 bytes
+    assert sized(cuda, [100] * 110) == 4 * 2**30 // (2 * 24 * 356 * 1024 * 4 + logits) == 61
+    with mock.patch("torch.is_autocast_enabled", return_value=True), \
+            mock.patch("torch.get_autocast_dtype", return_value=torch.bfloat16):
+        assert sized(cuda, [100] * 110) == 110  # 2 bytes a number: the whole test set
+        assert sized(cuda, [100] * 300) == 4 * 2**30 // (2 * 24 * 356 * 1024 * 2 + logits)
 
 
 def test_bf16_is_refused_on_a_gpu_without_bfloat16_units():
@@ -196,7 +234,7 @@ def test_bf16_is_refused_on_a_gpu_without_bfloat16_units():
             pytest.raises(DataError) as error:
         accelerator.check_precision("bf16", False, torch.device("cuda"))
     assert str(error.value) == ("--precision bf16: Tesla T4 has no bfloat16 units (they came "
-                                "with Ampere GPUs); use --precision fp32")
+                                "with Ampere GPUs); use --precision fp16")
 
 
 def test_compile_is_refused_where_it_cannot_run():
@@ -226,3 +264,42 @@ def test_cudnn_attention_is_left_out_on_cuda_only():
         assert enable.call_count == 0
         accelerator.choose_attention_kernels(torch.device("cuda"))
     enable.assert_called_once_with(False)
+
+
+def watched(records, skips_nonfinite):
+    """A FiniteWatch holding `records` (loss, gradient norm) for steps 0, 1, ...; checked."""
+    watch = FiniteWatch("cpu", skips_nonfinite=skips_nonfinite)
+    for step, (loss, norm) in enumerate(records):
+        watch.loss, watch.counted, watch.norm = torch.tensor(loss), 8, torch.tensor(norm)
+        watch.record(step, None)
+    watch.check()
+    return watch
+
+
+def test_steps_that_fp16_skipped_are_not_divergences_unless_they_go_on():
+    inf = float("inf")
+    watch = watched([(2.0, 1.0), (2.0, inf), (inf, inf), (2.0, 1.0)], skips_nonfinite=True)
+    assert watch.skipped_in_a_row == 0
+    watched([(2.0, inf)] * FiniteWatch.MAX_SKIPPED_STEPS, skips_nonfinite=True)
+    with pytest.raises(TrainingDiverged) as error:
+        watched([(2.0, inf)] * (FiniteWatch.MAX_SKIPPED_STEPS + 1), skips_nonfinite=True)
+    assert str(error.value) == ("step 16: it is the 17th step in a row whose gradients are not "
+                                "finite numbers even at fp16's lowest scales; use --precision "
+                                "bf16 or fp32")
+    with pytest.raises(TrainingDiverged, match="step 1: the gradient norm is inf"):
+        watched([(2.0, 1.0), (2.0, inf)], skips_nonfinite=False)
+
+
+def test_evaluation_frees_the_gradients_and_runs_the_eager_model(cfg, chapter_batches):
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    calc_loss_batch(*chapter_batches[0], model, "cpu").backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    hooks = ChapterTraining(1, "cpu")
+    with mock.patch("previous_chapters.evaluate_model", return_value=(1.0, 2.0)) as evaluate:
+        assert hooks.evaluate(torch.compile(model), [], [], "cpu", 5) == (1.0, 2.0)
+    assert evaluate.call_args.args[0] is model
+    assert all(p.grad is None for p in model.parameters())
+    hooks.watch.note_loss(torch.tensor(3.0), 8)
+    hooks.watch.record(0, model)
+    assert torch.equal(hooks.watch.records[0][2], norm)  # the norm before they were freed

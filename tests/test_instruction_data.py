@@ -46,7 +46,7 @@ def without_empty_inputs(entries, null=False):
 def batches(entries, tokenizer, seed=123):
     """The chapter's shuffled training batches of `entries`, as (inputs, targets) lists."""
     torch.manual_seed(seed)
-    loader, _ = ft.build_loaders(entries, entries[:8], tokenizer, "cpu", 8, ft.Experiment())
+    loader, _ = ft.build_loaders(entries, entries[:8], tokenizer, 8, ft.Experiment())
     return [(x.tolist(), y.tolist()) for x, y in loader]
 
 

@@ -1,5 +1,7 @@
 """GPT-2 model, weight loading, generation with and without the KV cache, loss helpers."""
 
+from unittest import mock
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -210,6 +212,47 @@ def test_generate_batch_with_different_lengths_equals_one_at_a_time(tiny_model):
     assert len(batched[1]) == 3
 
 
+def test_greedy_generation_checks_for_the_end_every_few_tokens(tiny_model):
+    free = generate(tiny_model, torch.tensor([[5, 6, 7]]), max_new_tokens=8,
+                    context_size=32)[0, 3:].tolist()
+    # Row 1 continues row 0 two tokens on: both produce free[3] soon, row 1 first.
+    prompts, eos = [[5, 6, 7], [5, 6, 7, *free[:2]]], free[3]
+    with mock.patch("previous_chapters.END_CHECK_EVERY", 1):
+        every_token = generate_batch(tiny_model, prompts, max_new_tokens=20, context_size=32,
+                                     eos_id=eos)
+    calls = []
+    features = tiny_model.features
+    with mock.patch.object(tiny_model, "features",
+                           side_effect=lambda *a, **k: calls.append(1) or features(*a, **k)):
+        every_eight = generate_batch(tiny_model, prompts, max_new_tokens=20, context_size=32,
+                                     eos_id=eos)
+    assert every_eight == every_token == [free[:3], free[2:3]]
+    assert len(calls) == 8  # every row had ended at step 4; that was seen after step 8
+
+
+def test_attention_mask_is_built_once_per_step_for_all_layers(tiny_model):
+    masks = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return attention(*args, attn_mask=attn_mask, **kwargs)
+
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", side_effect=spy):
+        generate_batch(tiny_model, [[5, 6, 7], [8]], max_new_tokens=3, context_size=32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            generate_batch(tiny_model, [[5, 6, 7], [8]], max_new_tokens=1, context_size=32)
+    assert len(masks) == 2 * 4  # 2 layers, 3 + 1 steps
+    for first, second in zip(masks[::2], masks[1::2], strict=True):
+        assert second is first  # one mask for both layers
+    prompt_mask = masks[0]  # (2, 1, 3, 3): row 1 has two padding keys
+    assert prompt_mask.dtype == torch.float32
+    assert prompt_mask[1, 0].tolist() == [[0.0, float("-inf"), float("-inf")],
+                                          [float("-inf"), 0.0, float("-inf")],
+                                          [float("-inf"), float("-inf"), 0.0]]
+    assert masks[-1].dtype == torch.bfloat16  # the dtype of the queries under autocast
+
+
 def test_generate_batch_slides_past_the_context(tiny_model):
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
     batched = generate_batch(tiny_model, prompts, max_new_tokens=35, context_size=32)
@@ -273,6 +316,17 @@ def test_keep_gives_the_full_logits_and_gradients_at_kept_positions(tiny_cfg, fu
     assert torch.allclose(kept, full, atol=1e-5)
     for (name, param), expected in zip(model.named_parameters(), full_grads, strict=True):
         assert torch.allclose(param.grad, expected, atol=1e-6), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kept_indices_give_the_kept_masks_logits(tiny_cfg, fused):
+    inputs, keep = kept_positions_batch()
+    torch.manual_seed(123)
+    model = GPTModel({**tiny_cfg, "fused": fused})
+    model.pack_on = ()  # whole rows, as on a GPU
+    indices = keep.flatten().nonzero()[:, 0]  # (17,): positions among the 3 x 10
+    assert torch.allclose(model(inputs, keep=indices), model(inputs, keep=keep), atol=1e-6)
+    assert torch.allclose(model(inputs, keep=indices), model(inputs)[keep], atol=1e-5)
 
 
 def test_keep_computes_no_position_after_a_rows_last_kept_one(tiny_model):

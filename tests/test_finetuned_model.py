@@ -1,7 +1,8 @@
-"""finetuned_model.load_finetuned_model on files it must not trust: a JSON config that describes
-no GPTModel or another one than the weights, a .pth that holds no state dict, LoRA weights whose
-alpha is unknown. Each is one DataError naming the file (and the config key), raised before a
-model is built."""
+"""finetuned_model.py: loading a model built without weights of its own (meta device) from the
+saved tensors, and the files it must not trust: a JSON config that describes no GPTModel or
+another one than the weights, a .pth that holds no state dict, LoRA weights whose alpha is
+unknown. Each is one DataError naming the file (and the config key), raised before a model is
+built. Loading imports no training code."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import torch.nn as nn
 import finetuned_model
 import gpt_instruction_finetuning as ft
 import lora
-from previous_chapters import GPTModel
+from previous_chapters import GPTModel, causal_mask
 from script_utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,3 +240,50 @@ def test_loading_a_model_imports_no_training_code(module):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, check=True)
     assert result.stdout == "[]\n"
+
+
+def test_loading_draws_no_random_weights_and_gives_the_saved_ones(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(CONFIG).eval()
+    path = str(tmp_path / "model.pth")
+    finetuned_model.save_finetuned_model(model, path, {"config": CONFIG, "prompt_style": "alpaca"})
+    torch.manual_seed(1)
+    loaded, _, _ = finetuned_model.load_finetuned_model(path)
+    after_loading = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(after_loading, torch.rand(3))  # loading drew no random numbers
+    for (name, got), expected in zip(loaded.state_dict().items(), model.state_dict().values(),
+                                     strict=True):
+        assert got.device.type == "cpu" and got.dtype == expected.dtype, name
+        assert torch.equal(got, expected), name
+    assert not loaded.training
+
+
+def test_the_books_float_masks_and_files_without_masks_load_as_boolean_causal_masks(tmp_path):
+    state = GPTModel(CONFIG).state_dict()
+    book_style = {k: v.float() if k.endswith(".mask") else v for k, v in state.items()}
+    without = {k: v for k, v in state.items() if not k.endswith(".mask")}
+    for name, weights in (("book", book_style), ("without", without)):
+        path = str(tmp_path / f"{name}.pth")
+        torch.save(weights, path)
+        loaded, _, _ = finetuned_model.load_finetuned_model(path)
+        mask = loaded.trf_blocks[0].att.mask
+        assert mask.dtype == torch.bool and torch.equal(mask, causal_mask(120)), name
+
+
+def test_unmerged_lora_weights_load_onto_a_model_built_without_weights(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(CONFIG)
+    lora.replace_linear_with_lora(model, rank=2, alpha=4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".lora.B"):
+                param.normal_()
+    path = str(tmp_path / "lora.pth")
+    info = {"config": {**CONFIG, "lora": {"rank": 2, "alpha": 4}}, "prompt_style": "alpaca"}
+    finetuned_model.save_finetuned_model(model, path, info)
+    loaded, _, _ = finetuned_model.load_finetuned_model(path)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    idx = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
