@@ -92,3 +92,25 @@ def test_two_processes_with_micro_batches_give_the_single_process_weights(
     weights = torch.load(out / MODEL_FILE, weights_only=True)
     for name, tensor in single_process[0].items():
         assert torch.allclose(weights[name], tensor, atol=1e-6, rtol=0), name
+
+
+def test_two_processes_with_appendix_d_options_and_the_best_weights(tmp_path,
+                                                                    instruction_data_path):
+    """Warmup, cosine decay, clipping and --keep_best under torchrun: the weights, the best
+    weights and the learning rates of one process, the best file written once, by rank 0."""
+    flags = ["--warmup_steps", "1", "--lr_schedule", "cosine", "--grad_clip", "0.5", "--lr",
+             "1e-3", "--keep_best"]
+    single, _ = finetune(tmp_path, "single", 0, instruction_data_path, *flags)
+    two, stdout = finetune(tmp_path, "two", 2, instruction_data_path, *flags)
+    best_file = MODEL_FILE.replace(".pth", "-best.pth")
+    for name in (MODEL_FILE, best_file):
+        expected = torch.load(single / name, weights_only=True)
+        got = torch.load(two / name, weights_only=True)
+        for key, tensor in expected.items():
+            assert torch.allclose(got[key], tensor, atol=1e-6, rtol=0), (name, key)
+    rates = [line.split(",")[5] for line in
+             (two / "metrics-standalone.csv").read_text().splitlines()[1:]]
+    assert rates == [line.split(",")[5] for line in
+                     (single / "metrics-standalone.csv").read_text().splitlines()[1:]]
+    assert len(rates) == 4 and rates[0] == "3e-05"  # 2 epochs of 2 steps; the first warms up
+    assert stdout.count("Lowest validation loss") == 1
