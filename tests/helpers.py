@@ -90,6 +90,16 @@ def quick_run_flags(data_path, max_new_tokens=5, gen_batch_size=None):
     return flags + (["--gen_batch_size", str(gen_batch_size)] if gen_batch_size else [])
 
 
+def finished_run_folder(tmp_path_factory, name, flags):
+    """The folder of one finished in-process run of the chapter script with `flags`, its
+    checkpoint kept: what the fault and bad-input tests start from."""
+    import gpt_instruction_finetuning as ft
+
+    folder = tmp_path_factory.mktemp(name)
+    ft.main([*flags, "--output_dir", str(folder), "--keep_checkpoint"])
+    return folder
+
+
 def stopped(stop):
     """How a program's last line begins when `stop` ("ctrl-c", or "sigterm") stopped it."""
     return "Interrupted" if stop == "ctrl-c" else "Stopped by SIGTERM"

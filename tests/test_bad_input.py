@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_error, quick_run_flags, run_in_process
+from helpers import assert_error, finished_run_folder, quick_run_flags, run_in_process
 from helpers import run_script as run_any_script
 
 import exercise_experiments as ex
@@ -63,10 +63,7 @@ def common(instruction_data_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, instruction_data_path):
     """The folder of one finished test-mode run with the `common` flags, checkpoint kept."""
-    folder = tmp_path_factory.mktemp("finished")
-    ft.main([*quick_run_flags(instruction_data_path), "--output_dir", str(folder),
-             "--keep_checkpoint"])
-    return folder
+    return finished_run_folder(tmp_path_factory, "finished", quick_run_flags(instruction_data_path))
 
 
 #####################################

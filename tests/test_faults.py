@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_error, quick_run_flags, run_in_process
+from helpers import assert_error, finished_run_folder, quick_run_flags, run_in_process
 
 import gpt_instruction_finetuning as ft
 import training_extras as extras
@@ -59,10 +59,7 @@ def common(instruction_data_path):
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory, instruction_data_path):
     """The folder of a finished run with the `common` flags, its checkpoint kept."""
-    folder = tmp_path_factory.mktemp("earlier")
-    ft.main([*quick_flags(instruction_data_path), "--output_dir", str(folder),
-             "--keep_checkpoint"])
-    return folder
+    return finished_run_folder(tmp_path_factory, "earlier", quick_flags(instruction_data_path))
 
 
 def copy_run(source, folder):
