@@ -4,7 +4,7 @@
     git show HEAD:ollama_evaluate.py > /tmp/old/ollama_evaluate.py
     python benchmarks/bench_judge.py --script /tmp/old/ollama_evaluate.py ollama_evaluate.py
 
-The loopback judge of the tests (tests/fake_judge.py, on 127.0.0.1) answers after `--delay`
+The loopback judge of the tests (kit/loopback_judge.py, on 127.0.0.1) answers after `--delay`
 seconds. The script runs as a subprocess, as a user runs it, on `--entries` entries with
 `--workers 1` and with `--workers 4`: first with a fresh score file, so that every entry is
 asked, then again on that file, so that every score is reused and nothing is asked (the
@@ -24,9 +24,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, REPO)
 
-from fake_judge import FakeJudge  # noqa: E402
+from kit.loopback_judge import FakeJudge  # noqa: E402
 
 
 def write_entries(folder, count):

@@ -1,4 +1,4 @@
-"""ollama_evaluate.py against a judge server on 127.0.0.1 (tests/fake_judge.py)."""
+"""ollama_evaluate.py against a judge server on 127.0.0.1 (kit/loopback_judge.py)."""
 
 import json
 import os
@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
-from fake_judge import FakeJudge
 from helpers import assert_error, run_in_process, run_script
 
 import ollama_evaluate as oe
 from instruction_data import format_input
+from kit.loopback_judge import FakeJudge
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWERS = {"good": "90", "bad": "I'd rate it 15 out of 100.", "odd": "I cannot score this."}
@@ -1236,7 +1236,7 @@ def free_port():
 
 def start_fake_judge(*flags):
     """The fake judge started as a reader starts it, and the line it printed."""
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fake_judge.py"),
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "kit", "loopback_judge.py"),
                                 *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     return process, process.stdout.readline()

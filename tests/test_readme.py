@@ -24,8 +24,9 @@ import os
 import re
 import shlex
 
-from fake_judge import FakeJudge
 from helpers import REPO, quick_run_flags, run_script
+
+from kit.loopback_judge import FakeJudge
 
 TRAINING_SCRIPTS = {"gpt_instruction_finetuning.py", "exercise_experiments.py"}
 SCRIPTS = TRAINING_SCRIPTS | {"ollama_evaluate.py", "chat.py", "export_hf.py", "export_gguf.py"}

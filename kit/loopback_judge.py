@@ -1,6 +1,6 @@
 """A judge server on 127.0.0.1 for the tests, and for trying the judge flow without Ollama.
 
-    python tests/fake_judge.py --port 11434 [--delay 0.1] [--backend ollama|openai]
+    python kit/loopback_judge.py --port 11434 [--delay 0.1] [--backend ollama|openai]
 
 It serves Ollama's streaming /api/chat and /api/tags and, as Ollama also does, an
 OpenAI-compatible /v1/chat/completions and /v1/models (with `--backend openai` only these, as
