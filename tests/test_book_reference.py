@@ -609,19 +609,34 @@ def test_appendix_d_options_train_as_the_books_train_model(script_runs, chapter_
                                atol=1e-5)
     np.testing.assert_allclose([row["val_loss"] for row in rows], val_losses, rtol=0, atol=1e-5)
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    for key, value in reference.state_dict().items():  # steps of up to 0.05: rounding grows
-        torch.testing.assert_close(saved[key].to(value.dtype), value, rtol=0, atol=1e-5)
+    atol = weight_tolerance(lrs)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(saved[key].to(value.dtype), value, rtol=0, atol=atol)
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["schedule"] == {"lr_schedule": "cosine", "peak_lr": 0.05, "warmup_steps": 2,
                                 "initial_lr": 3e-5, "min_lr": 1e-6, "total_steps": 10,
                                 "grad_clip": 1.0}
     assert (info["run_name"], info["steps"], info["losses_step"]) == ("appendix-d", 10, 9)
 
-    # The clipping mattered: the same rates without it end elsewhere.
+    # The clipping mattered: the same rates without it end ten tolerances away or more.
     unclipped = unclipped_run(train_data[:10], val_data[:10], tokenizer, lrs)
     difference = max((unclipped[key] - value).abs().max().item()
                      for key, value in reference.state_dict().items())
-    assert difference > 1e-3
+    assert difference > 10 * atol
+
+
+def weight_tolerance(lrs):
+    """How far the script's weights may be from the book's after AdamW steps at rates `lrs`.
+
+    Both compute the same loss with float32 sums in another order (the script takes logits
+    at the counted positions only, with another thread count), so the gradients differ in
+    their last bits. AdamW divides each gradient by its running scale, so a weight whose
+    gradients nearly cancel turns that rounding into a part of its step, and a step moves a
+    weight by about its learning rate. The tolerance is a thousandth of the summed rates
+    (3.0e-4 for this run): over 72 seeds of this run the largest difference was 4.4e-5, a
+    seventh of it, while dropping the clipping moves weights by 5.4e-3.
+    """
+    return 1e-3 * sum(lrs)
 
 
 def unclipped_run(train_data, val_data, tokenizer, lrs):
