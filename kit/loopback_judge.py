@@ -8,6 +8,13 @@ llama.cpp or vLLM would), until Ctrl-C. It answers both of ollama_evaluate.py's 
 chapter's 0-100 prompt with a number, and the rubric prompt with a line of feedback and a last
 line "Score: N". Unless told otherwise, the score is how much of the correct output the
 response repeats: the share of the output's words found in the response, 0-100 or 1-5.
+The side-by-side prompt (--pairwise) gets a sentence and a verdict, [[A]] or [[B]] for the
+response that repeats more of the output's words and [[C]] when both repeat as much; with
+`--pairwise always-a` it always answers [[A]], as a judge biased to the first position would.
+For the data tools it rewrites an output when asked to make it more polite ("Thank you for
+asking! " before it) or impolite ("Obviously, " before it), and continues an assistant
+message, the start of a user turn as Magpie sends it, with an instruction that the request's
+seed chooses ("Name a word that rhymes with 'cat'."), which it then answers when asked.
 
 The tests start a `FakeJudge` in their own process: it checks each request body as the chapter's
 protocol has it (answering 400 otherwise), records the prompts it was asked, answers per model
@@ -31,14 +38,32 @@ ENDLESS_PIECES = 600  # a reply that streams on and on: at most this many pieces
 ENDLESS_PIECE_S = 0.05  # one each this many seconds (30 s in all), until the client hangs up
 SCORE_PROMPT = re.compile(r"correct output `(.*)`, score the model response `(.*)` on a scale",
                           re.S)
+REWRITE_PROMPT = re.compile(r"correct output `(.*)`, slightly rewrite the output to be more "
+                            r"(polite|impolite)\.", re.S)
+RHYMES = {"cat": "hat", "tree": "bee", "light": "night", "stone": "bone", "rain": "train",
+          "song": "long", "bread": "red", "moon": "spoon", "fire": "wire", "road": "toad",
+          "glass": "grass", "cake": "lake"}  # what the instructions it writes ask, by seed
+WORDS = tuple(RHYMES)
+INSTRUCTION = re.compile(r"Name a word that rhymes with '(\w+)'\.")
 RUBRIC_PROMPT = re.compile(r"<reference_answer>\n(.*)\n</reference_answer>\n<response>\n(.*)\n"
                            r"</response>", re.S)
+PAIRWISE_PROMPT = re.compile(r"<reference_answer>\n(.*)\n</reference_answer>\n<response_a>\n(.*)\n"
+                             r"</response_a>\n<response_b>\n(.*)\n</response_b>", re.S)
+PAIRWISE_MODES = ("fair", "always-a")  # see FakeJudge.pairwise_reply
 
 
 def chunk(text):
     """`text` as one chunk of HTTP/1.1's chunked transfer encoding."""
     data = text.encode()
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def sampling_ok(settings, deterministic):
+    """Whether a request's sampling `settings` are the chapter's `deterministic` ones, or
+    sampled as the book's Magpie notebook asks: temperature 1, top_p 1, a whole-number seed."""
+    sampled = {**deterministic, "temperature": 1.0, "top_p": 1.0, "seed": settings.get("seed")}
+    return settings == deterministic or (type(settings.get("seed")) is int
+                                         and settings == sampled)
 
 
 def token_cap(value):
@@ -58,12 +83,18 @@ class FakeJudge:
     """Start with `FakeJudge(answers)`; `answers` maps a model response to the judge's reply to
     the chapter's prompt, `rubric_answers` to its reply to the rubric prompt. `models` None is
     Ollama with no model pulled (its /api/tags lists null). `backends` are the APIs served
-    ("ollama", "openai"); `port` 0 takes a free one."""
+    ("ollama", "openai"); `port` 0 takes a free one. `pairwise` is how it answers the
+    side-by-side prompt: "fair" or "always-a" (see pairwise_reply)."""
 
     def __init__(self, answers=None, models=("llama3:latest",), openai_models=("judge",),
-                 delay=0.0, rubric_answers=None, backends=("ollama", "openai"), port=0):
+                 delay=0.0, rubric_answers=None, backends=("ollama", "openai"), port=0,
+                 pairwise="fair"):
+        self.pairwise = pairwise
         self.answers = dict(answers or {})
         self.rubric_answers = dict(rubric_answers or {})
+        self.rewrites = {}  # output -> the reply to the prompt that asks to rewrite it
+        self.instructions = {}  # seed -> the reply to a user turn's start (an instruction)
+        self.chat_answers = {}  # plain prompt (an instruction) -> the reply to it
         self.models = None if models is None else list(models)
         self.openai_models = list(openai_models)
         self.delay = delay
@@ -129,7 +160,8 @@ class FakeJudge:
                     judge.prompts.append(prompt)
                 if judge.delay:
                     time.sleep(judge.delay)
-                reply = None if failure == "null" else judge.reply(prompt)
+                reply = None if failure == "null" else judge.answer(body["messages"][0],
+                                                                     body)
                 if failure == "endless":
                     self.stream_endlessly(body["model"])
                 elif self.path == "/api/chat":
@@ -213,30 +245,63 @@ class FakeJudge:
         not served, as Ollama answers them; else None."""
         messages = body.get("messages")
         if not (isinstance(messages, list) and len(messages) == 1
-                and messages[0].get("role") == "user"):
-            return 400, {"error": "expected one user message"}
+                and messages[0].get("role") in ("user", "assistant")):
+            return 400, {"error": "expected one user message (or one assistant message to "
+                                  "continue)"}
         missing = f'model "{body.get("model")}" not found, try pulling it first'
         if path == "/api/chat":
             options = dict(body.get("options") or {})
-            if not token_cap(options.pop("num_predict", 1)) or options != OPTIONS:
-                return 400, {"error": f"options must be {OPTIONS}, with or without a "
-                                      "num_predict from 1"}
+            if not token_cap(options.pop("num_predict", 1)) or not sampling_ok(options, OPTIONS):
+                return 400, {"error": f"options must be {OPTIONS} (or sampled: temperature 1, "
+                                      "top_p 1, any seed), with or without a num_predict from 1"}
             models = self.models or []
             if body["model"] not in models and f"{body['model']}:latest" not in models:
                 return 404, {"error": missing}
         else:
-            if body.get("temperature") != 0 or body.get("seed") != 123:
-                return 400, {"error": "expected temperature 0 and seed 123"}
+            settings = {k: body[k] for k in ("seed", "temperature", "top_p") if k in body}
+            if not sampling_ok(settings, {"seed": 123, "temperature": 0}):
+                return 400, {"error": "expected temperature 0 and seed 123 (or temperature 1, "
+                                      "top_p 1 and any seed)"}
             if not token_cap(body.get("max_tokens", 1)):
                 return 400, {"error": "max_tokens must be from 1"}
             if body["model"] not in self.openai_models:
                 return 404, {"error": {"message": missing, "type": "api_error"}}
         return None
 
+    def answer(self, message, body):
+        """The reply to one chat message: an assistant message (the start of a user turn, as
+        Magpie sends it) is continued with an instruction chosen by the request's seed; a
+        prompt that asks to rewrite an output is answered with the output made more polite or
+        impolite; an instruction it wrote gets its answer; the judge's prompts (and any other)
+        as `reply` answers them. Each can be set per seed, output or instruction."""
+        prompt = message["content"]
+        if message["role"] == "assistant":
+            seed = (body.get("options") or body)["seed"]
+            if seed in self.instructions:
+                return self.instructions[seed]
+            word = WORDS[seed % len(WORDS)]
+            return f"\nName a word that rhymes with '{word}'.\nI need it for a poem."
+        rewrite = REWRITE_PROMPT.search(prompt)
+        if rewrite:
+            output, politeness = rewrite.groups()
+            if output in self.rewrites:
+                return self.rewrites[output]
+            return (f"Thank you for asking! {output}" if politeness == "polite"
+                    else f"Obviously, {output}")
+        if prompt in self.chat_answers:
+            return self.chat_answers[prompt]
+        instruction = INSTRUCTION.fullmatch(prompt)
+        if instruction:
+            return f"'{RHYMES[instruction.group(1)]}' rhymes with '{instruction.group(1)}'."
+        return self.reply(prompt)
+
     def reply(self, prompt):
         """The answer to one of the two prompts: the reply set for the model response it quotes,
         else a score from the response's word overlap with the correct output; "50" for a
-        prompt that is neither."""
+        prompt that is neither. The side-by-side prompt gets pairwise_reply's verdict."""
+        pair = PAIRWISE_PROMPT.search(prompt)
+        if pair:
+            return self.pairwise_reply(*pair.groups())
         rubric = RUBRIC_PROMPT.search(prompt)
         if rubric:
             reference, response = rubric.groups()
@@ -250,6 +315,17 @@ class FakeJudge:
             return self.answers[response.group(1)]
         scored = SCORE_PROMPT.search(prompt)
         return str(round(100 * word_overlap(*scored.groups()))) if scored else "50"
+
+    def pairwise_reply(self, reference, response_a, response_b):
+        """A sentence and a verdict in MT-Bench's format. "fair": [[A]] or [[B]] for the
+        response that repeats more of the reference answer's words, [[C]] when both repeat as
+        much; "always-a": [[A]] whatever the responses, as a judge biased to the first position."""
+        if self.pairwise == "always-a":
+            return "Response A is better.\n[[A]]"
+        a, b = word_overlap(reference, response_a), word_overlap(reference, response_b)
+        verdict = "A" if a > b else "B" if b > a else "C"
+        return (f"Response A repeats {a:.0%} of the reference answer's words, response B "
+                f"{b:.0%}.\n[[{verdict}]]")
 
     def close(self):
         self.httpd.shutdown()
@@ -267,6 +343,10 @@ def main():
     parser.add_argument("--backend", default="ollama", choices=sorted(PATHS),
                         help="ollama: Ollama's API (and its OpenAI-compatible one); openai: "
                              "only the OpenAI-compatible API")
+    parser.add_argument("--pairwise", default="fair", choices=PAIRWISE_MODES,
+                        help="the side-by-side verdict: fair (the response repeating more of "
+                             "the correct output's words; default) or always-a (always [[A]], "
+                             "a judge biased to the first position)")
     args = parser.parse_args()
     if not 0 < args.port < 65536:
         raise SystemExit(f"Error: --port must be from 1 to 65535, got {args.port}")
@@ -275,7 +355,7 @@ def main():
     backends = ("ollama", "openai") if args.backend == "ollama" else ("openai",)
     try:
         judge = FakeJudge(models=("llama3:latest",), openai_models=("llama3",), delay=args.delay,
-                          backends=backends, port=args.port)
+                          backends=backends, port=args.port, pairwise=args.pairwise)
     except OSError as exc:
         raise SystemExit(f"Error: --port {args.port}: cannot listen on 127.0.0.1:{args.port} "
                          f"({exc.strerror}); is Ollama or another server using it? Pick "

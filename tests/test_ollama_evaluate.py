@@ -7,37 +7,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import requests
-from helpers import assert_error, run_in_process, run_script
+from helpers import REPO, assert_error, run_in_process, run_script
+from judge_helpers import ANSWERS, entry, records, write
 
 import ollama_evaluate as oe
-from instruction_data import format_input
+from kit import judge_cli, judge_client
+from kit.judge_prompts import judge_prompt, prompt_sha256, rubric_prompt
+from kit.judge_store import ScoreStore
 from kit.loopback_judge import FakeJudge
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ANSWERS = {"good": "90", "bad": "I'd rate it 15 out of 100.", "odd": "I cannot score this."}
-
-
-def entry(response, i=0, key="model_response"):
-    return {"instruction": f"Task {i}", "input": "" if i % 2 else f"in {i}",
-            "output": f"out {i}", key: response}
-
-
-def write(tmp_path, entries, name="responses.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(entries))
-    return path
-
-
-def records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+pytest_plugins = ["judge_helpers"]  # the `judge` fixture
 
 
 evaluate = partial(run_script, "ollama_evaluate.py")  # as a user runs it
@@ -49,13 +33,6 @@ def bootstrap(values):
     rng = np.random.default_rng(123)
     means = values[rng.integers(0, len(values), size=(10_000, len(values)))].mean(axis=1)
     return np.percentile(means, [2.5, 97.5])
-
-
-@pytest.fixture
-def judge():
-    server = FakeJudge(ANSWERS)
-    yield server
-    server.close()
 
 
 def test_importing_loads_no_torch_tiktoken_matplotlib_or_requests():
@@ -85,21 +62,10 @@ def test_happy_path_end_to_end(tmp_path, judge):
     assert len(judge.prompts) == 2  # the empty response scores 0 without asking
     good, bad = sorted(judge.prompts, key=lambda prompt: "`bad`" in prompt)
     assert sorted(records(tmp_path / "responses-scores.jsonl"), key=lambda r: r["score"]) == [
-        {"judge": "ollama/llama3", "prompt_sha256": oe.prompt_sha256(bad), "index": 1,
+        {"judge": "ollama/llama3", "prompt_sha256": prompt_sha256(bad), "index": 1,
          "instruction": "Task 1", "score": 15, "reply": "I'd rate it 15 out of 100."},
-        {"judge": "ollama/llama3", "prompt_sha256": oe.prompt_sha256(good), "index": 0,
+        {"judge": "ollama/llama3", "prompt_sha256": prompt_sha256(good), "index": 0,
          "instruction": "Task 0", "score": 90, "reply": "90"}]
-
-
-def test_request_follows_the_chapters_protocol(judge):
-    e = entry("good", 0)
-    assert oe.query_model(oe.judge_prompt(e, "model_response"), url=judge.url) == "90"
-    prompt = (f"Given the input `{format_input(e)}` and correct output `out 0`, score the model "
-              "response `good` on a scale from 0 to 100, where 100 is the best score. Respond "
-              "with the integer number only.")
-    assert judge.bodies == [{"model": "llama3",
-                             "messages": [{"role": "user", "content": prompt}],
-                             "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}]
 
 
 def test_book_signature_returns_the_scores_in_entry_order(judge):
@@ -176,7 +142,7 @@ def test_an_edited_entry_is_asked_again(tmp_path, judge, capsys, field):
     out = capsys.readouterr().out
     assert (f"Reusing saved scores for 2 of 3 entries from {tmp_path}/responses-scores.jsonl; "
             "asking the judge about 1") in out
-    assert judge.prompts[3:] == [oe.judge_prompt(entries[1], "model_response")]
+    assert judge.prompts[3:] == [judge_prompt(entries[1], "model_response")]
     expected = "90.00" if field == "model_response" else "65.00"
     assert f"Average score: {expected}" in out
 
@@ -219,70 +185,6 @@ def test_a_second_judge_gets_every_entry_and_both_judges_scores_survive(tmp_path
     assert "Reusing saved scores for 2 of 2 entries" in out and "asking the judge about 0" in out
     assert "Average score: 90.00" in out
     assert elsewhere.requests == []  # with every score saved the judge is not even checked
-
-
-def test_score_file_keeps_unknown_lines_and_appends_after_a_cut_line(tmp_path):
-    path = tmp_path / "scores.jsonl"
-    good = {"judge": "ollama/llama3", "prompt_sha256": oe.prompt_sha256("p"), "score": 80,
-            "reply": "80"}
-    lines = ['{"index": 0, "score": 90, "reply": "90"}', "not json", json.dumps(good),
-             '{"judge": "ollama/llama3", "score": 5}', '{"judge": "ollama/ll']
-    path.write_text("\n".join(lines))
-    store = oe.ScoreStore(str(path))
-    assert store.find("ollama/llama3", "p") == good
-    assert store.find("ollama/phi3", "p") is None and store.find("ollama/llama3", "q") is None
-    store.add("ollama/phi3", "p", None, "no idea", 7, "Task 7")
-    assert path.read_text().splitlines()[:5] == lines
-    assert json.loads(path.read_text().splitlines()[5]) == {
-        "judge": "ollama/phi3", "prompt_sha256": oe.prompt_sha256("p"), "index": 7,
-        "instruction": "Task 7", "score": None, "reply": "no idea"}
-    assert oe.ScoreStore(str(path)).find("ollama/phi3", "p")["reply"] == "no idea"
-
-
-def test_retries_on_server_errors_and_dropped_connections(judge):
-    judge.failures = [500, "drop", 503]
-    assert oe.query_model("score the model response `good` on a scale", url=judge.url,
-                          backoff=0) == "90"
-    assert len(judge.bodies) == 4
-    judge.failures = [500] * 3
-    with pytest.raises(oe.JudgeError, match=r"answered HTTP 500"):
-        oe.query_model("x", url=judge.url, retries=2, backoff=0)
-    assert len(judge.failures) == 0
-
-
-def test_a_connection_closed_while_idle_is_reopened_at_once(judge):
-    judge.failures = ["close"]  # answers, then closes the kept-open connection
-    assert oe.query_model("x", url=judge.url) == "50"
-    assert judge.closed.wait(10)
-    assert oe.query_model("score the model response `good` on a scale", url=judge.url,
-                          retries=0) == "90"  # on a new connection, without a retry
-    assert len(judge.bodies) == 2 and len(judge.connections) == 2
-    judge.failures = ["drop"]  # a hang-up in the middle of a request is an error
-    with pytest.raises(oe.JudgeUnreachable,
-                       match=r"^no answer from .*/api/chat: Remote end closed connection "
-                             r"without response$"):
-        oe.query_model("x", url=judge.url, retries=0)
-
-
-def test_an_error_in_the_stream_is_no_reply():
-    chunk = b'{"message": {"content": "8"}, "done": false}\n'
-    assert oe.read_reply(chunk + b'{"done": true}\n', "ollama") == "8"
-    with pytest.raises(ValueError, match="runner stopped"):
-        oe.read_reply(chunk + b'{"error": "runner stopped"}\n', "ollama")
-
-
-def test_client_errors_are_not_retried(judge):
-    with pytest.raises(oe.JudgeError) as error:
-        oe.query_model("x", model="mistral", url=judge.url, backoff=0)
-    assert str(error.value) == (f"model 'mistral' is not available on the Ollama server at "
-                                f"{judge.root} (it says: model \"mistral\" not found, try "
-                                "pulling it first); run: ollama pull mistral")
-    assert len(judge.bodies) == 1
-    judge.failures = [400]
-    with pytest.raises(oe.JudgeError, match=r"^http://.*/api/chat answered HTTP 400: "
-                                            r"overloaded$"):
-        oe.query_model("x", url=judge.url, backoff=0)
-    assert len(judge.bodies) == 2
 
 
 def test_server_down_says_how_to_start_ollama(tmp_path, closed_port):
@@ -329,7 +231,7 @@ def test_ctrl_c_keeps_the_scores_so_far_and_exits_130(tmp_path, judge, capsys, m
             raise KeyboardInterrupt
         return real_query(prompt, *args, **kwargs)
 
-    monkeypatch.setattr(oe, "query_model", query_then_ctrl_c)
+    monkeypatch.setattr(judge_cli, "query_model", query_then_ctrl_c)  # what main asks with
     with pytest.raises(SystemExit) as exit_info:
         oe.main(["--file_path", str(path), "--url", judge.url])
     assert exit_info.value.code == 130
@@ -352,7 +254,7 @@ def test_after_a_failure_no_more_is_asked_and_replies_in_flight_are_saved(tmp_pa
     assert "answered HTTP 500" in capsys.readouterr().err
     assert 2 <= len(slow.bodies) < 8
     saved = {r["prompt_sha256"] for r in records(tmp_path / "responses-scores.jsonl")}
-    assert saved == {oe.prompt_sha256(prompt) for prompt in slow.prompts}
+    assert saved == {prompt_sha256(prompt) for prompt in slow.prompts}
 
 
 def test_replies_that_are_not_scores_are_reported_and_left_out(tmp_path, judge, capsys):
@@ -391,15 +293,6 @@ def test_long_prompts_are_warned_about_once(tmp_path, judge, capsys):
     oe.main(["--file_path", str(write(tmp_path, [entry("good")], "short.json")),
              "--url", judge.url])
     assert "Warning" not in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("reply", "score"), [
-    ("85", 85), ("  100\n", 100), ("0", 0), ("I'd rate it 85 out of 100.", 85),
-    ("Score: 90/100", 90), ("**72**", 72), ("The response deserves a 64.", 64),
-    ("85.5", None), ("150", None), ("-3", None), ("N/A", None), ("", None),
-])
-def test_parse_score(reply, score):
-    assert oe.parse_score(reply) == score
 
 
 def test_comparing_two_files(tmp_path, judge, capsys, monkeypatch):
@@ -575,34 +468,6 @@ def test_missing_file_from_the_command_line(tmp_path):
     assert result.stderr == "Error: nope.json: file not found\n"
 
 
-# --- judge addresses as Ollama's clients take them ---
-
-@pytest.mark.parametrize(("address", "backend", "url"), [
-    ("http://127.0.0.1:11434", "ollama", "http://127.0.0.1:11434/api/chat"),
-    ("http://127.0.0.1:11434/", "ollama", "http://127.0.0.1:11434/api/chat"),
-    ("127.0.0.1:11434", "ollama", "http://127.0.0.1:11434/api/chat"),
-    ("localhost", "ollama", "http://localhost:11434/api/chat"),
-    ("[::1]", "ollama", "http://[::1]:11434/api/chat"),
-    ("https://judge.example.com", "ollama", "https://judge.example.com/api/chat"),
-    ("http://judge:8080/custom/chat", "ollama", "http://judge:8080/custom/chat"),
-    ("http://localhost:11434/api/chat", "ollama", "http://localhost:11434/api/chat"),
-    ("http://127.0.0.1:8000", "openai", "http://127.0.0.1:8000/v1/chat/completions"),
-    ("http://127.0.0.1:8000/v1", "openai", "http://127.0.0.1:8000/v1/chat/completions"),
-    ("http://127.0.0.1:8000/v1/", "openai", "http://127.0.0.1:8000/v1/chat/completions"),
-    ("127.0.0.1:8080", "openai", "http://127.0.0.1:8080/v1/chat/completions"),
-    ("localhost", "openai", "http://localhost/v1/chat/completions"),
-])
-def test_chat_url_completes_a_server_address(address, backend, url):
-    assert oe.chat_url(address, backend) == url
-
-
-@pytest.mark.parametrize("address", ["ftp://host/x", "http://", "localhost:port", "host:0",
-                                     "http://:11434"])
-def test_chat_url_refuses_what_is_no_http_address(address):
-    with pytest.raises(ValueError):
-        oe.chat_url(address)
-
-
 @pytest.mark.parametrize("with_scheme", [True, False])
 def test_a_bare_server_address_scores_end_to_end(tmp_path, judge, with_scheme):
     path = write(tmp_path, [entry("good", 0), entry("bad", 1)])
@@ -622,12 +487,6 @@ def test_a_bare_openai_address_gets_the_chat_completions_path(tmp_path, judge, c
              "--url", judge.root + suffix])
     assert "Average score: 90.00" in capsys.readouterr().out
     assert judge.requests == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
-
-
-def test_the_library_functions_take_a_server_address_too(judge):
-    assert oe.check_judge(judge.root, "llama3") is None
-    assert oe.query_model("score the model response `good` on a scale", url=judge.root) == "90"
-    assert judge.requests == [("GET", "/api/tags"), ("POST", "/api/chat")]
 
 
 # --- HTTP errors: the advice that fits ---
@@ -690,12 +549,6 @@ def test_a_dropped_connection_says_a_rerun_continues(tmp_path, judge, capsys):
     assert len(records(tmp_path / "responses-scores.jsonl")) == 1
 
 
-def test_a_judge_that_went_down_is_retried_then_named(closed_port):
-    with pytest.raises(oe.JudgeUnreachable,
-                       match=rf"^no answer from {closed_port}/api/chat: .*Connection refused$"):
-        oe.query_model("x", url=closed_port, retries=2, backoff=0)
-
-
 # --- the reuse line ---
 
 def test_no_reuse_line_when_nothing_is_reused(tmp_path, judge, capsys):
@@ -706,32 +559,6 @@ def test_no_reuse_line_when_nothing_is_reused(tmp_path, judge, capsys):
     out = capsys.readouterr().out
     assert "Reusing" not in out  # the second key has nothing saved although the file exists
     assert "model 2 response  3 of 3        15.00" in out.splitlines()
-
-
-# --- the requests session ---
-
-def test_each_thread_keeps_one_session_and_one_connection(judge):
-    sessions = []
-
-    def three_queries():
-        for _ in range(3):
-            oe.query_model("x", url=judge.url)
-        sessions.append(oe.session())
-
-    threads = [threading.Thread(target=three_queries) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert all(isinstance(session, requests.Session) for session in sessions)
-    assert sessions[0] is not sessions[1]
-    assert len(judge.bodies) == 6 and len(judge.connections) == 2
-
-
-def test_proxy_settings_are_not_used_for_the_judge(judge, closed_port, monkeypatch):
-    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.setenv(name, closed_port)  # a proxy that is down
-    assert oe.query_model("score the model response `good` on a scale", url=judge.url) == "90"
 
 
 def test_a_rerun_with_every_score_saved_needs_no_judge(tmp_path, capsys):
@@ -757,42 +584,10 @@ def test_the_script_has_the_banners_of_section_7_8():
     assert all(banner in source for banner in banners)
     assert [source.index(banner) for banner in banners] == sorted(
         source.index(banner) for banner in banners)
-    assert source.index(banners[0]) < source.index("def check_judge(") < source.index(
-        banners[1]) < source.index("def query_model(") < source.index(banners[2]) < \
-        source.index("def generate_model_scores(")
-
-
-# --- the rubric judge ---
-
-def test_rubric_prompt():
-    e = {"instruction": "Name a primary colour.", "input": "Answer in one word.",
-         "output": "Red.", "model_response": "Blue."}
-    assert oe.rubric_prompt(e, "model_response") == (
-        "Grade a response to an instruction, comparing it with the reference answer.\n\n"
-        "<instruction>\nName a primary colour.\n</instruction>\n"
-        "<input>\nAnswer in one word.\n</input>\n"
-        "<reference_answer>\nRed.\n</reference_answer>\n"
-        "<response>\nBlue.\n</response>\n\n"
-        "Score the response from 1 to 5; the reference answer scores 5.\n"
-        "5: as good as the reference answer: correct and complete; the wording may differ.\n"
-        "4: correct, with a small omission, addition or flaw of wording that changes no meaning.\n"
-        "3: partly correct: the main point is there, but a real part is missing or wrong.\n"
-        "2: mostly wrong or far from complete, though some of it fits the instruction.\n"
-        "1: wrong, unrelated to the instruction, or no answer at all.\n\n"
-        "Give brief feedback in one or two sentences, then end with the score alone on the "
-        'last line, written as "Score: N" with N from 1 to 5.')
-    assert "<input>" not in oe.rubric_prompt({**e, "input": ""}, "model_response")
-
-
-@pytest.mark.parametrize(("reply", "score"), [
-    ("Close to the reference.\nScore: 4", 4), ("Fine.\n\nScore: 5\n", 5), ("Score:1", 1),
-    ("Good.\n**Score:** 3", 3), ("Good.\n**Score: 3**", 3), ("Score: 2/5", 2),
-    ("Score: 2 out of 5", 2), ("It misses the point.\n1", 1), ("score: 4.", 4),
-    ("Score: 4\nThe response is close.", None), ("Score: 7", None), ("Score: 0", None),
-    ("Score: 3.5", None), ("I would give it 4.", None), ("", None), ("Score: 10/10", None),
-])
-def test_parse_rubric_score(reply, score):
-    assert oe.parse_rubric_score(reply) == score
+    assert source.index(banners[0]) < source.index("require_judge(url") < source.index(
+        banners[1]) < source.index("score_prompts(prompts") < source.index(banners[2]) < \
+        source.index("def generate_model_scores(") < source.index("def main(")
+    assert oe.query_model is judge_client.query_model  # the book's name, from the client
 
 
 RUBRIC_ENTRIES = [
@@ -821,11 +616,11 @@ def test_rubric_judge_end_to_end(tmp_path):
                          "1 empty response scored 1 without asking the judge",
                          "Average score: 2.50 on a 1-5 scale", "Median score: 2.00",
                          "Standard deviation: 1.91"]
-    prompts = [oe.rubric_prompt(e, "model_response") for e in RUBRIC_ENTRIES]
+    prompts = [rubric_prompt(e, "model_response") for e in RUBRIC_ENTRIES]
     assert sorted(server.prompts) == sorted(prompts[:3] + prompts[4:])
     saved = {r["prompt_sha256"]: r["score"] for r in records(tmp_path / "responses-scores.jsonl")}
-    assert saved == {oe.prompt_sha256(prompts[0]): 5, oe.prompt_sha256(prompts[1]): 3,
-                     oe.prompt_sha256(prompts[2]): 1, oe.prompt_sha256(prompts[4]): None}
+    assert saved == {prompt_sha256(prompts[0]): 5, prompt_sha256(prompts[1]): 3,
+                     prompt_sha256(prompts[2]): 1, prompt_sha256(prompts[4]): None}
 
 
 def test_rubric_and_chapter_scores_never_mix(tmp_path, judge, capsys):
@@ -866,16 +661,6 @@ def test_rubric_book_function_gives_the_lowest_score_to_an_empty_response(judge)
     assert oe.generate_model_scores(RUBRIC_ENTRIES[:4], "model_response", url=judge.url,
                                     prompt="rubric") == [5, 3, 1, 1]
     assert len(judge.prompts) == 3
-
-
-def test_rubric_histogram_has_one_bar_per_score(tmp_path, monkeypatch):
-    drawn = []
-    monkeypatch.setattr("matplotlib.axes.Axes.hist",
-                        lambda ax, scores, bins, **kwargs: drawn.append((scores, list(bins))))
-    oe.plot_scores([(None, [5, 3, 1])], str(tmp_path / "scores.png"),
-                   oe.JUDGE_PROMPTS["rubric"])
-    assert drawn == [([5, 3, 1], [0.5, 1.5, 2.5, 3.5, 4.5, 5.5])]
-    assert (tmp_path / "scores.png").read_bytes().startswith(b"\x89PNG")
 
 
 # --- whole replies within the deadline, capped, complete ---
@@ -949,47 +734,12 @@ def test_a_reply_cut_before_its_end_is_not_saved_and_a_rerun_asks_again(tmp_path
     assert [r["reply"] for r in records(scores)] == ["90"]
 
 
-def test_a_cut_reply_is_retried(judge):
-    judge.failures = ["cut", "cut"]
-    assert oe.query_model("score the model response `good` on a scale", url=judge.url,
-                          backoff=0) == "90"
-    assert len(judge.bodies) == 3
-
-
 def test_a_reply_without_a_score_is_shown_on_one_short_line(tmp_path, judge, capsys):
     judge.answers = {"long": "No score.\n\n" + "x" * 100}
     path = write(tmp_path, [entry("long", 0), entry("good", 1), entry("good", 2)])
     code, out, _ = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url], capsys)
     assert code == 0
     assert f"Could not convert score: No score. {'x' * 70}..." in out.splitlines()
-
-
-# --- busy judges and odd answers ---
-
-def test_a_busy_judge_is_asked_again_after_the_wait_it_names(judge, monkeypatch):
-    waits = []
-    monkeypatch.setattr(oe, "time", SimpleNamespace(sleep=waits.append,
-                                                    monotonic=time.monotonic))
-    judge.failures = [(429, {"error": "slow down"}, {"Retry-After": "2"}),
-                      (503, {"error": "busy"}, {"Retry-After": "3600"}), 429, None]
-    assert oe.query_model("score the model response `good` on a scale", url=judge.url,
-                          backoff=0.25) == "90"
-    assert waits == [2.0, 60.0, 1.0]  # as asked; at most a minute; else backoff x 2 ** 2
-    judge.failures = [429, 429]
-    with pytest.raises(oe.JudgeUnreachable) as error:
-        oe.query_model("x", url=judge.url, retries=1, backoff=0)
-    assert str(error.value) == (f"{judge.url} answered HTTP 429 (overloaded) to every try: the "
-                                "judge is busy; use fewer --workers or more --retries")
-
-
-@pytest.mark.parametrize(("value", "seconds"), [
-    ("5", 5.0), ("0.5", 0.5), ("-3", 0.0), ("86400", 60.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
-    ("soon", None), ("nan", None), ("", None),
-])
-def test_retry_after(value, seconds):
-    response = requests.Response()
-    response.headers["Retry-After"] = value
-    assert oe.retry_after(response) == seconds
 
 
 def test_ollama_with_no_model_pulled_names_the_pull(tmp_path, capsys):
@@ -1022,11 +772,11 @@ def test_null_content_is_an_empty_reply(tmp_path, judge, capsys, backend):
 
 def test_lone_surrogates_are_sent_hashed_and_printed(tmp_path, judge, capsys):
     e = entry("\ud800 answer", 0)
-    store = oe.ScoreStore(str(tmp_path / "scores.jsonl"))
+    store = ScoreStore(str(tmp_path / "scores.jsonl"))
     assert oe.generate_model_scores([e], "model_response", url=judge.url, store=store) == [0]
-    prompt = oe.judge_prompt(e, "model_response")
+    prompt = judge_prompt(e, "model_response")
     assert judge.prompts == [prompt]  # sent as the JSON escape \ud800 and read back
-    assert records(tmp_path / "scores.jsonl")[0]["prompt_sha256"] == oe.prompt_sha256(prompt)
+    assert records(tmp_path / "scores.jsonl")[0]["prompt_sha256"] == prompt_sha256(prompt)
     judge.answers = {"good": "\udc80 is no score"}
     path = write(tmp_path, [entry("good", 0), entry("bad", 1), entry("bad", 2)])
     code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url],
@@ -1054,7 +804,9 @@ def test_a_reply_of_deeply_nested_json_is_one_line(tmp_path, judge, capsys):
 
 def test_a_deeply_nested_line_in_the_score_file_is_skipped(tmp_path, judge, capsys):
     path = write(tmp_path, [entry("good", 0)])
-    (tmp_path / "responses-scores.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    other_judge = {"judge": "ollama/phi3", "prompt_sha256": "0" * 64, "score": 1, "reply": "1"}
+    (tmp_path / "responses-scores.jsonl").write_text(
+        json.dumps(other_judge) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
     code, out, err = run_in_process(oe.main, ["--file_path", str(path), "--url", judge.url],
                                     capsys)
     assert code == 0 and "Traceback" not in err
@@ -1105,7 +857,7 @@ def test_ctrl_c_saves_every_reply_that_arrived(tmp_path):
                                     "to continue.")
     saved = {r["prompt_sha256"] for r in records(scores)}
     assert len(slow.prompts) >= 4
-    assert saved == {oe.prompt_sha256(prompt) for prompt in slow.prompts}
+    assert saved == {prompt_sha256(prompt) for prompt in slow.prompts}
 
 
 def run_with_file_size_limit(limit, *args, cwd):
@@ -1195,16 +947,6 @@ def test_a_judge_that_ignores_the_format_gets_no_average_and_exit_1(tmp_path, ju
     half = write(tmp_path, [entry("odd", 0), entry("good", 1)], "half.json")
     code, out, _ = run_in_process(oe.main, ["--file_path", str(half), "--url", judge.url], capsys)
     assert code == 0 and "Average score: 90.00" in out.splitlines()
-
-
-def test_lowest_lines_name_the_entries_on_one_line_each():
-    entries = [{"instruction": f"Task {i}"} for i in range(5)]
-    entries[3]["instruction"] = "Rewrite\nthe sentence " + "y" * 60
-    assert oe.lowest_lines(entries, [40, None, 10, 10, 90]) == [
-        "Lowest scores:", "  entry 2, score 10: Task 2",
-        f"  entry 3, score 10: Rewrite the sentence {'y' * 39}...",
-        "  entry 0, score 40: Task 0"]
-    assert oe.lowest_lines(entries, [None] * 5) == []
 
 
 def test_write_scores_puts_each_score_and_reply_beside_its_response(tmp_path, judge, capsys):
