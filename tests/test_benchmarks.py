@@ -38,3 +38,20 @@ def test_gpu_benchmark_quick_prints_one_table_of_every_phase_and_count():
     assert table["graph breaks"] == ["-", "0", "0"]
     assert table["CUDA graph recordings"] == ["-", "0", "0"]
     assert table["distinct step lengths"][1:] == ["2", "2"]
+
+
+def test_dpo_benchmark_quick_prints_both_paths_and_the_ratio():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_dpo.py"),
+                             "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("torch ")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    assert rows[0] == ["GPT-2 2-layer, 64 wide, batch 8, 1 steps, CPU", "median step",
+                       "peak resident"]
+    table = {row[0]: row[1:] for row in rows[2:]}
+    assert list(table) == ["notebook (two models, four passes)",
+                           "script (precomputed reference, one pass)", "speed-up / memory ratio",
+                           "reference precompute, per entry (once)"]
+    book, ours = (float(table[name][0].rstrip(" s")) for name in list(table)[:2])
+    assert table["speed-up / memory ratio"][0] == f"{book / ours:.2f}x"

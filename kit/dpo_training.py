@@ -1,0 +1,177 @@
+"""The book's DPO training loop, `train_model_dpo_simple`, with the chapter script's engineering.
+
+The loop is the notebook's: for each batch of each epoch, the DPO loss, a backward pass and an
+optimizer step; every `eval_freq` steps the loss and rewards over `eval_iter` training and
+validation batches, printed as the notebook prints them; after each epoch a sample answer.
+`hooks` extend it as `previous_chapters.TrainingHooks` extend the chapter's loop; `DPOTraining`
+brings what `training_extras.ChapterTraining` does there (resuming, stopping on a signal, the
+progress bar, the metrics log, the best weights, precision, divergence checks).
+"""
+
+from contextlib import nullcontext
+
+import matplotlib.pyplot as plt
+import torch
+
+from accelerator import eager_model
+from kit.dpo_loss import compute_dpo_loss_batch, evaluate_dpo_loss_loader
+from previous_chapters import TrainingHooks
+from script_utils import atomic_write, image_format
+from training_extras import ChapterTraining
+
+REWARD_FIELDS = ("train_chosen_reward", "train_rejected_reward", "val_chosen_reward",
+                 "val_rejected_reward")
+DPO_METRICS_FIELDS = ("step", "tokens_seen", "train_loss", "val_loss", *REWARD_FIELDS)
+
+
+class DPOHooks(TrainingHooks):
+    """The points where `train_model_dpo_simple` can be extended; these defaults are the
+    notebook's loop. The reward curves are kept in the progress beside the loss curves."""
+
+    def start(self):
+        progress = super().start()
+        for field in REWARD_FIELDS:
+            progress.setdefault(f"{field}s", [])
+        return progress
+
+    def dpo_loss(self, batch, policy_model, reference_model, beta):
+        """The loss to backpropagate for one batch."""
+        loss, _, _ = compute_dpo_loss_batch(batch, policy_model, reference_model, beta)
+        return loss
+
+    def evaluate_dpo(self, policy_model, reference_model, train_loader, val_loader, beta,
+                     eval_iter):
+        """The losses and rewards of an evaluation (`evaluate_dpo_loss_loader`'s dict)."""
+        return evaluate_dpo_loss_loader(policy_model, reference_model, train_loader, val_loader,
+                                        beta, eval_iter)
+
+
+def record_evaluation(progress, res):
+    """Append an evaluation's losses, rewards and the tokens seen to the progress's curves."""
+    progress["train_losses"].append(res["train_loss"])
+    progress["val_losses"].append(res["val_loss"])
+    progress["track_tokens_seen"].append(progress["tokens_seen"])
+    for field in REWARD_FIELDS:
+        progress[f"{field}s"].append(res[field])
+
+
+def evaluation_line(epoch, step, res):
+    """The notebook's line for an evaluation: losses and reward margins to 3 decimals."""
+    train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
+    val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
+    return (f"Ep {epoch + 1} (Step {step:06d}): Train loss {res['train_loss']:.3f}, "
+            f"Val loss {res['val_loss']:.3f}, Train reward margins {train_margin:.3f}, "
+            f"Val reward margins {val_margin:.3f}")
+
+
+def tracking(progress):
+    """The curves as the notebook's loop returns them: losses, rewards and tokens seen."""
+    return {"train_losses": progress["train_losses"], "val_losses": progress["val_losses"],
+            **{f"{field}s": progress[f"{field}s"] for field in REWARD_FIELDS},
+            "tokens_seen": progress["track_tokens_seen"]}
+
+
+def train_model_dpo_simple(policy_model, reference_model, train_loader, val_loader, optimizer,
+                           num_epochs, beta, eval_freq, eval_iter, start_context, tokenizer,
+                           hooks=None):
+    """Train the policy with DPO for `num_epochs` against `reference_model` (a model, or a
+    `PrecomputedReference`); return the curves (`tracking`), one entry per evaluation."""
+    hooks = hooks or DPOHooks()
+    progress = hooks.start()
+    device = next(policy_model.parameters()).device
+    for epoch in range(progress["epoch"], num_epochs):
+        policy_model.train()
+        for batch in hooks.epoch_batches(train_loader, progress):
+            optimizer.zero_grad()
+            loss = hooks.dpo_loss(batch, policy_model, reference_model, beta)
+            loss.backward()
+            hooks.before_update(policy_model, optimizer, progress)
+            optimizer.step()
+            progress["tokens_seen"] += hooks.batch_tokens(batch["chosen"])
+            progress["global_step"] += 1
+            if progress["global_step"] % eval_freq == 0:
+                res = hooks.evaluate_dpo(policy_model, reference_model, train_loader,
+                                         val_loader, beta, eval_iter)
+                record_evaluation(progress, res)
+                print(evaluation_line(epoch, progress["global_step"], res))
+            hooks.step_done(progress)
+        progress["epoch"] = epoch + 1
+        hooks.epoch_done(policy_model, tokenizer, device, start_context, progress)
+    return tracking(progress)
+
+
+class DPOTraining(DPOHooks, ChapterTraining):
+    """`ChapterTraining` (resuming, signals, the bar, the metrics log, the best weights,
+    precision, divergence checks) around `train_model_dpo_simple`.
+
+    The metrics log has the DPO columns (`DPO_METRICS_FIELDS`) at full precision.
+    `keep` holds what the progress, hence the checkpoint, must carry besides the curves: the
+    precomputed reference log-probabilities, which a resumed run reuses.
+    """
+
+    metrics_fields = DPO_METRICS_FIELDS
+
+    def __init__(self, *args, keep=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep = keep or {}
+
+    def start(self):
+        progress = super().start()
+        progress.update(self.keep)
+        return progress
+
+    def dpo_loss(self, batch, policy_model, reference_model, beta):
+        """The batch's loss under `ctx`, noted for the divergence checks, scaled for fp16."""
+        self.model = policy_model
+        with self.ctx:
+            loss = super().dpo_loss(batch, policy_model, reference_model, beta)
+        counted = batch["chosen_mask"][:, 1:].sum() + batch["rejected_mask"][:, 1:].sum()
+        self.watch.note_loss(loss, counted)
+        return self.scaled(loss)
+
+    def evaluate_dpo(self, policy_model, reference_model, train_loader, val_loader, beta,
+                     eval_iter):
+        """The notebook's evaluation under `ctx`, on the eager model; the step's gradients are
+        freed first, their norm noted for the divergence checks."""
+        self.watch.note_gradients(policy_model)
+        policy_model.zero_grad(set_to_none=True)
+        with self.ctx:
+            return super().evaluate_dpo(eager_model(policy_model), reference_model,
+                                        train_loader, val_loader, beta, eval_iter)
+
+    def metrics_row(self, progress):
+        """The chapter's metrics row with the evaluation's rewards."""
+        return {**super().metrics_row(progress),
+                **{field: progress[f"{field}s"][-1] for field in REWARD_FIELDS}}
+
+
+def initial_evaluation(policy_model, train_loader, val_loader, beta, eval_iter, ctx=None):
+    """The notebook's check before training, under `ctx`: the losses and rewards of the policy
+    against itself, which is the reference before its first update (ln 2 and zero margins)."""
+    with ctx or nullcontext():
+        return evaluate_dpo_loss_loader(policy_model, None, train_loader, val_loader, beta,
+                                        eval_iter)
+
+
+def plot_dpo(curves, epochs_trained, save_path):
+    """Save a figure of the DPO losses and of the reward margins (chosen - rejected reward),
+    training and validation, against epochs; the format comes from the extension."""
+    epochs = torch.linspace(0, epochs_trained, len(curves["train_losses"]))
+    margins = {split: [c - r for c, r in zip(curves[f"{split}_chosen_rewards"],
+                                             curves[f"{split}_rejected_rewards"], strict=True)]
+               for split in ("train", "val")}
+    fig, (losses_ax, margins_ax) = plt.subplots(1, 2, figsize=(10, 3))
+    losses_ax.plot(epochs, curves["train_losses"], label="Training loss")
+    losses_ax.plot(epochs, curves["val_losses"], linestyle="-.", label="Validation loss")
+    losses_ax.set_ylabel("DPO loss")
+    margins_ax.plot(epochs, margins["train"], label="Training reward margin")
+    margins_ax.plot(epochs, margins["val"], linestyle="-.", label="Validation reward margin")
+    margins_ax.set_ylabel("Reward margin")
+    for ax in (losses_ax, margins_ax):
+        ax.set_xlabel("Epochs")
+        ax.legend()
+    fig.tight_layout()
+    with atomic_write(save_path) as f:
+        fig.savefig(f, format=image_format(save_path, "pdf"))
+    plt.close(fig)
+    print(f"Plot saved as {save_path}")
