@@ -19,7 +19,7 @@ import torch
 
 from gpt_download import GPT2_N_CTX, GPT2_SIZES
 from instruction_data import ALPACA, PROMPT_STYLES
-from lora import lora_rank, replace_linear_with_lora
+from lora import lora_config, lora_rank, merge_lora, replace_linear_with_lora
 from previous_chapters import GPTModel
 from script_utils import DataError, WriteError, atomic_write, read_json, save_json, signals_held
 
@@ -42,9 +42,11 @@ def model_info_path(model_path):
 def save_finetuned_model(model, path, info):
     """Save the weights as the book does (a plain state dict) and `info` as JSON beside them.
 
-    `info` says how to rebuild and prompt the model: at least its "config" and "prompt_style".
+    `model` is the model, or its state dict (a copy taken earlier). `info` says how to rebuild
+    and prompt the model: at least its "config" and "prompt_style".
     """
-    save_pth(model.state_dict(), path)  # atomically, not cut short by a Ctrl-C
+    state_dict = model if isinstance(model, dict) else model.state_dict()
+    save_pth(state_dict, path)  # atomically, not cut short by a Ctrl-C
     save_json(info, model_info_path(path))
 
 def save_pth(obj, path):
@@ -155,6 +157,38 @@ def load_finetuned_model(path, device="cpu", lora_alpha=None):
         raise DataError(f"{path}: the weights do not fit the model described by {info_path} "
                         f"({str(exc).splitlines()[0]}); save them again") from None
     return model.to(device).eval(), info, PROMPT_STYLES[info["prompt_style"]]
+
+
+def check_vocabulary(path, vocab_size, n_vocab, use):
+    """Raise DataError unless the model saved at `path` has a vocabulary of `n_vocab` tokens,
+    GPT-2's tokenizer's: `use` (what is done with both) needs the model's token ids to be the
+    tokenizer's, no fewer (the tokenizer's ids would be out of range) and no more (the model
+    would write tokens the tokenizer cannot decode)."""
+    if vocab_size != n_vocab:
+        raise DataError(f"{path}: has a vocabulary of {vocab_size} tokens, GPT-2's tokenizer "
+                        f"{n_vocab}; only a model finetuned from GPT-2 can {use}")
+
+
+def merge_saved_lora(model, path):
+    """`lora.merge_lora` on the model loaded from `path`; returns the merged model. Raises
+    DataError naming the file when the merged weights are not finite, or so large that the
+    model's outputs are not (one token is computed to see): an alpha far from the trained
+    one, with which the model would answer nothing but noise."""
+    lora = lora_config(model)
+    try:
+        merge_lora(model)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    if lora is not None:
+        device = model.tok_emb.weight.device
+        with torch.no_grad():
+            logits = model(torch.zeros((1, 1), dtype=torch.long, device=device))
+        if not bool(torch.isfinite(logits).all()):
+            raise DataError(f"{path}: with its LoRA layers merged at alpha {lora['alpha']:g} the "
+                            "model computes values that are not finite numbers: the alpha is "
+                            "far too large for these weights; use the alpha the model was "
+                            "trained with (the book's is 16)")
+    return model
 
 
 def build_model(config, state_dict, info_path, lora_alpha=None):

@@ -10,9 +10,14 @@ import json
 
 from script_utils import DataError, read_json
 
+END_OF_TEXT_MARK = "<|endoftext|>"  # GPT-2's only special token, as text
 
-def load_json_entries(file_path, fields=("instruction", "input", "output")):
+
+def load_json_entries(file_path, fields=("instruction", "input", "output"), training=False):
     """Read a dataset of entries and check that each has string values for `fields`.
+
+    With `training` (a dataset to finetune on), a field holding "<|endoftext|>" is refused
+    (`check_entry`).
 
     The file is the book's JSON list of entries, or JSON Lines: one entry a line (a `.jsonl`
     file, or any file whose first character is "{"). An entry without `input`, or with
@@ -33,7 +38,7 @@ def load_json_entries(file_path, fields=("instruction", "input", "output")):
     if not numbered:
         raise DataError(f"{file_path}: the dataset is empty")
     for number, entry in numbered:
-        check_entry(entry, fields, f"{file_path}: {where} {number}")
+        check_entry(entry, fields, f"{file_path}: {where} {number}", training)
     return [entry for _, entry in numbered]
 
 
@@ -74,9 +79,17 @@ def read_json_lines(file_path):
     return numbered
 
 
-def check_entry(entry, fields, name):
+def check_entry(entry, fields, name, training=False):
     """Check one entry in place; `name` says where it is ("data.jsonl: line 3"). A missing or
-    null `input` becomes "" (no input); strings must be text that can be tokenized."""
+    null `input` becomes "" (no input); strings must be text that can be tokenized.
+
+    With `training`, "<|endoftext|>" in a field is refused too. The book's InstructionDataset
+    encodes each entry with `tokenizer.encode(full_text)`, which raises on it, so the book
+    cannot finetune on such an entry either; encoding it as plain text instead would teach the
+    model to write the end marker as ordinary tokens, which its answers would then carry (and
+    an exported tokenizer reads as the real end). One line naming the entry lets the data be
+    fixed.
+    """
     if not isinstance(entry, dict):
         raise DataError(f"{name} is not an object")
     if "input" in fields and entry.get("input") is None:
@@ -93,6 +106,11 @@ def check_entry(entry, fields, name):
         except UnicodeEncodeError:
             raise DataError(f"{name} field '{field}' holds a lone surrogate escape (such as "
                             "\\ud800), which is not text; fix or remove it") from None
+        if training and END_OF_TEXT_MARK in value:
+            raise DataError(f"{name} field '{field}' holds {END_OF_TEXT_MARK}, GPT-2's "
+                            "end-of-text token, which finetuning puts after every response "
+                            "and the tokenizer refuses inside an entry; remove it or write it "
+                            "another way")
 
 
 def warn_if_truncated(dataset, allowed_max_length, split_name):

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn as nn
 
+from script_utils import DataError
+
 
 class LoRALayer(nn.Module):
     """The low-rank update alpha * (x @ A @ B), with A (in, rank) and B (rank, out).
@@ -55,20 +57,29 @@ def count_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def merge_lora(model):
+def merge_lora(model, prefix=""):
     """Fold each LoRA update into its linear layer and unwrap it; return `model`, changed.
 
     linear(x) + alpha * x @ A @ B equals a linear layer with weight W + alpha * (A @ B).T (W is
-    (out, in)), so the merged model computes the same and is a plain GPTModel again.
+    (out, in)), so the merged model computes the same and is a plain GPTModel again. An alpha
+    so large that a merged weight is not a finite number (it overflows) raises DataError
+    naming the layer, before that layer is changed: such weights answer nothing but noise.
     """
     for name, module in model.named_children():
         if isinstance(module, LinearWithLoRA):
             lora = module.lora
             with torch.no_grad():
-                module.linear.weight += lora.alpha * (lora.A @ lora.B).T
+                merged = module.linear.weight + lora.alpha * (lora.A @ lora.B).T
+                if not torch.isfinite(merged).all():
+                    raise DataError(f"merging the LoRA layers with alpha {lora.alpha:g} makes "
+                                    f"{prefix}{name}.weight hold values that are not finite "
+                                    "numbers: the alpha is far too large for these weights; "
+                                    "use the alpha the model was trained with (the book's "
+                                    "is 16)")
+                module.linear.weight.copy_(merged)
             setattr(model, name, module.linear)
         else:
-            merge_lora(module)
+            merge_lora(module, f"{prefix}{name}.")
     return model
 
 

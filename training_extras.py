@@ -57,6 +57,7 @@ from accelerator import (
     prepared_loss,
 )
 from finetuned_model import all_finite, first_line, read_pth, save_finetuned_model, save_pth
+from kit.run_files import check_name_lengths, existing_outputs, names, refuse_foreign_files
 from previous_chapters import IGNORE_INDEX, TrainingHooks, plot_losses
 from script_utils import (
     DataError,
@@ -379,15 +380,18 @@ def training_model(model, compile_model, device):
 #####################################
 
 
-def run_settings(args, experiment, model_name, train_data):
-    """What a checkpoint's training depended on: resuming with anything else would mix runs."""
+def run_settings(args, experiment, model_name, train_data, val_data, test_data):
+    """What a checkpoint's run depended on: resuming with anything else would mix runs. The
+    validation entries decide the losses and the best weights, the test entries the answers;
+    --keep_best decides whether the best-weights file holds the run's best evaluation."""
     return {"--model": model_name, "--seed": args.seed, "--lr": args.lr,
             "--weight_decay": args.weight_decay, "--batch_size": experiment.batch_size,
             "--precision": args.precision, "--warmup_steps": args.warmup_steps,
             "--initial_lr": args.initial_lr, "--lr_schedule": args.lr_schedule,
             "--min_lr": args.min_lr, "--grad_clip": args.grad_clip,
-            "training data": fingerprint(train_data), "experiment": experiment.name,
-            **experiment.settings}
+            "--keep_best": args.keep_best, "training data": fingerprint(train_data),
+            "validation data": fingerprint(val_data), "test data": fingerprint(test_data),
+            "experiment": experiment.name, **experiment.settings}
 
 
 def fingerprint(entries):
@@ -397,11 +401,10 @@ def fingerprint(entries):
 
 
 def will_resume(resume, checkpoint):
-    """Whether this run continues `checkpoint` (--resume). Without --resume an existing
-    checkpoint is about to be replaced: say so before any training, and how to continue it."""
+    """Whether this run continues `checkpoint` (--resume; `RunFiles` has refused --resume
+    without one). Without --resume an existing checkpoint is about to be replaced: say so
+    before any training, and how to continue it."""
     exists = os.path.exists(checkpoint)
-    if resume and not exists:
-        print(f"No checkpoint at {checkpoint}; starting from the beginning")
     if not resume and exists:
         print(f"Note: {checkpoint} holds an earlier run's progress; this run starts over and "
               "replaces it at its first epoch end. To continue that run instead, stop now "
@@ -454,18 +457,23 @@ class RunFiles:
     Entered around the run, it
     - keeps a second run of the same outputs out of the folder while this one runs: a lock file
       that the operating system releases when the process ends, however it ends;
+    - refuses, before any work, a run name too long for the file system, an output that is a
+      link or a folder, and --resume without a checkpoint (saying what of the run is there);
     - removes the temporary files that a save left when its process was killed;
     - reads the checkpoint to resume from, checked before anything is built from it
       (`check_resume`), and saves this run's checkpoints (`saver`); an earlier run's
-      checkpoint stays until this run's first epoch end;
+      checkpoint, metrics and best weights stay until this run's first epoch end (the best
+      weights found before then wait in memory), and its other outputs until this run writes
+      its own (an earlier best file that this run does not replace goes with them);
     - keeps the test set answers as they come (`answer_log`);
     - ends an interrupt (Ctrl-C, SIGTERM, SIGHUP), a failed write or a diverging loss with one
       line that says what is saved and how to go on: exit code 128 + the signal, or 1.
     Under torchrun rank 0 holds the lock, writes and reports; all ranks exit alike.
     """
 
-    def __init__(self, setup, args):
+    def __init__(self, setup, args, run_name=None):
         self.paths = setup.paths
+        self.run_name = run_name
         self.checkpoint = setup.paths["checkpoint"]
         self.args = args
         self.device, self.rank, self.world_size = setup.device, setup.rank, setup.world_size
@@ -475,20 +483,30 @@ class RunFiles:
         self.saved_steps = None  # the training steps that the checkpoint holds for this run
         self.trained = False  # the checkpoint holds the finished training
         self.best_step = None  # the step whose weights the best-weights file holds
+        self.earlier_outputs = []  # the outputs that an earlier run of this name left
+        self.pending_best = None  # best weights that wait for this run's first checkpoint
         self.answers = None
         self.settings = None
         self.resume_from = None
         self.epochs = None
 
     def __enter__(self):
-        refused = self.rank == 0 and not self.take_lock()
+        problem = None
+        if self.rank == 0:
+            try:
+                self.check_files()
+            except DataError as exc:
+                problem = exc
+        refused = problem is not None
         if self.world_size > 1:
             refused = any_rank(refused, self.device)
         if refused:
-            if self.rank == 0:
-                raise DataError(self.lock_refusal())
+            self.release_lock()
+            if problem is not None:
+                raise problem
             raise SystemExit(2)
         self.earlier = os.path.exists(self.checkpoint)
+        self.earlier_outputs = existing_outputs(self.paths)
         if self.rank == 0:
             self.remove_leftovers()
         return self
@@ -504,10 +522,35 @@ class RunFiles:
             if isinstance(exc, TrainingDiverged):
                 self.end(self.divergence(exc))
         finally:
-            if self.lock is not None:
-                unlock_file(self.lock)
-                self.lock = None
+            self.release_lock()
         return False
+
+    def check_files(self):
+        """Refuse this run before any work when its files cannot be its own: a name too long
+        for the file system, an output that is a link or a folder, another run holding the
+        lock, or --resume without a checkpoint to continue."""
+        folder = os.path.dirname(self.checkpoint) or "."
+        if self.run_name is not None:
+            check_name_lengths(self.paths, self.run_name, folder)
+        refuse_foreign_files(self.paths)
+        if not self.take_lock():
+            raise DataError(self.lock_refusal())
+        if self.args.resume and not os.path.exists(self.checkpoint):
+            existing = existing_outputs(self.paths)
+            if not existing:
+                raise DataError(f"--resume: there is no checkpoint {self.checkpoint} to "
+                                f"continue, and no other file of this run is in {folder}; run "
+                                "without --resume to start the run")
+            raise DataError(f"--resume: there is no checkpoint {self.checkpoint} to continue; "
+                            f"of this run, {folder} holds only {names(existing)} (a finished "
+                            "run's checkpoint is removed unless --keep_checkpoint); run without "
+                            "--resume to train anew, replacing them, or pass another --run_name")
+
+    def release_lock(self):
+        """Release the lock on this run's outputs, when this process holds it."""
+        if self.lock is not None:
+            unlock_file(self.lock)
+            self.lock = None
 
     def take_lock(self):
         """Hold the lock on this run's outputs; False when another run holds it."""
@@ -536,6 +579,8 @@ class RunFiles:
         self.settings = settings
         progress = None
         self.resuming = will_resume(self.args.resume, self.checkpoint)
+        if self.earlier_outputs and not self.resuming:
+            self.say_replaced()
         if self.resuming:
             self.resume_from = read_pth(self.checkpoint, "delete it or run without --resume")
             check_checkpoint(self.checkpoint, self.resume_from, settings)
@@ -557,11 +602,25 @@ class RunFiles:
                             f"{schedule.total_steps}; resume with the --epochs it was started "
                             "with (leave --epochs out)")
 
+    def say_replaced(self):
+        """Say, before a new run trains, which outputs of an earlier run of its name it
+        replaces, and when."""
+        best = self.paths["best"]
+        dropped = ""
+        if best in self.earlier_outputs and not self.args.keep_best:
+            dropped = (f", and removes {os.path.basename(best)} with them (without --keep_best "
+                       "it keeps no best weights)")
+        print(f"Note: {os.path.dirname(best) or '.'} holds the outputs of an earlier run of "
+              f"this name ({names(self.earlier_outputs)}); this run replaces them as it writes "
+              f"its own, none before its first epoch end{dropped}. To keep them, stop now "
+              "(Ctrl-C) and pass another --run_name or --output_dir.")
+
     @property
     def keeps_earlier(self):
-        """Whether an earlier run's checkpoint is here that this new run replaces only at its
-        first epoch end: a stop before then keeps it, and saves nothing of this run."""
-        return self.earlier and not self.resuming
+        """Whether an earlier run's checkpoint or outputs are here that this new run replaces
+        only from its first epoch end: a stop before then keeps them, and saves nothing of
+        this run."""
+        return (self.earlier or bool(self.earlier_outputs)) and not self.resuming
 
     def restore(self, model, optimizer):
         """The progress to resume from, with `model` and `optimizer` restored to it; None for
@@ -584,23 +643,53 @@ class RunFiles:
                           "once it is written"):
             save_checkpoint(self.checkpoint, model, optimizer, progress, self.settings)
             self.earlier = False
+            self.earlier_outputs = []
+            if self.pending_best is not None:
+                self.write_best(*self.pending_best)
+                self.pending_best = None
             self.saved_steps = progress["global_step"] + 1
             self.trained = ((progress["epoch"] >= progress["num_epochs"]
                              and progress["batches_done"] == 0) or progress["stopped_early"])
 
     def best_saver(self, model, describe):
         """The `save(progress)` of `BestWeights`: the weights of `model` as they are now, with
-        the JSON `describe(model, progress, weights="best")`, written whole at once (rank 0)."""
+        the JSON `describe(model, progress, weights="best")`, written whole at once (rank 0).
+
+        While an earlier run's files are kept (`keeps_earlier`), a copy of the weights waits
+        in CPU memory instead and is written with this run's first checkpoint, so that a stop
+        before then leaves the earlier best weights as they were.
+        """
         if self.rank != 0:
             return None
 
         def save(progress):
-            with signals_held(f"Saving the best weights {self.paths['best']} (do not "
-                              "interrupt); stopping once they are written"):
-                save_finetuned_model(model, self.paths["best"],
-                                     describe(model, progress, weights="best"))
-                self.best_step = progress["global_step"]
+            info = describe(model, progress, weights="best")
+            if self.keeps_earlier:
+                weights = {name: tensor.detach().to("cpu", copy=True)
+                           for name, tensor in model.state_dict().items()}
+                self.pending_best = (weights, info, progress["global_step"])
+            else:
+                self.write_best(model, info, progress["global_step"])
         return save
+
+    def write_best(self, weights, info, step):
+        """Write the best weights (a model or its state dict) of `step` with their JSON."""
+        with signals_held(f"Saving the best weights {self.paths['best']} (do not "
+                          "interrupt); stopping once they are written"):
+            save_finetuned_model(weights, self.paths["best"], info)
+            self.best_step = step
+
+    def holds_best(self, best):
+        """Whether the best-weights file holds the weights of the evaluation `best` (a
+        metrics row), as the JSON beside it says."""
+        if not os.path.isfile(self.paths["best"]):
+            return False
+        try:
+            info = read_json(self.paths["best_info"])
+        except DataError:
+            return False
+        return (isinstance(info, dict) and info.get("losses_step") == best["step"]
+                and info.get("val_loss") == best["val_loss"])
 
     def answer_log(self, progress, max_new_tokens, test_data):
         """Where the test set answers of the weights of `progress` are kept as they come."""
@@ -614,7 +703,20 @@ class RunFiles:
         --keep_checkpoint."""
         if self.answers is not None:
             self.answers.remove()
+        if not self.args.keep_best:
+            self.remove_earlier_best()
         remove_checkpoint(self.checkpoint, keep_checkpoint)
+
+    def remove_earlier_best(self):
+        """Remove best weights left by an earlier run of this name, which this run (without
+        --keep_best) does not replace: beside this run's outputs they would pass as its own."""
+        removed = [path for path in (self.paths["best"], self.paths["best_info"])
+                   if os.path.exists(path)]
+        for path in removed:
+            os.remove(path)
+        if removed:
+            print(f"Removed {names(removed)} from {os.path.dirname(removed[0]) or '.'}: an "
+                  "earlier run's best weights (--keep_best keeps this run's)")
 
     def kept(self):
         """(what of the run is saved now, how to go on), for the line that ends it early."""
@@ -641,6 +743,10 @@ class RunFiles:
             return (f"this run's steps were not kept, and {self.checkpoint} still holds the "
                     "earlier run's progress", "run the same command with --resume to continue "
                     "that run, or without --resume to start over")
+        if self.earlier_outputs:
+            return (f"nothing of this run was saved, and the earlier run's outputs in "
+                    f"{os.path.dirname(self.checkpoint) or '.'} are unchanged",
+                    "run the same command to start again")
         return "nothing of this run was saved", "run the same command to start again"
 
     def write_failure(self, exc):
@@ -713,17 +819,18 @@ class AnswerLog:
 
 
 METRICS_FIELDS = ("epoch", "step", "tokens_seen", "train_loss", "val_loss", "lr", "seconds")
+COUNT_FIELDS = ("epoch", "step", "tokens_seen")  # whole numbers; the other columns are floats
 
 
-def write_metrics_log(path, rows):
-    """Write the metrics CSV at `path` whole: its header and `rows`."""
+def write_metrics_log(path, rows, fields=METRICS_FIELDS):
+    """Write the metrics CSV at `path` whole: its header of `fields` and those of `rows`."""
     with atomic_write(path, "w") as f:
-        writer = csv.DictWriter(f, METRICS_FIELDS)
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def rebuild_metrics_log(path, rows):
+def rebuild_metrics_log(path, rows, fields=METRICS_FIELDS):
     """Rewrite a resumed run's metrics CSV from its checkpoint's `rows`, the evaluations of the
     weights it holds (rows logged after it belong to training that is done again). A missing
     or damaged file, whose curve the checkpoint restores, is said so in one line."""
@@ -732,42 +839,39 @@ def rebuild_metrics_log(path, rows):
         problem = f"{path} was missing"
     else:
         try:
-            read_metrics(path)
+            read_metrics(path, fields)
         except DataError as exc:
             problem = str(exc)
-    write_metrics_log(path, rows)
+    write_metrics_log(path, rows, fields)
     if problem is not None and rows:
         print(f"{problem}; rebuilt its {plural(len(rows), 'row')} from the checkpoint")
 
 
-def append_metrics_row(path, row):
-    """Append one evaluation's row to the metrics CSV and flush it to disk; a failed write
-    raises WriteError naming the file."""
+def append_metrics_row(path, row, fields=METRICS_FIELDS):
+    """Append one evaluation's row (its `fields`) to the metrics CSV and flush it to disk; a
+    failed write raises WriteError naming the file."""
     try:
         with open(path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, METRICS_FIELDS).writerow(row)
+            csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
     except OSError as exc:
         raise WriteError(exc.errno, exc.strerror or str(exc), path) from exc
 
 
-def read_metrics(path):
-    """The rows of a metrics CSV as dicts of numbers. Raises DataError naming a damaged file
-    (one cut short by a crash mid-line, too)."""
+def read_metrics(path, fields=METRICS_FIELDS):
+    """The rows of a metrics CSV with the columns `fields` as dicts of numbers. Raises
+    DataError naming a damaged file (one cut short by a crash mid-line, too)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != METRICS_FIELDS:
-                raise ValueError(f"expected the columns {', '.join(METRICS_FIELDS)}")
+            if tuple(reader.fieldnames or ()) != tuple(fields):
+                raise ValueError(f"expected the columns {', '.join(fields)}")
             rows = []
             for r in reader:
                 if None in r or None in r.values():
                     raise ValueError(f"line {reader.line_num} does not have the "
-                                     f"{len(METRICS_FIELDS)} columns")
-                rows.append({"epoch": int(r["epoch"]), "step": int(r["step"]),
-                             "tokens_seen": int(r["tokens_seen"]),
-                             "train_loss": float(r["train_loss"]),
-                             "val_loss": float(r["val_loss"]), "lr": float(r["lr"]),
-                             "seconds": float(r["seconds"])})
+                                     f"{len(fields)} columns")
+                rows.append({name: int(r[name]) if name in COUNT_FIELDS else float(r[name])
+                             for name in fields})
             return rows
     except (ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a metrics log of this script ({exc})") from None
@@ -994,6 +1098,8 @@ class ChapterTraining(TrainingHooks):
     checkpoint.
     """
 
+    metrics_fields = METRICS_FIELDS  # the metrics CSV's columns
+
     def __init__(self, num_epochs, device, save_checkpoint=None, resume_progress=None,
                  ctx=None, micro_batch_size=None, metrics_path=None, save_on_interrupt=True,
                  schedule=None, best=None, loss_scaler=None):
@@ -1041,10 +1147,11 @@ class ChapterTraining(TrainingHooks):
         self.metrics_live = False  # whether rows go to the file as they come
         if self.metrics_path is not None:
             if self.resume_progress is not None:
-                rebuild_metrics_log(self.metrics_path, progress["metrics"])
+                rebuild_metrics_log(self.metrics_path, progress["metrics"],
+                                    self.metrics_fields)
                 self.metrics_live = True
             elif self.save_checkpoint is None or not os.path.exists(self.metrics_path):
-                write_metrics_log(self.metrics_path, [])
+                write_metrics_log(self.metrics_path, [], self.metrics_fields)
                 self.metrics_live = True
         return progress
 
@@ -1195,14 +1302,18 @@ class ChapterTraining(TrainingHooks):
 
     def log_metrics(self, progress):
         """Keep the evaluation just made as a metrics row, and append it to the file."""
-        row = {"epoch": progress["epoch"] + 1, "step": progress["global_step"],
-               "tokens_seen": progress["tokens_seen"],
-               "train_loss": progress["train_losses"][-1],
-               "val_loss": progress["val_losses"][-1], "lr": self.lr,
-               "seconds": round(progress["seconds"], 3)}
+        row = self.metrics_row(progress)
         progress["metrics"].append(row)
         if self.metrics_live:
-            append_metrics_row(self.metrics_path, row)
+            append_metrics_row(self.metrics_path, row, self.metrics_fields)
+
+    def metrics_row(self, progress):
+        """The metrics row of the evaluation just made."""
+        return {"epoch": progress["epoch"] + 1, "step": progress["global_step"],
+                "tokens_seen": progress["tokens_seen"],
+                "train_loss": progress["train_losses"][-1],
+                "val_loss": progress["val_losses"][-1], "lr": self.lr,
+                "seconds": round(progress["seconds"], 3)}
 
     def save(self, progress, note=None):
         """Save a checkpoint of `progress` where this process saves (printing `note` first);
@@ -1214,7 +1325,7 @@ class ChapterTraining(TrainingHooks):
         self.save_checkpoint(progress)
         self.saved_once = True
         if self.metrics_path is not None and not self.metrics_live:
-            write_metrics_log(self.metrics_path, progress["metrics"])
+            write_metrics_log(self.metrics_path, progress["metrics"], self.metrics_fields)
             self.metrics_live = True
 
 
