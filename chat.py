@@ -12,7 +12,8 @@ answer while the model writes it. Ctrl-C stops an answer and asks again; Ctrl-D 
 From a pipe or a file it answers each line, the answers one blank line apart: a line is an
 instruction, or, when it starts with "{", a JSON object with "instruction" and an optional
 "input" (so dataset entries can be piped in as they are). All lines are read and checked
-before the first answer. `--prompt` answers one instruction.
+before the first answer. `--prompt` answers one instruction. `--jsonl` prints each answer
+as one line of JSON instead, with its instruction and input, to be read back by a program.
 
 Each answer is asked and cut out as the chapter script answers its test set: in the prompt
 style saved beside the weights, greedily, ending at <|endoftext|> or after `--max_new_tokens`.
@@ -33,16 +34,21 @@ import torch
 
 from accelerator import pick_device
 from finetune_cli import SEED_RANGE, HelpFormatter
-from finetuned_model import check_lora_alpha, load_finetuned_model
+from finetuned_model import (
+    check_lora_alpha,
+    check_vocabulary,
+    load_finetuned_model,
+    merge_saved_lora,
+)
 from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
 from instruction_data import check_entry
-from lora import merge_lora
 from previous_chapters import generate_stream, text_to_token_ids
 from script_utils import DataError, fail
 
 INSTRUCTION_PROMPT = "Instruction: "
 INPUT_PROMPT = "Input (Enter for none): "
 EXIT_WORD = "exit"
+MIN_TEMPERATURE = 1e-6  # below it sampling is greedy answering, and logits / it may overflow
 INTERRUPTED_EXIT_CODE = 130  # a shell's code for a program stopped by Ctrl-C
 
 
@@ -58,17 +64,26 @@ def build_parser():
     parser.add_argument("--max_new_tokens", type=int, default=256,
                         help="longest answer, in tokens, as in the chapter script")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 answers greedily, as the chapter script does; above 0 samples, "
-                             "more freely the higher it is")
+                        help="0 answers greedily, as the chapter script does; from 1e-6 on "
+                             "samples, more freely the higher it is")
     parser.add_argument("--top_k", type=int, default=None,
                         help="sample only among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=123,
                         help="seed of the random draws, set anew before each answer")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu")
+    parser.add_argument("--models_dir", default="gpt2",
+                        help="folder of GPT-2's downloads (the chapter script's --models_dir): "
+                             "without a network or tiktoken's cache, GPT-2's tokenizer is read "
+                             "from the encoder.json and vocab.bpe in its 124M, 355M, 774M or "
+                             "1558M folder")
     parser.add_argument("--lora_alpha", type=float, default=None,
                         help="alpha of a .pth saved with unmerged LoRA layers and without its "
                              "JSON (the book trains with 16)")
+    parser.add_argument("--jsonl", action="store_true",
+                        help="for piped input and --prompt: print each answer as one line of "
+                             'JSON, {"instruction", "input", "model_response"}, which reads '
+                             "back whatever the answer holds")
     return parser
 
 
@@ -82,6 +97,10 @@ def check_args(args):
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise DataError(f"--temperature must be a finite number, 0 or above, got "
                         f"{args.temperature}")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise DataError(f"--temperature {args.temperature:g} is too small to sample with (the "
+                        "logits divided by it overflow); pass 0 for greedy answers, which it "
+                        f"approaches, or at least {MIN_TEMPERATURE:g}")
     if args.top_k is not None and args.top_k < 1:
         raise DataError(f"--top_k must be at least 1, got {args.top_k}")
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
@@ -92,6 +111,9 @@ def check_args(args):
         raise DataError("--prompt is empty; give the instruction to answer")
     if args.input is not None and args.prompt is None:
         raise DataError("--input goes with --prompt; give the instruction with --prompt")
+    if os.path.exists(args.models_dir) and not os.path.isdir(args.models_dir):
+        raise DataError(f"--models_dir {args.models_dir}: is a file, not a folder; pass the "
+                        "folder that holds GPT-2's downloads")
     args.device = pick_device(args.device)
 
 
@@ -202,18 +224,32 @@ class Chat:
         self.context_size = context_size
         self.args = args
 
-    def answer(self, entry):
-        """Print the answer to `entry` (instruction and input) as it is generated, without a
-        line end."""
+    def answer(self, entry, write=None):
+        """Hand the answer to `entry` (instruction and input) to `write` piece by piece as it
+        is generated; by default print it so, without a line end."""
+        write = write or show
         prompt = self.prompt_style.format_input(entry)
         idx = text_to_token_ids(prompt, self.tokenizer).to(self.args.device)  # (1, num_tokens)
+        check_in_vocabulary(idx, self.model.tok_emb.num_embeddings, self.tokenizer)
         answer = AnswerText(self.tokenizer, self.prompt_style, prompt)
         torch.manual_seed(self.args.seed)
         for token_id in generate_stream(self.model, idx, self.args.max_new_tokens,
                                         self.context_size, self.args.temperature,
                                         self.args.top_k, eos_id=END_OF_TEXT):
-            show(answer.add(token_id))
-        show(answer.finish())
+            write(answer.add(token_id))
+        write(answer.finish())
+
+
+def check_in_vocabulary(idx, vocab_size, tokenizer):
+    """Raise DataError when the prompt's token ids `idx` hold one that a model with a smaller
+    vocabulary than GPT-2's lacks (its embedding has no row for it)."""
+    largest = int(idx.max())
+    if largest >= vocab_size:
+        token = tokenizer.decode_single_token_bytes(largest).decode("utf-8", errors="replace")
+        raise DataError(f"the prompt holds the token {token!r} (id {largest}), which the "
+                        f"model's vocabulary of {vocab_size} tokens lacks (GPT-2's has "
+                        f"{tokenizer.n_vocab}); ask without it, or chat with a model finetuned "
+                        "from GPT-2")
 
 
 def show(text):
@@ -225,17 +261,23 @@ def show(text):
 def load_chat(args):
     """The model of `args.model_path` with LoRA layers merged, its tokenizer and prompt style.
 
-    Raises DataError (or DownloadError for the tokenizer) when they cannot be loaded, and
-    when --top_k asks for more tokens than the model has.
+    Raises DataError (or DownloadError for the tokenizer) when they cannot be loaded, when the
+    model's vocabulary is larger than the tokenizer's (a smaller one answers prompts whose
+    tokens it has: `check_in_vocabulary`), when merging its LoRA layers makes weights that
+    are not finite, and when --top_k asks for more tokens than the model has.
     """
     model, info, prompt_style = load_finetuned_model(args.model_path, args.device,
                                                      lora_alpha=args.lora_alpha)
-    merge_lora(model)
     config = info["config"]
+    tokenizer = gpt2_tokenizer(args.models_dir)
+    if config["vocab_size"] > tokenizer.n_vocab:  # it would write tokens the tokenizer lacks
+        check_vocabulary(args.model_path, config["vocab_size"], tokenizer.n_vocab,
+                         "chat with it")
+    merge_saved_lora(model, args.model_path)
     if args.top_k is not None and args.top_k > config["vocab_size"]:
         raise DataError(f"--top_k {args.top_k}: the model has only {config['vocab_size']} "
                         "tokens; give a smaller value")
-    return Chat(model, gpt2_tokenizer(), prompt_style, config["context_length"], args)
+    return Chat(model, tokenizer, prompt_style, config["context_length"], args)
 
 
 #####################################
@@ -250,6 +292,18 @@ def answer_entries(chat, entries):
             print()
         chat.answer(entry)
         print()
+
+
+def answer_entries_jsonl(chat, entries):
+    """Answer each entry in turn, each as one line of JSON once it is whole: the instruction,
+    the input and the answer as `model_response`, as in a responses file. Everything beyond
+    ASCII is escaped, so no answer (blank lines, quotes, U+2028) can split a line or fail to
+    print in the terminal's encoding."""
+    for entry in entries:
+        pieces = []
+        chat.answer(entry, pieces.append)
+        print(json.dumps({"instruction": entry["instruction"], "input": entry["input"],
+                          "model_response": "".join(pieces)}), flush=True)
 
 
 def converse(chat, banner):
@@ -308,6 +362,9 @@ def main(argv=None):
         check_args(args)
         stdin = sys.stdin or io.StringIO()  # None when the shell closed it
         at_terminal = args.prompt is None and stdin.isatty()
+        if at_terminal and args.jsonl:
+            raise DataError("--jsonl is for piped input and --prompt; pipe the instructions "
+                            "in, one a line, or pass --prompt")
         entries = None
         if args.prompt is not None:
             entries = [{"instruction": args.prompt, "input": args.input or ""}]
@@ -317,7 +374,7 @@ def main(argv=None):
         if at_terminal:
             converse(chat, describe(args, chat.prompt_style))
         else:
-            answer_entries(chat, entries)
+            (answer_entries_jsonl if args.jsonl else answer_entries)(chat, entries)
     except (DataError, DownloadError) as exc:
         fail(exc)
     except KeyboardInterrupt:
