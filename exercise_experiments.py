@@ -193,18 +193,19 @@ def check_lora_flags(names, args):
 
 
 def build_exercise_parser():
-    """The main script's flags plus the exercises' own."""
+    """The main script's flags plus the exercises' own, in a --help group of their own."""
     parser = build_parser(description=__doc__)
-    parser.add_argument("--exercise_solution", default="baseline",
-                        help=f"{', '.join(EXERCISES)}, or several joined by commas, e.g. "
-                             "lora,alpaca_52k")
-    parser.add_argument("--lora_rank", type=int, default=16,
-                        help="rank of the LoRA matrices")
-    parser.add_argument("--lora_alpha", type=float, default=16,
-                        help="scale of the LoRA update")
-    parser.add_argument("--merge_lora", action="store_true",
-                        help="fold the LoRA weights into the linear layers before saving, so "
-                             "the .pth loads into a plain GPTModel")
+    group = parser.add_argument_group("exercises")
+    group.add_argument("--exercise_solution", default="baseline",
+                       help=f"{', '.join(EXERCISES)}, or several joined by commas, e.g. "
+                            "lora,alpaca_52k")
+    group.add_argument("--lora_rank", type=int, default=16,
+                       help="rank of the LoRA matrices")
+    group.add_argument("--lora_alpha", type=float, default=16,
+                       help="scale of the LoRA update")
+    group.add_argument("--merge_lora", action="store_true",
+                       help="fold the LoRA weights into the linear layers before saving, so "
+                            "the .pth loads into a plain GPTModel")
     return parser
 
 

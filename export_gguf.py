@@ -3,12 +3,23 @@
     python export_gguf.py gpt2-medium355M-sft-standalone.pth gpt2-medium-sft-gguf
     ollama create my-gpt2-sft -f gpt2-medium-sft-gguf/Modelfile
     ollama run my-gpt2-sft "Name three primary colors."
+    ollama run my-gpt2-sft $'Rewrite the sentence.\\n\\n### Input:\\nThe cake was baked by me.'
 
 The folder holds MODEL-OUTTYPE.gguf (llama.cpp's GPT-2 architecture, written with the `gguf`
 package, llama.cpp's own writer) and a Modelfile for Ollama. The GGUF file carries GPT-2's
 tokenizer and a chat template (the one export_hf.py writes) for the run's prompt style; the
-Modelfile's TEMPLATE asks Ollama's prompt as the finetuning script asks a test entry, so the
-chat answer is the script's answer. A model saved with unmerged LoRA layers is merged first.
+Modelfile's TEMPLATE writes the prompt the finetuning script writes for an entry, followed by
+the response header. A prompt is the instruction, or the instruction, the prompt style's input
+separator and the input (above, Alpaca's "\\n\\n### Input:\\n"; Phi-3's is a newline), as
+the Modelfile's first lines say. A model saved with unmerged LoRA layers is merged first.
+
+The answer equals the one the script saves for the same entry (up to the spaces it strips at
+the ends) when the model, asked the script's prompt, writes the response header itself before
+its answer (a finetuned model does; the random test-mode model does not), the weights are f32
+(f16 and q8_0 round them, so a near tie between two tokens can go the other way), and the
+answer ends at <|endoftext|> before the script's 256 new tokens, header included, run out and
+before the style's next instruction tag ("### Instruction:", "<|user|>"), where Ollama stops
+and the script does not.
 
 --outtype f32 keeps the weights exactly; f16 (the default) halves the file; q8_0 stores the
 matrices in 8 bits with a scale per 32 values, about a quarter of f32. Biases, norms and the
@@ -16,10 +27,12 @@ position embedding stay f32, as llama.cpp's own converter keeps them.
 """
 
 import argparse
+import json
 import math
 import os
 
 import gguf
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -34,11 +47,13 @@ from export_hf import (
     load_for_export,
     prompt_parts,
     run_export,
+    user_message,
     write_new_folder,
 )
 from gpt_download import END_OF_TEXT, gpt2_tokenizer
-from instruction_data import DataError
+from instruction_data import PROMPT_STYLES, DataError
 
+EXAMPLE_WITH_INPUT = ("Rewrite the sentence.", "The cake was baked by me.")  # printed, asked
 OUTTYPES = {  # --outtype -> (file type in the metadata, the matrices' tensor type)
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
@@ -116,6 +131,24 @@ def stored_type(name, array, qtype):
     return qtype
 
 
+F16_MAX = float(np.finfo(np.float16).max)  # 65504
+LARGEST_STORED = {gguf.GGMLQuantizationType.F16: F16_MAX,  # beyond it f16 holds infinity
+                  gguf.GGMLQuantizationType.Q8_0: F16_MAX * 127}  # q8_0's f16 scale: max / 127
+
+
+def check_storable(tensors, types, outtype):
+    """Raise DataError when a tensor holds values that its stored type turns into infinity
+    (f16 ends at 65504): weights that large come only from a broken merge (a LoRA alpha far
+    from the trained one), and the exported model would answer nothing but noise."""
+    for name, array in tensors.items():
+        largest = LARGEST_STORED.get(types[name])
+        if largest is not None and array.size and float(np.abs(array).max()) > largest:
+            raise DataError(f"{name} holds values up to {float(np.abs(array).max()):.3g}, "
+                            f"more than --outtype {outtype} can store (its largest is "
+                            f"{largest:.6g}), so the exported weights would be infinite; check "
+                            "the LoRA alpha, or pass --outtype f32")
+
+
 def stored_nbytes(array, qtype):
     """The bytes that `array` takes stored as `qtype` (q8_0: 34 bytes per 32 values)."""
     return math.prod(gguf.quant_shape_to_byte_shape(array.shape, qtype))
@@ -146,8 +179,10 @@ def tokenizer_fields(encoding):
 def modelfile(gguf_name, prompt_style, context_length):
     """The Modelfile text that makes Ollama run the GGUF file as the chapter runs the model.
 
-    TEMPLATE is the prompt style's prompt for an entry whose instruction is Ollama's prompt and
-    that has no input, followed by the response header. The finetuning script asks without the
+    TEMPLATE is the prompt style's prompt for an entry whose instruction is Ollama's prompt,
+    followed by the response header; a prompt that holds an instruction, the style's input
+    separator and an input (`export_hf.user_message`) fills it with the entry's prompt with that
+    input, as a comment in the Modelfile says. The finetuning script asks without the
     header, and the finetuned model writes it first; asking with it gives the same answer
     tokens, and Ollama then shows the answer without the header, as the script's
     extract_response does. After {{ .Response }} (cut away when asking) earlier turns of a chat
@@ -164,6 +199,8 @@ def modelfile(gguf_name, prompt_style, context_length):
     new_instruction = parts["prefix"].strip().splitlines()[-1]  # "### Instruction:", "<|user|>"
     return "\n".join([
         f"# The finetuned model, asked in its {prompt_style.name} prompt style",
+        f"# An input goes after the instruction in the prompt, separated by "
+        f"{json.dumps(parts['middle'])}",
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         'PARAMETER stop "<|endoftext|>"',
@@ -215,6 +252,7 @@ def write_gguf(path, model, info, prompt_style, encoding, outtype):
 
     tensors = gguf_tensors(model)
     types = {name: stored_type(name, array, qtype) for name, array in tensors.items()}
+    check_storable(tensors, types, outtype)
     for name, array in tensors.items():
         writer.add_tensor_info(name, array.shape, array.dtype, stored_nbytes(array, types[name]),
                                raw_dtype=types[name])
@@ -256,6 +294,12 @@ def export(model_path, out_dir, outtype="f16", lora_alpha=None):
     return name, prompt_style.name, is_tied(model), kept_f16
 
 
+def bash_quoted(text):
+    """`text` as one bash word in $'...' quotes, its newlines written as \\n."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"$'{escaped}'"
+
+
 def print_summary(out_dir, outtype, result):
     """Say what was written and the commands that run it."""
     name, style_name, tied, kept_f16 = result
@@ -271,6 +315,8 @@ def print_summary(out_dir, outtype, result):
     print("Run it with Ollama:")
     print(f"    ollama create my-gpt2-sft -f {os.path.join(out_dir, 'Modelfile')}")
     print('    ollama run my-gpt2-sft "Name three primary colors."')
+    asked = user_message(PROMPT_STYLES[style_name], *EXAMPLE_WITH_INPUT)
+    print(f"    ollama run my-gpt2-sft {bash_quoted(asked)}   # with an input")
     print("or with llama.cpp (greedy, as the chapter generates):")
     print(f"    llama-server -m {path} --temp 0    # chat at http://127.0.0.1:8080")
     print(f"    llama-cli -m {path} --temp 0       # chat in the terminal")

@@ -13,14 +13,28 @@ optional `input` key is the entry's input; an assistant message after it is the 
 
     [{"role": "user", "content": "Rewrite the sentence.", "input": "The cake was baked by me."}]
 
-With `add_generation_prompt=True` the text is the prompt style's `format_input(entry)` followed
-by the response header that training put before each output ("\\n\\n### Response:\\n" for
-Alpaca, "\\n<|assistant|>:\\n" for Phi-3), so the model's first new token begins the answer. A
-user message followed by an assistant message renders the whole training text, ending in
-<|endoftext|>: it tokenizes to the ids that finetuning trained on.
+Tools that send only `role` and `content` (pipelines, servers) give the input in `content`,
+after the instruction and the prompt style's input separator, which renders the same text:
+
+    [{"role": "user", "content": "Rewrite the sentence.\\n\\n### Input:\\nThe cake was baked."}]
+
+(Phi-3's separator is a newline.) With `add_generation_prompt=True` the text is the prompt
+style's `format_input(entry)` followed by the response header that training put before each
+output ("\\n\\n### Response:\\n" for Alpaca, "\\n<|assistant|>:\\n" for Phi-3), so the model's
+first new token begins the answer. A user message followed by an assistant message renders the
+whole training text, ending in <|endoftext|>: it tokenizes to the ids that finetuning trained
+on.
+
+Generated with generation_config.json (greedy, at most 256 new tokens, ending at
+<|endoftext|>), the answer equals the one the finetuning script saves for the same entry (up to
+the spaces it strips at the ends) when the model, asked the script's prompt, writes the
+response header itself before its answer (a finetuned model does; the random test-mode model
+does not), the weights compute in float32, and the answer ends before the script's 256 new
+tokens, header included, run out.
 """
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -31,11 +45,23 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from finetuned_model import check_lora_alpha, load_finetuned_model
+from finetuned_model import (
+    check_lora_alpha,
+    check_vocabulary,
+    load_finetuned_model,
+    merge_saved_lora,
+)
 from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
 from instruction_data import DataError
-from lora import lora_config, merge_lora
-from script_utils import fail, save_json, stop_signals_interrupt
+from lora import lora_config
+from script_utils import (
+    fail,
+    folder_locked,
+    hold_folder,
+    remove_abandoned_folders,
+    save_json,
+    stop_signals_interrupt,
+)
 
 FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab.json",
          "merges.txt", "tokenizer_config.json")
@@ -129,6 +155,16 @@ def prompt_parts(prompt_style):
                          "instruction")
     return {"prefix": prefix, "middle": middle, "tail": tail,
             "header": prompt_style.format_response({"output": ""})}
+
+
+def user_message(prompt_style, instruction, input_text=""):
+    """The text of a chat message that asks `instruction` about `input_text`: the instruction,
+    then, when there is an input, the prompt style's own separator ("\\n\\n### Input:\\n" for
+    Alpaca, a newline for Phi-3) and the input. The exported templates put a message's text
+    where the instruction goes, so this fills them with the style's prompt for the entry."""
+    if not input_text:
+        return instruction
+    return instruction + prompt_parts(prompt_style)["middle"] + input_text
 
 
 def chat_template(prompt_style):
@@ -259,6 +295,9 @@ def generation_config(max_new_tokens=ANSWER_TOKENS):
 #####################################
 
 
+EXPORT_TEMP_PREFIX = ".tmp-export-"  # the folder written before it is renamed to OUT_DIR
+
+
 class WriteFailed(Exception):
     """Writing the export failed midway (a full disk, a folder without write permission);
     nothing was left behind. Scripts report it in one line and exit 1."""
@@ -279,27 +318,42 @@ def write_new_folder(out_dir, write):
     Returns what `write` returns.
 
     Whatever stops the writing (WriteFailed for an OSError, an interrupt, an error) removes
-    the temporary folder first.
+    the temporary folder first; one left by an export killed outright (SIGKILL, a power cut)
+    is removed by the next export beside it, which says so. OUT_DIR is taken as the file
+    system resolves it: a link to a folder, or a path through "..", is written where it leads.
     """
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    target = os.path.realpath(out_dir)
+    parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)
-        temp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
+        with folder_locked(parent):  # no other export beside it removes the new folder
+            count, size, unsure = remove_abandoned_folders(parent, EXPORT_TEMP_PREFIX)
+            temp = tempfile.mkdtemp(dir=parent, prefix=EXPORT_TEMP_PREFIX)
+            held = hold_folder(temp)
     except OSError as exc:
         raise DataError(f"{out_dir}: cannot write in {parent} ({exc.strerror or exc}); pass "
                         "another OUT_DIR") from None
+    if count:
+        print(f"Removed {count} folder{'s' if count > 1 else ''} ({size / 1e6:.1f} MB) that an "
+              f"interrupted export left in {parent}")
+    if unsure:
+        print(f"Note: {', '.join(unsure)} may be left by an interrupted export; delete "
+              f"{'them' if len(unsure) > 1 else 'it'} once no export runs there")
     try:
         os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp makes it private; mkdir would not
         written = write(temp)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked before): the finished folder takes its place
-        os.rename(temp, out_dir)
+        if os.path.isdir(target):
+            os.rmdir(target)  # empty (checked before): the finished folder takes its place
+        os.rename(temp, target)
     except OSError as exc:
+        fix = ("Pass another OUT_DIR" if exc.errno not in (None, errno.ENOSPC, errno.EDQUOT)
+               else "Free some space or pass another OUT_DIR")
         raise WriteFailed(f"{out_dir}: could not write the export ({exc.strerror or exc}); "
-                          "nothing was written. Free some space or pass another OUT_DIR, and "
-                          "run again") from None
+                          f"nothing was written. {fix}, and run again") from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+        if held is not None:
+            os.close(held)
     return written
 
 
@@ -353,18 +407,15 @@ def load_for_export(model_path, encoding, lora_alpha=None):
     two. Says when `lora_alpha` went unused: the JSON's own alpha wins.
     """
     model, info, prompt_style = load_finetuned_model(model_path, lora_alpha=lora_alpha)
-    vocab_size = info["config"]["vocab_size"]
-    if vocab_size != encoding.n_vocab:
-        raise DataError(f"{model_path}: has a vocabulary of {vocab_size} tokens, GPT-2's "
-                        f"tokenizer {encoding.n_vocab}; only a model finetuned from GPT-2 can be "
-                        "exported with it")
+    check_vocabulary(model_path, info["config"]["vocab_size"], encoding.n_vocab,
+                     "be exported with it")
     lora = lora_config(model)
     if lora_alpha is not None and (lora is None or "lora" in info["config"]):
         reason = ("the weights hold no unmerged LoRA layers" if lora is None
                   else f"the JSON beside the weights records alpha {lora['alpha']}")
         print(f"Note: --lora_alpha {lora_alpha:g} is not used: {reason}")
     if lora is not None:
-        merge_lora(model)
+        merge_saved_lora(model, model_path)
         print(f"Merged the LoRA layers (rank {lora['rank']}, alpha {lora['alpha']}) into the "
               "weights")
     return model, info, prompt_style

@@ -5,31 +5,37 @@ starts, each refusal one DataError naming the flag and what to do."""
 import argparse
 import math
 import os
-import re
 
 from accelerator import check_precision, pick_device
 from appendix_d import SCHEDULES
 from gpt_download import GPT2_SIZES
+from kit.run_files import check_run_name
 from script_utils import DataError, check_writable_folder
 
 DEFAULT_EPOCHS = 2  # the chapter's; a resumed run keeps its own
 DEFAULT_EVAL_FREQ = 5  # the chapter's; --test_mode evaluates after every step
 DEFAULT_RUN_NAME = "standalone"  # the book's name for the chapter script's outputs
+DEFAULT_MAX_NEW_TOKENS = 256  # the chapter's longest answer
+TEST_MODE_MAX_NEW_TOKENS = 20  # --test_mode's: its random model never ends an answer early
 SEED_RANGE = (-2**63, 2**64 - 1)  # the seeds torch.manual_seed accepts
 
 
 def build_parser(description=None):
-    """The chapter script's flags, with the chapter's values as defaults."""
+    """The chapter script's flags, with the chapter's values as defaults, in --help's groups."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_and_data_flags(parser)
-    add_training_flags(parser)
-    add_appendix_d_flags(parser)
-    add_run_flags(parser)
+    add_model_and_data_flags(parser.add_argument_group("model and data"))
+    add_training_flags(parser.add_argument_group(
+        "training", "the chapter's hyperparameters, and how a step is computed"))
+    add_appendix_d_flags(parser.add_argument_group(
+        "Appendix D", "warmup, cosine decay, clipping, best weights; by default the chapter's"))
+    add_answer_flags(parser.add_argument_group("answers", "the test set's, saved with the run"))
+    add_device_flags(parser.add_argument_group("device and precision"))
+    add_run_flags(parser.add_argument_group("resume and outputs"))
     return parser
 
 
 def add_model_and_data_flags(parser):
-    """Which GPT-2 and which data; where files are read and written."""
+    """Which GPT-2 and which data, on `parser` (a parser or an argument group)."""
     parser.add_argument("--model", default="355M", type=model_size, metavar="SIZE",
                         help="GPT-2 size to finetune: " + ", ".join(GPT2_SIZES) + ", or its "
                              "name (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl)")
@@ -43,8 +49,6 @@ def add_model_and_data_flags(parser):
                              "JSON Lines (one entry a line); input may be left out (default: "
                              "the chapter's dataset, downloaded to the working folder when "
                              "missing)")
-    parser.add_argument("--output_dir", default=".",
-                        help="where the plot, metrics, responses, weights and checkpoint go")
     parser.add_argument("--test_mode", action="store_true",
                         help="a tiny random model on 10/10/10 entries: the whole pipeline in "
                              "seconds; downloads the dataset only")
@@ -68,15 +72,6 @@ def add_training_flags(parser):
                         help=f"evaluate every this many steps (default: {DEFAULT_EVAL_FREQ}; 1 "
                              "with --test_mode, so that its curve has a point per step)")
     parser.add_argument("--eval_iter", type=int, default=5, help="batches per loss estimate")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp16"],
-                        help="fp32: exact float32; tf32: float32 weights, TF32 matrix products "
-                             "(NVIDIA GPUs from Ampere on); bf16: bfloat16 autocast for the "
-                             "losses and the answers (GPUs with bf16 units, Ampere or newer); "
-                             "fp16: float16 autocast with a gradient scaler, for GPUs without "
-                             "bf16 (T4, V100)")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the training steps with torch.compile (CUDA with "
-                             "Triton; the first steps wait while it compiles)")
 
 
 def add_appendix_d_flags(parser):
@@ -103,22 +98,46 @@ def add_appendix_d_flags(parser):
                              "validation loss, then write the outputs")
 
 
-def add_run_flags(parser):
-    """The answers, the device, and resuming."""
-    parser.add_argument("--max_new_tokens", type=int, default=256,
-                        help="longest response generated for a test entry")
+def add_answer_flags(parser):
+    """How the test set's answers are generated."""
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="longest response generated for a test entry (default: "
+                             f"{DEFAULT_MAX_NEW_TOKENS}, the chapter's; "
+                             f"{TEST_MODE_MAX_NEW_TOKENS} with --test_mode, whose random model "
+                             "never stops early)")
     parser.add_argument("--gen_batch_size", type=int, default=None,
                         help="test entries answered at once (default: 8 on a CPU; on a GPU the "
                              "whole test set, as memory allows); the answers are the same as "
                              "one at a time")
-    parser.add_argument("--run_name", default=None, metavar="NAME",
-                        help=f"name carried by every output file, so that runs side by side in "
-                             f"one folder keep their files (default: {DEFAULT_RUN_NAME}, the "
-                             "book's; an exercise's own name in exercise_experiments.py)")
+
+
+def add_device_flags(parser):
+    """Where and in which precision the model computes."""
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps (from torch 2.9 "
                              "on, as the book: older versions compute wrong losses there), "
                              "then cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp16"],
+                        help="fp32: exact float32; tf32: float32 weights, TF32 matrix products "
+                             "(NVIDIA GPUs from Ampere on); bf16: bfloat16 autocast for the "
+                             "losses and the answers (GPUs with bf16 units, Ampere or newer); "
+                             "fp16: float16 autocast with a gradient scaler, for GPUs without "
+                             "bf16 (T4, V100)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training steps with torch.compile (CUDA with "
+                             "Triton; the first steps wait while it compiles)")
+
+
+def add_run_flags(parser):
+    """Where the outputs go, what they are named, and resuming."""
+    parser.add_argument("--output_dir", default=".",
+                        help="where the plot, metrics, responses, weights and checkpoint go")
+    parser.add_argument("--run_name", default=None, metavar="NAME",
+                        help=f"name carried by every output file, so that runs side by side in "
+                             f"one folder keep their files (default: {DEFAULT_RUN_NAME}, the "
+                             "book's; an exercise's own name in exercise_experiments.py): "
+                             "letters, digits, '.', '_' and '-', not ending in '-best' or "
+                             "'.partial', which the script adds to a run's own names")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint that an interrupted run left")
     parser.add_argument("--keep_checkpoint", action="store_true",
@@ -156,13 +175,11 @@ def check_args(args):
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise DataError(f"--seed must be from {SEED_RANGE[0]} to {SEED_RANGE[1]} (what "
                         f"torch.manual_seed takes), got {args.seed}")
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise DataError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
     check_appendix_d_flags(args)
-    if args.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*",
-                                                      args.run_name):
-        raise DataError(f"--run_name {args.run_name!r}: use letters, digits, '.', '_' and '-' "
-                        "only (it becomes part of file names)")
+    if args.run_name is not None:
+        check_run_name(args.run_name)
     check_precision(args.precision, args.compile, pick_device(args.device))
     check_paths(args)
 
@@ -197,6 +214,15 @@ def eval_freq(args):
     """Steps between evaluations: --eval_freq, else the chapter's 5 (1 with --test_mode, whose
     two steps would otherwise leave the loss plot empty)."""
     return args.eval_freq or (1 if args.test_mode else DEFAULT_EVAL_FREQ)
+
+
+def max_new_tokens(args):
+    """Longest answer to a test entry: --max_new_tokens, else the chapter's 256 (20 with
+    --test_mode, whose random model never writes the end-of-text token and would spend most of
+    the run writing 256 tokens of noise)."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return TEST_MODE_MAX_NEW_TOKENS if args.test_mode else DEFAULT_MAX_NEW_TOKENS
 
 
 def check_paths(args):

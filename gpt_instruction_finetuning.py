@@ -34,7 +34,14 @@ from tqdm import tqdm
 import accelerator  # the device, precision and the GPU path
 import training_extras as extras  # the engineering around the book's loop
 from appendix_d import LearningRateSchedule
-from finetune_cli import DEFAULT_EPOCHS, build_parser, check_args, check_batch_sizes, eval_freq
+from finetune_cli import (
+    DEFAULT_EPOCHS,
+    build_parser,
+    check_args,
+    check_batch_sizes,
+    eval_freq,
+    max_new_tokens,
+)
 from finetuned_model import TEST_MODE_CONFIG, save_finetuned_model
 from gpt_download import (
     END_OF_TEXT,
@@ -51,6 +58,8 @@ from instruction_data import (  # noqa: F401  (format_input: the book's name, im
     load_json_entries,
     warn_if_truncated,
 )
+from kit.overlap import overlap_counts, overlap_paragraph, split_overlap
+from kit.run_files import BEST_SUFFIX, PARTIAL_SUFFIX
 from lora import lora_config
 from previous_chapters import (
     IGNORE_INDEX,
@@ -109,7 +118,7 @@ def download_and_load_file(file_path, url):
                 "place the file there by hand or pass --data_path") from exc
         with atomic_write(file_path, "w") as f:
             f.write(text)
-    return load_json_entries(file_path)
+    return load_json_entries(file_path, training=True)
 
 
 def split_data(data, file_path="dataset"):
@@ -127,14 +136,18 @@ def split_data(data, file_path="dataset"):
 
 
 def load_data(args, experiment, setup):
-    """The dataset's entries, and its 85/10/5 split (10 entries each in test mode), checked
-    against the batch size, with the sizes printed. The entries come from --data_path, or the
-    experiment's file (downloaded by rank 0 when missing)."""
+    """The dataset's entries, its 85/10/5 split (10 entries each in test mode), checked
+    against the batch size, with the sizes printed, and how many test and validation entries
+    of the whole split repeat a training entry (printed with their numbers when any do). The
+    entries come from --data_path, or the experiment's file (downloaded by rank 0 when
+    missing)."""
     data_path = args.data_path or experiment.data_file
     with extras.main_process_first(setup.rank, setup.world_size):
-        data = (load_json_entries(data_path) if args.data_path
+        data = (load_json_entries(data_path, training=True) if args.data_path
                 else download_and_load_file(data_path, experiment.data_url))
     train_data, test_data, val_data = split_data(data, data_path)
+    overlap = split_overlap(train_data, test_data, val_data)  # the whole split's, test mode too
+    paragraph = overlap_paragraph(overlap, len(test_data), len(val_data), data_path)
     if args.test_mode:  # a very small subset, to run the whole pipeline in seconds
         train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
     check_batch_sizes(experiment.batch_size, args.micro_batch_size, setup.world_size,
@@ -142,8 +155,10 @@ def load_data(args, experiment, setup):
     print("Training set length:", len(train_data))
     print("Validation set length:", len(val_data))
     print("Test set length:", len(test_data))
+    if paragraph:
+        print(paragraph)
     print(50 * "-")
-    return data, (train_data, test_data, val_data)
+    return data, (train_data, test_data, val_data), overlap_counts(overlap)
 
 
 #####################################
@@ -286,12 +301,19 @@ def make_optimizer(model, lr, weight_decay):
 
 def learning_rate_schedule(args, total_steps):
     """The learning rate of every step of the run's `total_steps`, and its gradient clipping:
-    the chapter's constant --lr, or Appendix D's warmup, cosine decay and clipping."""
-    if args.warmup_steps > total_steps:
-        raise DataError(f"--warmup_steps {args.warmup_steps} is more than this run's "
+    the chapter's constant --lr, or Appendix D's warmup, cosine decay and clipping. A warmup
+    longer than the run is refused, except in test mode, whose few steps would refuse a real
+    run's recipe: there it is cut to the run's steps, and a line says so."""
+    warmup_steps = args.warmup_steps
+    if warmup_steps > total_steps and args.test_mode:
+        print(f"Test mode: --warmup_steps {warmup_steps} cut to this run's {total_steps} "
+              "training steps")
+        warmup_steps = total_steps
+    if warmup_steps > total_steps:
+        raise DataError(f"--warmup_steps {warmup_steps} is more than this run's "
                         f"{total_steps} training steps; pass fewer")
     return LearningRateSchedule(peak_lr=args.lr, total_steps=total_steps,
-                                warmup_steps=args.warmup_steps, initial_lr=args.initial_lr,
+                                warmup_steps=warmup_steps, initial_lr=args.initial_lr,
                                 min_lr=args.min_lr, kind=args.lr_schedule,
                                 grad_clip=args.grad_clip)
 
@@ -390,27 +412,38 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
 
 
 def output_paths(output_dir, run_name, model_name):
-    """The files a run writes, named after the run (the book's "standalone" by default)."""
+    """The files a run writes, named after the run (the book's "standalone" by default).
+
+    Only the best weights and the kept answers add a suffix to another of the run's names
+    (BEST_SUFFIX, PARTIAL_SUFFIX): run names may not end in them (`check_run_name`), so no
+    file of one run is ever a file of another.
+    """
     stem = re.sub(r"[ ()]", "", model_name)  # "gpt2-medium (355M)" -> "gpt2-medium355M"
+    model = os.path.join(output_dir, f"{stem}-sft-{run_name}")
+    responses = os.path.join(output_dir, f"instruction-data-with-response-{run_name}")
     return {
         "plot": os.path.join(output_dir, f"loss-plot-{run_name}.pdf"),
-        "responses": os.path.join(output_dir, f"instruction-data-with-response-{run_name}.json"),
-        "model": os.path.join(output_dir, f"{stem}-sft-{run_name}.pth"),
-        "best": os.path.join(output_dir, f"{stem}-sft-{run_name}-best.pth"),  # --keep_best
+        "responses": f"{responses}.json",
+        "model": f"{model}.pth",
+        "model_info": f"{model}.json",  # beside the weights: how to rebuild and prompt them
+        "best": f"{model}{BEST_SUFFIX}.pth",  # --keep_best
+        "best_info": f"{model}{BEST_SUFFIX}.json",
         "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{run_name}.pth"),
         "metrics": os.path.join(output_dir, f"metrics-{run_name}.csv"),
-        "answers": os.path.join(  # kept as they come, until the responses file is written
-            output_dir, f"instruction-data-with-response-{run_name}.partial.json"),
+        "answers": f"{responses}{PARTIAL_SUFFIX}.json",  # kept until the responses are saved
         "lock": os.path.join(output_dir, f"finetuning-{run_name}.lock"),  # one run at a time
     }
 
 
 def model_info(args, experiment, run_name, model_name, config, settings, schedule, model,
-               progress, weights="last"):
+               progress, weights="last", train_overlap=None):
     """The JSON saved beside a model's weights: how to rebuild and prompt it (its config, with
     the LoRA layers when unmerged, and its prompt style), and how it was trained: the steps, the
     learning-rate schedule, and the losses of its last evaluation and the step they were
-    measured at. `weights` says which weights these are: the "last", or the "best"."""
+    measured at. `weights` says which weights these are: the "last", or the "best". The data
+    file and the answers' length let generate_answers.py answer the run's test set anew.
+    `train_overlap` counts the test and validation entries that repeat a training entry's
+    instruction and input (kit/overlap.py)."""
     lora = lora_config(model)
     if lora is not None:  # saved unmerged: loading rebuilds the LoRA layers from this entry
         config = {**config, "lora": lora}
@@ -424,7 +457,8 @@ def model_info(args, experiment, run_name, model_name, config, settings, schedul
         "train_loss": finite_or_none(row and row["train_loss"]),
         "val_loss": finite_or_none(row and row["val_loss"]),
         "losses_step": row and row["step"], "schedule": schedule.describe(),
-        "settings": settings,
+        "settings": settings, "data_path": args.data_path or experiment.data_file,
+        "max_new_tokens": max_new_tokens(args), "train_overlap": train_overlap,
     }
 
 
@@ -448,12 +482,12 @@ def save_results(args, experiment, model, tokenizer, test_data, files, training,
     print(50 * "-")
 
     print("Generating responses")
+    answer_tokens = max_new_tokens(args)
     with setup.ctx:
         test_data = generate_responses(model, test_data, tokenizer,
-                                       model.pos_emb.num_embeddings, args.max_new_tokens,
+                                       model.pos_emb.num_embeddings, answer_tokens,
                                        args.gen_batch_size, experiment.prompt_style,
-                                       files.answer_log(progress, args.max_new_tokens,
-                                                        test_data))
+                                       files.answer_log(progress, answer_tokens, test_data))
     save_json(test_data, paths["responses"])
     print(f"Responses saved as {paths['responses']}")
 
@@ -463,8 +497,12 @@ def save_results(args, experiment, model, tokenizer, test_data, files, training,
     print(f"Model saved as {paths['model']}")
     best = progress["best"]
     if best is not None:
-        kept = (f"saved as {paths['best']}" if args.keep_best
-                else "--keep_best would keep its weights")
+        if not args.keep_best:
+            kept = "--keep_best would keep its weights"
+        elif files.holds_best(best):
+            kept = f"saved as {paths['best']}"
+        else:  # removed meanwhile, or a save killed outright
+            kept = f"its weights are not in {paths['best']}"
         print(f"Lowest validation loss {best['val_loss']:.3f} at step {best['step']} "
               f"(epoch {best['epoch']}): {kept}")
 
@@ -515,14 +553,16 @@ def run(args, experiment=None):
     run_name = args.run_name or experiment.name
     setup = extras.setup_run(args, output_paths(args.output_dir, run_name, model_name))
     print_versions(CHAPTER_PACKAGES)  # only rank 0 prints
-    with extras.RunFiles(setup, args) as files:
-        data, (train_data, test_data, val_data) = load_data(args, experiment, setup)
+    with extras.RunFiles(setup, args, run_name) as files:
+        data, (train_data, test_data, val_data), train_overlap = load_data(args, experiment,
+                                                                           setup)
         tokenizer = gpt2_tokenizer(args.models_dir)
         if experiment.inspect_data is not None:
             experiment.inspect_data(data, tokenizer)
         print("Device:", setup.describe())
         print(50 * "-")
-        settings = extras.run_settings(args, experiment, model_name, train_data)
+        settings = extras.run_settings(args, experiment, model_name, train_data, val_data,
+                                       test_data)
         files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)  # before the model is built
         torch.manual_seed(args.seed)
         train_loader, val_loader = build_loaders(train_data, val_data, tokenizer,
@@ -541,7 +581,7 @@ def run(args, experiment=None):
         print(50 * "-")
 
         describe = partial(model_info, args, experiment, run_name, model_name, config,
-                           settings, schedule)
+                           settings, schedule, train_overlap=train_overlap)
         training = train(args, setup, (model, raw_model), (train_loader, val_loader), files,
                          schedule, describe, experiment.prompt_style.format_input(val_data[0]),
                          tokenizer)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -398,6 +399,35 @@ def test_bad_flags_are_refused(tmp_path, tiny_cfg, capsys, flags, parts):
     code, out, err = ask(capsys, path, "--prompt", "Name a color.", *flags)
     assert (code, out) == (2, "")
     assert_error(err, *parts)
+
+
+def test_models_dir_gives_the_tokenizer_offline(tmp_path, tiny_cfg, tokenizer, capsys,
+                                                tiktoken_offline, gpt2_vocab_dir, monkeypatch):
+    """Without a network or tiktoken's cache the tokenizer comes from a GPT-2 download's files:
+    in ./gpt2/<size>/ by default, or under --models_dir."""
+    path = tmp_path / "model.pth"
+    model = save_model(path, tiny_cfg)
+    downloads = tmp_path / "downloads" / "355M"
+    downloads.mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(gpt2_vocab_dir / name, downloads / name)
+    monkeypatch.chdir(tmp_path)  # no ./gpt2 here
+    entry = {"instruction": "Name a color.", "input": ""}
+    code, out, err = ask(capsys, path, *prompt_flags(entry), "--max_new_tokens", "20")
+    assert (code, out) == (2, "")
+    assert_error(err, "GPT-2's tokenizer files are missing", "no folder gpt2/<size>")
+    code, out, err = ask(capsys, path, *prompt_flags(entry), "--max_new_tokens", "20",
+                         "--models_dir", str(tmp_path / "downloads"))
+    assert (code, err) == (0, "")
+    assert out == reference_answer(model, tokenizer, ALPACA, entry, 20, 32) + "\n"
+
+
+def test_models_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "gpt2").write_text("not a folder")
+    code, out, err = ask(capsys, tmp_path / "model.pth", "--prompt", "Name a color.",
+                         "--models_dir", str(tmp_path / "gpt2"))
+    assert (code, out) == (2, "")
+    assert_error(err, f"--models_dir {tmp_path}/gpt2: is a file, not a folder")
 
 
 def test_input_without_prompt_is_refused(tmp_path, capsys):

@@ -175,6 +175,8 @@ def test_help_shows_usage_and_the_exercise_flags():
                  "--test_mode", "--model", "--epochs", "--batch_size"]:
         assert flag in text
     assert "python exercise_experiments.py --exercise_solution lora,alpaca_52k" in text
+    assert "\nexercises:\n  --exercise_solution" in text
+    assert text.index("\nresume and outputs:\n") < text.index("\nexercises:\n")
     args = parse()
     assert (args.exercise_solution, args.lora_rank, args.lora_alpha, args.merge_lora) == (
         "baseline", 16, 16, False)

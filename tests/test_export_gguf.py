@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 from functools import cache
 
 import gguf
@@ -403,6 +404,7 @@ def test_modelfile_for_the_test_mode_model(test_mode_exports):
     folder = test_mode_exports[1]["q8_0"].parent
     assert (folder / "Modelfile").read_text() == (
         "# The finetuned model, asked in its alpaca prompt style\n"
+        '# An input goes after the instruction in the prompt, separated by "\\n\\n### Input:\\n"\n'
         "FROM ./model-q8_0.gguf\n"
         'TEMPLATE """Below is an instruction that describes a task. Write a response that '
         "appropriately completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n"
@@ -415,17 +417,19 @@ def test_modelfile_for_the_test_mode_model(test_mode_exports):
 
 
 def test_modelfile_asks_as_the_script_does(styled_export, instruction_data_path, tokenizer):
-    """Filled with an instruction, TEMPLATE is the script's prompt for that entry followed by
-    the response header: the script's prompt ids, then the header's ids that the finetuned
-    model writes first. So Ollama's answer is the script's answer without the header."""
+    """Filled with an instruction, and its input after the style's separator when it has one
+    (export_hf.user_message), TEMPLATE is the script's prompt for that entry followed by the
+    response header: the script's prompt ids, then the header's ids that the finetuned model
+    writes first. So Ollama's answer is the script's answer without the header."""
     style, folder, context_length = styled_export
     template = modelfile_template(folder)
     header = style.format_response({"output": ""})
-    entries = [e for e in load_json_entries(str(instruction_data_path)) if not e["input"]]
-    assert len(entries) > 400
+    entries = load_json_entries(str(instruction_data_path))
+    assert sum(bool(e["input"]) for e in entries) > 300 < sum(not e["input"] for e in entries)
     for entry in entries:
         script_prompt = style.format_input(entry)
-        sent = ask_ollama_prompt(template, entry["instruction"])
+        sent = ask_ollama_prompt(template, export_hf.user_message(style, entry["instruction"],
+                                                                  entry["input"]))
         assert sent == script_prompt + header
         assert tokenizer.encode(sent) == tokenizer.encode(script_prompt) + \
             tokenizer.encode(header)
@@ -434,6 +438,21 @@ def test_modelfile_asks_as_the_script_does(styled_export, instruction_data_path,
     new_instruction = {"alpaca": "### Instruction:", "phi3": "<|user|>"}[style.name]
     assert stops == ['PARAMETER stop "<|endoftext|>"', f'PARAMETER stop "{new_instruction}"']
     assert f"PARAMETER num_ctx {context_length}\n" in (folder / "Modelfile").read_text()
+
+
+def test_modelfile_says_how_to_give_an_input(styled_export):
+    style, folder, _ = styled_export
+    separator = {"alpaca": r"\n\n### Input:\n", "phi3": r"\n"}[style.name]
+    assert (folder / "Modelfile").read_text().splitlines()[1] == (
+        f'# An input goes after the instruction in the prompt, separated by "{separator}"')
+
+
+def test_bash_quoted_text_is_one_word_bash_reads_back():
+    text = "Rewrite: 'it's'\n\n### Input:\na \\ b $HOME"
+    quoted = export_gguf.bash_quoted(text)
+    assert quoted == "$'Rewrite: \\'it\\'s\\'\\n\\n### Input:\\na \\\\ b $HOME'"
+    assert subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True,
+                          text=True, check=True).stdout == text
 
 
 def test_modelfile_renders_an_earlier_turn_as_a_whole_training_example(styled_export):
@@ -467,6 +486,8 @@ def test_prints_what_was_written_and_the_commands(tmp_path, capsys):
         "Run it with Ollama:",
         f"    ollama create my-gpt2-sft -f {folder}/Modelfile",
         '    ollama run my-gpt2-sft "Name three primary colors."',
+        "    ollama run my-gpt2-sft $'Rewrite the sentence.\\nThe cake was baked by me.'   # "
+        "with an input",
         "or with llama.cpp (greedy, as the chapter generates):",
         f"    llama-server -m {path} --temp 0    # chat at http://127.0.0.1:8080",
         f"    llama-cli -m {path} --temp 0       # chat in the terminal",

@@ -332,6 +332,24 @@ def test_chat_template_writes_the_runs_prompt(styled_export, instruction_data_pa
             [entry], tokenizer, style)[0] + [50256]
 
 
+def test_an_input_in_the_messages_content_writes_the_runs_prompt(styled_export,
+                                                                  instruction_data_path):
+    """A tool that sends only role and content gives the input after the instruction and the
+    style's separator (export_hf.user_message): the same prompt as the `input` key."""
+    style, folder = styled_export
+    hf_tokenizer = load_hf_tokenizer(folder)
+    entries = entries_with_and_without_input(instruction_data_path)
+    for entry in entries:
+        content = export_hf.user_message(style, entry["instruction"], entry["input"])
+        assert hf_tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True,
+            tokenize=False) == style.format_input(entry) + HEADERS[style.name]
+    assert export_hf.user_message(style, "Rewrite the sentence.", "The cake was baked.") == {
+        "alpaca": "Rewrite the sentence.\n\n### Input:\nThe cake was baked.",
+        "phi3": "Rewrite the sentence.\nThe cake was baked."}[style.name]
+    assert export_hf.user_message(style, "Name a color.") == "Name a color."
+
+
 def test_chat_template_input_key_is_optional(styled_export):
     style, folder = styled_export
     hf_tokenizer = load_hf_tokenizer(folder)

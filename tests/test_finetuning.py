@@ -161,9 +161,13 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
         "settings": {"--model": "Small test model", "--seed": 123, "--lr": 5e-5,
                      "--weight_decay": 0.1, "--batch_size": 8, "--precision": "fp32",
                      "--warmup_steps": 0, "--initial_lr": 3e-5, "--lr_schedule": "constant",
-                     "--min_lr": 1e-6, "--grad_clip": None,
+                     "--min_lr": 1e-6, "--grad_clip": None, "--keep_best": False,
                      "training data": extras.fingerprint(dataset[:10]),
+                     "validation data": extras.fingerprint(dataset[1045:1055]),
+                     "test data": extras.fingerprint(dataset[935:945]),
                      "experiment": "standalone"},
+        "data_path": str(instruction_data_path), "max_new_tokens": 20,
+        "train_overlap": {"test": 2, "val": 4},  # the chapter's split repeats training entries
     }
     assert f"Train loss {info['train_loss']:.3f}, Val loss {info['val_loss']:.3f}" \
         in progress[-1]
@@ -397,14 +401,40 @@ def test_help_explains_every_flag():
     assert "default: None" not in flat and "default: False" not in flat
     args = cli.build_parser().parse_args([])
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
-            args.eval_iter, args.max_new_tokens) == ("355M", None, 5e-5, 0.1, 123, None, 5, 256)
-    assert cli.eval_freq(args) == 5 and cli.eval_freq(cli.build_parser().parse_args(
-        ["--test_mode"])) == 1
+            args.eval_iter, cli.max_new_tokens(args)) == ("355M", None, 5e-5, 0.1, 123, None, 5,
+                                                          256)
+    test_mode = cli.build_parser().parse_args(["--test_mode"])
+    assert cli.eval_freq(args) == 5 and cli.eval_freq(test_mode) == 1
+    assert cli.max_new_tokens(test_mode) == 20
+    assert cli.max_new_tokens(cli.build_parser().parse_args(
+        ["--test_mode", "--max_new_tokens", "256"])) == 256
+    assert "(default: 256, the chapter's; 20 with --test_mode" in flat
     assert (args.warmup_steps, args.lr_schedule, args.grad_clip, args.keep_best,
             args.early_stopping, args.run_name) == (0, "constant", None, False, None, None)
     assert "training epochs (default: 2; with --resume, the interrupted run's own)" in flat
     assert extras.epochs_to_train(args.epochs, "checkpoint.pth", None, cli.DEFAULT_EPOCHS) == 2
     assert cli.DEFAULT_EPOCHS == 2  # the chapter's
+
+
+def test_help_groups_the_flags():
+    """--help lists the flags under six titled groups, in this order, each flag once."""
+    groups = {group.title: [action.option_strings[0] for action in group._group_actions]
+              for group in cli.build_parser()._action_groups}
+    assert groups == {
+        "positional arguments": [],
+        "options": ["-h"],
+        "model and data": ["--model", "--models_dir", "--weights", "--data_path", "--test_mode"],
+        "training": ["--epochs", "--batch_size", "--micro_batch_size", "--lr", "--weight_decay",
+                     "--seed", "--eval_freq", "--eval_iter"],
+        "Appendix D": ["--warmup_steps", "--initial_lr", "--lr_schedule", "--min_lr",
+                       "--grad_clip", "--keep_best", "--early_stopping"],
+        "answers": ["--max_new_tokens", "--gen_batch_size"],
+        "device and precision": ["--device", "--precision", "--compile"],
+        "resume and outputs": ["--output_dir", "--run_name", "--resume", "--keep_checkpoint"],
+    }
+    text = cli.build_parser().format_help()
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and line[0] != " "]
+    assert titles == list(groups)[1:]
 
 
 def saved_tiny_model(tmp_path, cfg, info=None):
@@ -608,14 +638,24 @@ def test_resuming_a_cosine_schedule_with_other_epochs_is_refused(tmp_path,
                    "resume with the --epochs it was started with (leave --epochs out)\n")
 
 
-def test_more_warmup_steps_than_the_run_has_are_refused_before_training(
-        tmp_path, instruction_data_path, capsys):
+def test_more_warmup_steps_than_the_run_has_are_refused():
+    args = cli.build_parser().parse_args(["--warmup_steps", "5"])
+    with pytest.raises(ft.DataError) as exc_info:
+        ft.learning_rate_schedule(args, total_steps=2)
+    assert str(exc_info.value) == ("--warmup_steps 5 is more than this run's 2 training steps; "
+                                   "pass fewer")
+    assert ft.learning_rate_schedule(args, total_steps=5).warmup_steps == 5
+
+
+def test_test_mode_cuts_a_longer_warmup_to_its_steps(tmp_path, instruction_data_path, capsys):
     code, out, err = run_in_process(ft.main, [
         "--test_mode", "--data_path", str(instruction_data_path), "--output_dir",
-        str(tmp_path), "--warmup_steps", "5"], capsys)
-    assert code == 2
-    assert err == "Error: --warmup_steps 5 is more than this run's 2 training steps; pass fewer\n"
-    assert "Initial losses" not in out
+        str(tmp_path), "--warmup_steps", "5", "--max_new_tokens", "2"], capsys)
+    assert code == 0, err
+    assert "Test mode: --warmup_steps 5 cut to this run's 2 training steps\n" in out
+    assert out.index("cut to this run's") < out.index("Initial losses")
+    info = json.loads((tmp_path / "Smalltestmodel-sft-standalone.json").read_text())
+    assert info["schedule"]["warmup_steps"] == 2
 
 
 @pytest.mark.parametrize("name", ["gpt2-medium", "gpt2-medium (355M)", "355M"])

@@ -266,17 +266,19 @@ def test_load_finetuned_model_saves_a_tiny_model_when_none_exists(tmp_path, monk
 
 def test_load_finetuned_model_asks_a_phi3_finetune_in_the_phi3_format(tmp_path, monkeypatch):
     """The JSON beside the weights decides the prompt and the model: a Phi-3-prompt finetune
-    with a config the shapes alone cannot tell (3 heads instead of the test model's 2)."""
+    with a config the shapes alone cannot tell (3 heads instead of the test model's 2), whose
+    run (--run_name) and weights (--keep_best's) the notebook names."""
     config = {**TEST_MODE_CONFIG, "n_heads": 3, "n_layers": 2}
     path = tmp_path / "models" / "Smalltestmodel-sft-phi3-prompt.pth"
     torch.manual_seed(1)
     save_finetuned_model(GPTModel(config), str(path), {
         "model_name": "Small test model", "config": config, "prompt_style": "phi3",
-        "experiment": "phi3-prompt", "epochs": 1, "seed": 123, "tokens_seen": 592,
-        "train_loss": 10.5, "val_loss": 10.75, "settings": {}})
+        "experiment": "phi3-prompt", "run_name": "phi3-short", "weights": "best", "epochs": 1,
+        "seed": 123, "tokens_seen": 592, "train_loss": 10.5, "val_loss": 10.75, "settings": {}})
     text = run_load_notebook(tmp_path, monkeypatch, path)
     assert f"Loaded {path}" in text
-    assert "Model: Small test model\nExperiment: phi3-prompt | epochs: 1 | seed: 123" in text
+    assert ("Model: Small test model\nRun: phi3-short (best weights)\n"
+            "Experiment: phi3-prompt | epochs: 1 | seed: 123") in text
     assert "Tokens seen: 592\nLast losses: train 10.500, val 10.750" in text
     assert "Prompt style: phi3" in text
     assert "'n_heads': 3" in text and "'n_layers': 2" in text
