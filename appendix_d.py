@@ -2,7 +2,7 @@
 
 Appendix D's `train_model` sets each step's learning rate before the update and clips the
 gradients from the end of the warmup on; `LearningRateSchedule` does the same, step for step,
-for the chapter script's training loop (`training_extras.ChapterTraining.before_update`):
+for the chapter script's training loop (`kit.chapter_training.ChapterTraining.before_update`):
 
     --warmup_steps 20 --lr_schedule cosine --grad_clip 1.0   # Appendix D's run
 

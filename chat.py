@@ -32,18 +32,18 @@ import sys
 
 import torch
 
-from accelerator import pick_device
-from finetune_cli import SEED_RANGE, HelpFormatter
-from finetuned_model import (
+from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
+from kit.cli import SEED_RANGE, HelpFormatter
+from kit.data import check_entry
+from kit.device import pick_device
+from kit.files import DataError, fail
+from kit.saved_model import (
     check_lora_alpha,
     check_vocabulary,
     load_finetuned_model,
     merge_saved_lora,
 )
-from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
-from instruction_data import check_entry
 from previous_chapters import generate_stream, text_to_token_ids
-from script_utils import DataError, fail
 
 INSTRUCTION_PROMPT = "Instruction: "
 INPUT_PROMPT = "Input (Enter for none): "

@@ -15,7 +15,7 @@ reward margins, and the test set's answers for ollama_evaluate.py.
 
 The machinery lives in kit/: the data (kit/dpo_data.py), the loss (kit/dpo_loss.py), the loop
 (kit/dpo_training.py) and the flags (kit/dpo_cli.py); resuming, stopping and the run's files
-are the chapter script's (training_extras.py).
+are the chapter script's (kit/chapter_training.py).
 """
 
 import os
@@ -25,11 +25,7 @@ from functools import partial
 
 import torch
 
-import accelerator
-import training_extras as extras
 from appendix_d import LearningRateSchedule
-from finetune_cli import check_batch_sizes, eval_freq, max_new_tokens
-from finetuned_model import load_finetuned_model, save_finetuned_model
 from gpt_download import gpt2_tokenizer
 from gpt_instruction_finetuning import (
     Experiment,
@@ -39,6 +35,9 @@ from gpt_instruction_finetuning import (
     model_info,
     split_data,
 )
+from kit.checkpoint import fingerprint
+from kit.cli import check_batch_sizes, eval_freq, max_new_tokens
+from kit.device import with_precision
 from kit.dpo_cli import DEFAULT_EPOCHS, build_parser, check_args
 from kit.dpo_data import (
     DATA_FILE,
@@ -59,9 +58,14 @@ from kit.dpo_training import (
     tracking,
     train_model_dpo_simple,
 )
-from kit.run_files import BEST_SUFFIX, PARTIAL_SUFFIX
+from kit.files import DataError, fail, print_versions, save_json
+from kit.run_files import RunFiles
+from kit.run_names import BEST_SUFFIX, PARTIAL_SUFFIX
+from kit.run_setup import setup_run
+from kit.saved_model import load_finetuned_model, save_finetuned_model
+from kit.signals import stop_signals_interrupt
+from kit.stopping import BestWeights
 from lora import lora_config
-from script_utils import DataError, fail, print_versions, save_json, stop_signals_interrupt
 
 PACKAGES = ("matplotlib", "tiktoken", "torch", "tqdm")
 SAMPLES = 3  # validation entries whose answers are shown before and after training
@@ -131,9 +135,9 @@ def answers_text(entry, prompt_style, answers):
 def run(args):
     """The notebook's steps in order, each under a banner."""
     paths = output_paths(args.output_dir, args.run_name, args.sft_model)
-    setup = extras.setup_run(args, paths)
+    setup = setup_run(args, paths)
     print_versions(PACKAGES)
-    with extras.RunFiles(setup, args, args.run_name) as files:
+    with RunFiles(setup, args, args.run_name) as files:
         # 1. The preference data and its split
         data_path, (train_data, test_data, val_data) = load_data(args)
         print("Training set length:", len(train_data))
@@ -167,8 +171,8 @@ def run(args):
                     "--lr": args.lr, "--weight_decay": args.weight_decay,
                     "--batch_size": args.batch_size, "--seed": args.seed,
                     "--precision": args.precision, "experiment": "dpo",
-                    "training data": extras.fingerprint(train_data),
-                    "validation data": extras.fingerprint(val_data)}
+                    "training data": fingerprint(train_data),
+                    "validation data": fingerprint(val_data)}
         files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)
 
         # 4. The reference: log-probabilities computed once, or a second frozen model
@@ -206,9 +210,9 @@ def run(args):
         start_time = time.time()
         torch.manual_seed(args.seed)
         optimizer = make_optimizer(model, args.lr, args.weight_decay)
-        optimizer = accelerator.with_precision(optimizer, args.precision, setup.device)
+        optimizer = with_precision(optimizer, args.precision, setup.device)
         progress = files.restore(model, optimizer)
-        best = (extras.BestWeights(files.best_saver(model, describe)) if args.keep_best
+        best = (BestWeights(files.best_saver(model, describe)) if args.keep_best
                 else None)
         hooks = DPOTraining(files.epochs, setup.device, files.saver(model, optimizer), progress,
                             ctx=setup.ctx, metrics_path=paths["metrics"],

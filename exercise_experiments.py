@@ -17,7 +17,6 @@ gpt2-medium355M-sft-lora.pth; a combination joins the names with "_" (alpaca52k_
 from dataclasses import replace
 from functools import partial
 
-from finetune_cli import build_parser
 from gpt_instruction_finetuning import (
     ALPACA,
     END_OF_TEXT,
@@ -26,10 +25,11 @@ from gpt_instruction_finetuning import (
     custom_collate_fn,
     main,
 )
-from instruction_data import Phi3Prompt, token_ids
+from kit.cli import build_parser
+from kit.data import Phi3Prompt, token_ids
+from kit.files import fail
 from lora import count_trainable, merge_lora, replace_linear_with_lora
 from previous_chapters import IGNORE_INDEX
-from script_utils import fail
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 

@@ -51,7 +51,8 @@ from export_hf import (
     write_new_folder,
 )
 from gpt_download import END_OF_TEXT, gpt2_tokenizer
-from instruction_data import PROMPT_STYLES, DataError
+from kit.data import PROMPT_STYLES
+from kit.files import DataError
 
 EXAMPLE_WITH_INPUT = ("Rewrite the sentence.", "The cake was baked by me.")  # printed, asked
 OUTTYPES = {  # --outtype -> (file type in the metadata, the matrices' tensor type)

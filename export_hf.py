@@ -45,23 +45,17 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from finetuned_model import (
+from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
+from kit.files import DataError, fail, save_json
+from kit.locks import folder_locked, hold_folder, remove_abandoned_folders
+from kit.saved_model import (
     check_lora_alpha,
     check_vocabulary,
     load_finetuned_model,
     merge_saved_lora,
 )
-from gpt_download import END_OF_TEXT, DownloadError, gpt2_tokenizer
-from instruction_data import DataError
+from kit.signals import stop_signals_interrupt
 from lora import lora_config
-from script_utils import (
-    fail,
-    folder_locked,
-    hold_folder,
-    remove_abandoned_folders,
-    save_json,
-    stop_signals_interrupt,
-)
 
 FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab.json",
          "merges.txt", "tokenizer_config.json")

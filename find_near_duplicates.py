@@ -29,16 +29,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 from tqdm import tqdm
 
-from instruction_data import load_json_entries
-from script_utils import (
-    DataError,
-    WriteError,
-    atomic_write,
-    check_writable_folder,
-    fail,
-    save_json,
-    stop_signals_interrupt,
-)
+from kit.data import load_json_entries
+from kit.files import DataError, WriteError, atomic_write, check_writable_folder, fail, save_json
+from kit.signals import stop_signals_interrupt
 
 FIELDS = ("instruction", "input", "output")  # the book's, searched by default
 PROMPT = "prompt"  # the instruction and input together: what the model is asked

@@ -26,26 +26,17 @@ import re
 import sys
 from collections import namedtuple
 
-import training_extras as extras
-from accelerator import pick_device, precision_context
-from finetune_cli import DEFAULT_MAX_NEW_TOKENS, HelpFormatter
-from finetuned_model import check_lora_alpha, load_finetuned_model, model_info_path
 from gpt_download import DownloadError, gpt2_tokenizer
 from gpt_instruction_finetuning import Experiment, generate_responses, split_data
-from instruction_data import load_json_entries
-from script_utils import (
-    DataError,
-    check_writable_folder,
-    exit_code,
-    fail,
-    lock_file,
-    lock_holder,
-    read_json,
-    save_json,
-    stop_line,
-    stop_signals_raise,
-    unlock_file,
-)
+from kit.answer_log import AnswerLog
+from kit.checkpoint import fingerprint
+from kit.cli import DEFAULT_MAX_NEW_TOKENS, HelpFormatter
+from kit.data import load_json_entries
+from kit.device import pick_device, precision_context
+from kit.files import DataError, check_writable_folder, fail, read_json, save_json
+from kit.locks import lock_file, lock_holder, unlock_file
+from kit.saved_model import check_lora_alpha, load_finetuned_model, model_info_path
+from kit.signals import exit_code, stop_line, stop_signals_raise
 
 RESPONSES_PREFIX = "instruction-data-with-response-"  # the chapter's name for answers files
 TEST_MODE_ENTRIES = 10  # the test entries of a --test_mode run (the chapter script's subset)
@@ -127,9 +118,9 @@ def run_test_entries(info, info_path):
                         "--data_path to answer the entries of another file")
     train_data, test_data, _ = split_data(load_json_entries(data_path), data_path)
     recorded = run_settings(info).get("training data")
-    if recorded is None or recorded == extras.fingerprint(train_data):
+    if recorded is None or recorded == fingerprint(train_data):
         return test_data, data_path
-    if recorded == extras.fingerprint(train_data[:TEST_MODE_ENTRIES]):
+    if recorded == fingerprint(train_data[:TEST_MODE_ENTRIES]):
         return test_data[:TEST_MODE_ENTRIES], data_path
     raise DataError(f"{data_path}: its training split is not the one the model was trained on "
                     f"(as {info_path} records): another file, or one changed since; restore "
@@ -188,8 +179,8 @@ def check_not_a_run_output(output):
                             "another --output")
 
 
-class KeptAnswers(extras.AnswerLog):
-    """The answers kept as they come (`extras.AnswerLog`), reused only with --resume: a run
+class KeptAnswers(AnswerLog):
+    """The answers kept as they come (`AnswerLog`), reused only with --resume: a run
     without it answers everything, and replaces what an earlier run kept at its first batch."""
 
     def __init__(self, path, key, total, resume):
@@ -220,7 +211,7 @@ def answers_key(args, info, entries, max_new_tokens, precision):
     change), the JSON beside it, the LoRA alpha, the entries, the answers' length and the
     precision. Kept answers are reused only for the same."""
     stat = os.stat(args.model_path)
-    return extras.fingerprint([stat.st_size, stat.st_mtime_ns, info, args.lora_alpha, entries,
+    return fingerprint([stat.st_size, stat.st_mtime_ns, info, args.lora_alpha, entries,
                                max_new_tokens, precision])
 
 

@@ -31,14 +31,14 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from instruction_data import ALPACA, load_json_entries
+from kit.data import ALPACA, load_json_entries
+from kit.files import DataError, WriteError, atomic_write, fail
 from kit.judge_cli import add_server_flags, check_server_flags
 from kit.judge_client import judge_name
 from kit.judge_files import check_writable
 from kit.judge_prompts import prompt_sha256
 from kit.judge_store import ReplyFile, ask_all
 from kit.server_jobs import asking, left_out_line, reply_file_beside, start
-from script_utils import DataError, WriteError, atomic_write, fail
 
 LLAMA3_USER_TURN = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
 SAMPLING = {"temperature": 1.0, "top_p": 1.0}  # the book's sampling; the seed is per try

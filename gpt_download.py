@@ -27,7 +27,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 from tqdm import tqdm
 
-from script_utils import DataError
+from kit.files import DataError
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"

@@ -9,11 +9,13 @@ plot, generates a response for every test entry, and saves the responses and the
 JSON file beside them that says how to rebuild and prompt the model).
 
 The sections follow the chapter: 7.2 dataset, 7.3 batches, 7.4 data loaders, 7.5 pretrained
-model, 7.6 finetuning, 7.7 responses and saving; `run` then goes through them in order. The
-flags and their checks live in finetune_cli.py; torchrun, resuming, stopping, the progress bar,
-the metrics log and the run's files (one run at a time, nothing saved lost on an interrupt, a
-full disk or a diverging loss) in training_extras.py; loading a saved model back in
-finetuned_model.py.
+model, 7.6 finetuning, 7.7 responses and saving; `run` then goes through them in order. What
+the script adds around the chapter lives in kit/: the flags and their checks (kit/cli.py), the
+device and precision (kit/device.py), torchrun (kit/distributed.py), resuming
+(kit/checkpoint.py), the run's files (kit/run_files.py: one run at a time, nothing saved lost on
+an interrupt, a full disk or a diverging loss), the metrics log (kit/metrics_log.py), the hooks
+around the book's training loop (kit/chapter_training.py) and the saved-model format
+(kit/saved_model.py).
 """
 
 import gc
@@ -31,18 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import accelerator  # the device, precision and the GPU path
-import training_extras as extras  # the engineering around the book's loop
 from appendix_d import LearningRateSchedule
-from finetune_cli import (
-    DEFAULT_EPOCHS,
-    build_parser,
-    check_args,
-    check_batch_sizes,
-    eval_freq,
-    max_new_tokens,
-)
-from finetuned_model import TEST_MODE_CONFIG, save_finetuned_model
 from gpt_download import (
     END_OF_TEXT,
     GPT2_N_CTX,
@@ -52,14 +43,37 @@ from gpt_download import (
     download_and_load_gpt2_safetensors,
     gpt2_tokenizer,
 )
-from instruction_data import (  # noqa: F401  (format_input: the book's name, imported from here)
-    ALPACA,
-    format_input,
-    load_json_entries,
-    warn_if_truncated,
+from kit.chapter_training import ChapterTraining, check_counted_tokens
+from kit.checkpoint import run_settings
+from kit.cli import (
+    DEFAULT_EPOCHS,
+    build_parser,
+    check_args,
+    check_batch_sizes,
+    eval_freq,
+    max_new_tokens,
 )
+from kit.data import ALPACA, format_input, load_json_entries, warn_if_truncated  # noqa: F401  (format_input: the book's name, imported from here)
+from kit.device import (
+    choose_attention_kernels,
+    default_gen_batch_size,
+    eager_model,
+    with_precision,
+)
+from kit.distributed import (
+    ShardedShuffleSampler,
+    leave_process_group,
+    main_process_first,
+    training_model,
+)
+from kit.files import DataError, atomic_write, fail, print_versions, save_json
 from kit.overlap import overlap_counts, overlap_paragraph, split_overlap
-from kit.run_files import BEST_SUFFIX, PARTIAL_SUFFIX
+from kit.run_files import RunFiles
+from kit.run_names import BEST_SUFFIX, PARTIAL_SUFFIX
+from kit.run_setup import setup_run
+from kit.saved_model import TEST_MODE_CONFIG, save_finetuned_model
+from kit.signals import stop_signals_interrupt
+from kit.stopping import BestWeights, EarlyStopped
 from lora import lora_config
 from previous_chapters import (
     IGNORE_INDEX,
@@ -71,14 +85,6 @@ from previous_chapters import (
     text_to_token_ids,
     token_ids_to_text,
     train_model_simple,
-)
-from script_utils import (
-    DataError,
-    atomic_write,
-    fail,
-    print_versions,
-    save_json,
-    stop_signals_interrupt,
 )
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
@@ -101,7 +107,7 @@ CHAPTER_PACKAGES = ("matplotlib", "tiktoken", "torch", "tqdm", "tensorflow")
 # 7.2 Preparing a dataset for supervised instruction finetuning
 #####################################
 
-# The prompt styles (the chapter's Alpaca template, `format_input`) live in instruction_data.py,
+# The prompt styles (the chapter's Alpaca template, `format_input`) live in kit/data.py,
 # which the judge script imports too without loading PyTorch.
 
 
@@ -142,7 +148,7 @@ def load_data(args, experiment, setup):
     entries come from --data_path, or the experiment's file (downloaded by rank 0 when
     missing)."""
     data_path = args.data_path or experiment.data_file
-    with extras.main_process_first(setup.rank, setup.world_size):
+    with main_process_first(setup.rank, setup.world_size):
         data = (load_json_entries(data_path, training=True) if args.data_path
                 else download_and_load_file(data_path, experiment.data_url))
     train_data, test_data, val_data = split_data(data, data_path)
@@ -222,7 +228,7 @@ def build_loaders(train_data, val_data, tokenizer, batch_size, experiment, rank=
 
     Under torchrun `batch_size` is the global batch: each rank loads its share. The batches stay
     on the CPU: the training steps prepare their own copy for the device
-    (`accelerator.prepare_batch`, copied without making a GPU wait), and the book's loss
+    (`prepare_batch`, copied without making a GPU wait), and the book's loss
     functions move theirs.
     """
     collate = partial(experiment.collate_fn, device="cpu",
@@ -230,7 +236,7 @@ def build_loaders(train_data, val_data, tokenizer, batch_size, experiment, rank=
     train_dataset = experiment.dataset_class(train_data, tokenizer, experiment.prompt_style)
     warn_if_truncated(train_dataset, experiment.allowed_max_length, "training")
     if world_size > 1:
-        sampler = extras.ShardedShuffleSampler(len(train_dataset), batch_size, rank, world_size)
+        sampler = ShardedShuffleSampler(len(train_dataset), batch_size, rank, world_size)
         train_loader = DataLoader(train_dataset, batch_size=batch_size // world_size,
                                   sampler=sampler, collate_fn=collate, drop_last=True,
                                   num_workers=0)
@@ -278,7 +284,7 @@ def print_initial_losses(model, train_loader, val_loader, device, ctx=None):
     computed under `ctx` (the run's precision) when given, batch by batch as the book does, on
     the eager model (a compiled model's graphs are the training steps')."""
     print("Initial losses")
-    model = accelerator.eager_model(model)
+    model = eager_model(model)
     with torch.no_grad(), ctx or nullcontext():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
@@ -333,7 +339,7 @@ def finetune(model, train_loader, val_loader, optimizer, device, args, start_con
                 num_epochs=hooks.num_epochs, eval_freq=eval_freq(args),
                 eval_iter=args.eval_iter, start_context=start_context, tokenizer=tokenizer,
                 hooks=hooks)
-        except extras.EarlyStopped as stop:
+        except EarlyStopped as stop:
             if str(stop):
                 print(stop)
             curves = hooks.curves()
@@ -349,17 +355,17 @@ def train(args, setup, models, loaders, files, schedule, describe, start_context
     returns. `models` is (the model the loop calls, the plain model it wraps)."""
     model, raw_model = models
     train_loader, val_loader = loaders
-    accelerator.choose_attention_kernels(setup.device)
+    choose_attention_kernels(setup.device)
     if not files.resuming:
         print_initial_losses(model, train_loader, val_loader, setup.device, setup.ctx)
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
-    optimizer = accelerator.with_precision(optimizer, args.precision, setup.device)  # fp16
+    optimizer = with_precision(optimizer, args.precision, setup.device)  # fp16
     progress = files.restore(raw_model, optimizer)  # None when starting over
     best = None
     if args.keep_best or args.early_stopping:
-        best = extras.BestWeights(files.best_saver(raw_model, describe) if args.keep_best
+        best = BestWeights(files.best_saver(raw_model, describe) if args.keep_best
                                   else None, args.early_stopping)
-    hooks = extras.ChapterTraining(files.epochs, setup.device,
+    hooks = ChapterTraining(files.epochs, setup.device,
                                    files.saver(raw_model, optimizer), progress, ctx=setup.ctx,
                                    micro_batch_size=args.micro_batch_size,
                                    metrics_path=files.paths["metrics"],
@@ -381,7 +387,7 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
 
     Prompts of similar length are answered together (batched, with the KV cache); each answer
     is the same as generating for its prompt alone. `batch_size` None sizes the batches to the
-    device (`default_gen_batch_size`). An `answer_log` (`extras.AnswerLog`) keeps the answers
+    device (`default_gen_batch_size`). An `answer_log` (`AnswerLog`) keeps the answers
     after each batch and supplies those an interrupted run kept, which are not generated again.
     Nothing of training stays in memory meanwhile: the gradients are freed, and so is what
     training left unreferenced (the optimizer's moments, held in reference cycles).
@@ -390,7 +396,7 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
     gc.collect()
     prompts = [prompt_style.format_input(entry) for entry in test_data]
     encoded = [text_to_token_ids(p, tokenizer)[0].tolist() for p in prompts]
-    batch_size = batch_size or accelerator.default_gen_batch_size(
+    batch_size = batch_size or default_gen_batch_size(
         model, [len(ids) for ids in encoded], max_new_tokens)
     responses = answer_log.load() if answer_log is not None else [None] * len(test_data)
     order = sorted((i for i, response in enumerate(responses) if response is None),
@@ -473,7 +479,7 @@ def save_results(args, experiment, model, tokenizer, test_data, files, training,
     (`describe`, `model_info`); say which evaluation was best when it was followed.
 
     `training` is (train_losses, val_losses, tokens_seen, progress) of the finished loop;
-    `files` (`extras.RunFiles`) names the outputs and keeps the answers as they come.
+    `files` (`RunFiles`) names the outputs and keeps the answers as they come.
     """
     paths = files.paths
     train_losses, val_losses, tokens_seen, progress = training
@@ -542,8 +548,8 @@ class Experiment:
 
 def run(args, experiment=None):
     """Finetune and evaluate as the chapter does, with what `experiment` changes. The device,
-    processes, precision and output paths are decided once (`extras.RunSetup`); the run's
-    files (`extras.RunFiles`) take one run at a time, and an interrupt, a failed write or a
+    processes, precision and output paths are decided once (`RunSetup`); the run's
+    files (`RunFiles`) take one run at a time, and an interrupt, a failed write or a
     diverging loss ends the run in one line that says what is saved and how to go on."""
     experiment = experiment or Experiment()
     config, model_name = model_config(args)
@@ -551,9 +557,9 @@ def run(args, experiment=None):
         experiment, batch_size=args.batch_size or experiment.batch_size,
         allowed_max_length=min(experiment.allowed_max_length, config["context_length"]))
     run_name = args.run_name or experiment.name
-    setup = extras.setup_run(args, output_paths(args.output_dir, run_name, model_name))
+    setup = setup_run(args, output_paths(args.output_dir, run_name, model_name))
     print_versions(CHAPTER_PACKAGES)  # only rank 0 prints
-    with extras.RunFiles(setup, args, run_name) as files:
+    with RunFiles(setup, args, run_name) as files:
         data, (train_data, test_data, val_data), train_overlap = load_data(args, experiment,
                                                                            setup)
         tokenizer = gpt2_tokenizer(args.models_dir)
@@ -561,22 +567,22 @@ def run(args, experiment=None):
             experiment.inspect_data(data, tokenizer)
         print("Device:", setup.describe())
         print(50 * "-")
-        settings = extras.run_settings(args, experiment, model_name, train_data, val_data,
+        settings = run_settings(args, experiment, model_name, train_data, val_data,
                                        test_data)
         files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)  # before the model is built
         torch.manual_seed(args.seed)
         train_loader, val_loader = build_loaders(train_data, val_data, tokenizer,
                                                  experiment.batch_size, experiment, setup.rank,
                                                  setup.world_size)
-        extras.check_counted_tokens(train_loader, args.data_path or experiment.data_file)
+        check_counted_tokens(train_loader, args.data_path or experiment.data_file)
         schedule = learning_rate_schedule(args, len(train_loader) * files.epochs)
         files.check_schedule(schedule)
 
-        with extras.main_process_first(setup.rank, setup.world_size):
+        with main_process_first(setup.rank, setup.world_size):
             raw_model = load_model(args, config, setup.device)
         if experiment.prepare_model is not None:  # LoRA: frozen weights, trainable low-rank ones
             raw_model = experiment.prepare_model(raw_model).to(setup.device)
-        model = extras.training_model(raw_model, args.compile, setup.device)
+        model = training_model(raw_model, args.compile, setup.device)
         print("Loaded model:", model_name)
         print(50 * "-")
 
@@ -586,7 +592,7 @@ def run(args, experiment=None):
                          schedule, describe, experiment.prompt_style.format_input(val_data[0]),
                          tokenizer)
         if setup.world_size > 1:
-            extras.leave_process_group(setup.rank)  # ranks other than 0 end here
+            leave_process_group(setup.rank)  # ranks other than 0 end here
         save_results(args, experiment, raw_model, tokenizer, test_data, files, training, setup,
                      describe)
         files.finish(args.keep_checkpoint)

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
-from script_utils import DataError
+from kit.files import DataError
 
 
 class LoRALayer(nn.Module):

@@ -26,14 +26,14 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from instruction_data import format_input, load_json_entries
+from kit.data import format_input, load_json_entries
+from kit.files import DataError, atomic_write, fail, save_json
 from kit.judge_cli import add_server_flags, check_server_flags
 from kit.judge_client import judge_name
 from kit.judge_files import check_writable, same_file
 from kit.judge_prompts import prompt_sha256
 from kit.judge_store import ReplyFile, ask_all
 from kit.server_jobs import asking, left_out_line, reply_file_beside, start
-from script_utils import DataError, atomic_write, fail, save_json
 
 STYLES = ("polite", "impolite")
 DEFAULT_DATA = "instruction-data.json"  # the chapter's data, as the training script downloads it

@@ -44,6 +44,7 @@ summary gives wins, losses, ties and the win rate of A over B (kit/pairwise.py).
 from functools import partial
 
 from kit import agreement, pairwise
+from kit.files import fail, save_json
 from kit.judge_cli import asker, build_parser, check_flags, judge_url, require_judge
 from kit.judge_client import OLLAMA_URL, judge_name, query_model
 from kit.judge_files import check_outputs, load_runs, open_stores, scored_copy, write_failure
@@ -57,7 +58,6 @@ from kit.judge_store import (
     unanswered,
 )
 from kit.judge_summary import comparison_lines, plot_scores, preload, report_run
-from script_utils import fail, save_json
 
 #####################################
 # 7.8 Evaluating the finetuned LLM: checking the judge runs

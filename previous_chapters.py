@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
 from torch.utils.data import DataLoader, Dataset
 
-from script_utils import atomic_write, image_format
+from kit.files import atomic_write, image_format
 
 #####################################
 # Chapter 2: text <-> token ids
@@ -422,7 +422,7 @@ class GPTModel(nn.Module):
         order: that is all a loss with ignored targets needs, and the output head, the largest
         matrix, runs only there. It is either a bool mask (b, num_tokens), True where a target
         counts, or the indices (num_kept,) of those positions among the b * num_tokens ones, as
-        `accelerator.prepare_batch` builds them on the CPU for a GPU: with indices, the device
+        `kit.device.prepare_batch` builds them on the CPU for a GPU: with indices, the device
         never waits for the host to count the kept positions, and torch.compile sees no
         data-dependent shape. With a mask, on the device types in `pack_on` the positions after
         a row's last kept one are not computed at all (see `packed_features`); elsewhere whole
@@ -688,7 +688,7 @@ def generate_and_print_sample(model, tokenizer, device, start_context, max_new_t
 class TrainingHooks:
     """The points where `train_model_simple` can be extended; these defaults are the book's loop.
 
-    The chapter script passes a subclass (training_extras.py) that resumes interrupted runs,
+    The chapter script passes a subclass (kit/chapter_training.py) that resumes interrupted runs,
     stops cleanly on Ctrl-C, trains under torchrun and shows a progress bar.
     """
 

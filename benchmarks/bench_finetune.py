@@ -45,8 +45,8 @@ from common import (
 )
 
 import gpt_instruction_finetuning as ft
-import training_extras as extras
 from gpt_instruction_finetuning import format_input, generate_responses
+from kit.chapter_training import ChapterTraining
 from previous_chapters import (
     GPTModel,
     generate,
@@ -159,7 +159,7 @@ def micro_batch_training(size, micro_batch_size, steps):
     torch.manual_seed(0)
     model = GPTModel(gpt2_config(size)).to(device).train()
     optimizer = ft.make_optimizer(model, 5e-5, 0.1)
-    hooks = extras.ChapterTraining(1, torch.device(device), micro_batch_size=micro_batch_size)
+    hooks = ChapterTraining(1, torch.device(device), micro_batch_size=micro_batch_size)
     batches = real_batches(steps)
     for inputs, targets in batches[:2]:
         optimizer.zero_grad()

@@ -44,11 +44,20 @@ import torch
 from common import chapter_data, gpt2_config, machine_line, table
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-import accelerator
 import gpt_instruction_finetuning as ft
 from gpt_download import gpt2_tokenizer
+from kit import device as kit_device
+from kit.chapter_training import ChapterTraining
+from kit.device import (
+    LENGTH_MULTIPLE,
+    choose_attention_kernels,
+    compiled_for_training,
+    eager_model,
+    pad_to_multiple,
+    precision_context,
+    with_precision,
+)
 from previous_chapters import GPTModel, calc_loss_loader, train_model_simple
-from training_extras import ChapterTraining
 
 VARIANTS = {"book": None, "fp32": ("fp32", False), "tf32": ("tf32", False),
             "bf16": ("bf16", False), "fp16": ("fp16", False), "fp32+compile": ("fp32", True),
@@ -152,17 +161,17 @@ class OpCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched (views left out: they launch no kernel), and those
     that make a GPU's host wait (`SYNCING_OPS`, and indexing with a boolean mask).
 
-    The host's own work on the batch (`accelerator.prepare_batch`, before the copy to the
-    device) is left out: on a CPU the counter cannot tell it from the device's.
+    The host's own work on the batch (`kit.device.prepare_batch`, before the copy
+    to the device) is left out: on a CPU the counter cannot tell it from the device's.
     """
 
     def __enter__(self):
-        self.prepare = accelerator.prepare_batch
-        accelerator.prepare_batch = self.on_the_host(self.prepare)
+        self.prepare = kit_device.prepare_batch
+        kit_device.prepare_batch = self.on_the_host(self.prepare)
         return super().__enter__()
 
     def __exit__(self, *exc_info):
-        accelerator.prepare_batch = self.prepare
+        kit_device.prepare_batch = self.prepare
         return super().__exit__(*exc_info)
 
     @staticmethod
@@ -217,9 +226,9 @@ class MeasuredTraining(ChapterTraining):
         self.step_ops = self.step_syncs = None
 
     def batch_loss(self, input_batch, target_batch, model, device):
-        context_length = accelerator.eager_model(model).pos_emb.num_embeddings
-        self.lengths.add(accelerator.pad_to_multiple(
-            input_batch, accelerator.LENGTH_MULTIPLE, context_length).shape[1])
+        context_length = eager_model(model).pos_emb.num_embeddings
+        self.lengths.add(pad_to_multiple(
+            input_batch, LENGTH_MULTIPLE, context_length).shape[1])
         if self.progress["global_step"] + 1 == COUNTED_STEP:
             if self.count_ops:
                 self.counters.append(OpCounter())
@@ -329,19 +338,19 @@ def our_job(weights, settings, device, tokenizer, precision, compile_model):
     """The chapter script's way with `--precision` and `--compile`; returns the phase figures."""
     phases = Phases(device)
     train_loader, val_loader, val, test = chapter_loaders(settings, tokenizer)
-    ctx = accelerator.precision_context(device, precision)
-    accelerator.choose_attention_kernels(device)
+    ctx = precision_context(device, precision)
+    choose_attention_kernels(device)
     config = model_config(settings)
     with phases.phase("load"):  # as the script's load_model: initialized, then loaded
         model = GPTModel(config)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         model.to(device).eval()
         model.pack_on = ()  # rows computed whole on every device, as on a GPU
-        train_model = accelerator.compiled_for_training(model, device) if compile_model else model
+        train_model = compiled_for_training(model, device) if compile_model else model
     with phases.phase("initial losses"), torch.no_grad(), ctx:
         initial = (calc_loss_loader(train_loader, model, device, num_batches=5),
                    calc_loss_loader(val_loader, model, device, num_batches=5))
-    optimizer = accelerator.with_precision(ft.make_optimizer(model, 5e-5, 0.1), precision,
+    optimizer = with_precision(ft.make_optimizer(model, 5e-5, 0.1), precision,
                                            device)
     times = step_times(optimizer, device)
     scaler = optimizer if precision == "fp16" else None

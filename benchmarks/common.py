@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import accelerator
 import gpt_instruction_finetuning as ft  # noqa: E402
+from kit.device import compiled_for_training, eager_model, precision_context, prepared_loss
 from previous_chapters import GPTModel, calc_loss_batch  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -97,14 +97,14 @@ def book_step(model, optimizer, inputs, targets):
 def fast_step(model, optimizer, inputs, targets, ctx=None):
     """The chapter script's training step, its loss computed under `ctx` (the precision): rows
     packed on a CPU, the batch prepared on the CPU for whole rows elsewhere (a GPU)."""
-    eager = accelerator.eager_model(model)
+    eager = eager_model(model)
     device = eager.out_head.weight.device
     optimizer.zero_grad()
     with ctx or nullcontext():
         if device.type in eager.pack_on:
             loss = calc_loss_batch(inputs, targets, model, device)
         else:
-            loss = accelerator.prepared_loss(inputs, targets, model, device,
+            loss = prepared_loss(inputs, targets, model, device,
                                              eager.pos_emb.num_embeddings)
     loss.backward()
     optimizer.step()
@@ -124,8 +124,8 @@ def training_setup(size, path, seed=0, device="cpu", precision="fp32", compile_f
     model = GPTModel(gpt2_config(size, fused=fast)).to(device).train()
     if fast:
         device = torch.device(device)
-        train_model = accelerator.compiled_for_training(model, device) if compile_forward else model
+        train_model = compiled_for_training(model, device) if compile_forward else model
         return (train_model, ft.make_optimizer(model, 5e-5, 0.1),
-                partial(fast_step, ctx=accelerator.precision_context(device, precision)))
+                partial(fast_step, ctx=precision_context(device, precision)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, foreach=False)
     return model, optimizer, book_step

@@ -19,8 +19,8 @@ import os
 import warnings
 from collections import namedtuple
 
+from kit.files import WriteError, atomic_write, fail, image_format
 from kit.judge_store import ScoreStore
-from script_utils import WriteError, atomic_write, fail, image_format
 
 Source = namedtuple("Source", "label scores is_list")  # scores: {entry key: score}
 JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true or false",

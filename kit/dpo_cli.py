@@ -6,10 +6,10 @@ import math
 import os
 import re
 
-from accelerator import check_precision, pick_device
-from finetune_cli import SEED_RANGE, HelpFormatter, add_answer_flags
-from finetuned_model import check_lora_alpha
-from script_utils import DataError, check_writable_folder
+from kit.cli import SEED_RANGE, HelpFormatter, add_answer_flags
+from kit.device import check_precision, pick_device
+from kit.files import DataError, check_writable_folder
+from kit.saved_model import check_lora_alpha
 
 DEFAULT_EPOCHS = 1  # the notebook's: DPO soon overfits the preferences
 DEFAULT_RUN_NAME = "dpo"

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gpt_download import END_OF_TEXT
-from instruction_data import ALPACA, check_entry, load_json_entries
-from script_utils import DataError
+from kit.data import ALPACA, check_entry, load_json_entries
+from kit.files import DataError
 
 PREFERENCE_FIELDS = ("instruction", "input", "output", "chosen", "rejected")
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"

@@ -4,7 +4,7 @@ The loop is the notebook's: for each batch of each epoch, the DPO loss, a backwa
 optimizer step; every `eval_freq` steps the loss and rewards over `eval_iter` training and
 validation batches, printed as the notebook prints them; after each epoch a sample answer.
 `hooks` extend it as `previous_chapters.TrainingHooks` extend the chapter's loop; `DPOTraining`
-brings what `training_extras.ChapterTraining` does there (resuming, stopping on a signal, the
+brings what `kit.chapter_training.ChapterTraining` does there (resuming, stopping on a signal, the
 progress bar, the metrics log, the best weights, precision, divergence checks).
 """
 
@@ -13,11 +13,11 @@ from contextlib import nullcontext
 import matplotlib.pyplot as plt
 import torch
 
-from accelerator import eager_model
+from kit.chapter_training import ChapterTraining
+from kit.device import eager_model
 from kit.dpo_loss import compute_dpo_loss_batch, evaluate_dpo_loss_loader
+from kit.files import atomic_write, image_format
 from previous_chapters import TrainingHooks
-from script_utils import atomic_write, image_format
-from training_extras import ChapterTraining
 
 REWARD_FIELDS = ("train_chosen_reward", "train_rejected_reward", "val_chosen_reward",
                  "val_rejected_reward")

@@ -9,10 +9,11 @@ import math
 import os
 from functools import partial
 
+from kit.files import fail, image_format
 from kit.judge_client import OLLAMA_URL, OPENAI_URL, chat_url, check_judge, query_model
 from kit.judge_files import check_writable
 from kit.judge_prompts import JUDGE_PROMPTS
-from script_utils import fail, image_format, stop_signals_interrupt
+from kit.signals import stop_signals_interrupt
 
 MAX_TIMEOUT = 86_400  # seconds (a day): the longest --timeout, far below what timers can wait
 

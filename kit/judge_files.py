@@ -10,9 +10,9 @@ import stat
 import tempfile
 from collections import namedtuple
 
-from instruction_data import load_json_entries
+from kit.data import load_json_entries
+from kit.files import DataError, check_writable_folder, fail
 from kit.judge_store import ScoreStore
-from script_utils import DataError, check_writable_folder, fail
 
 Run = namedtuple("Run", "label entries key store_path")  # one file's responses under one key
 

@@ -8,7 +8,7 @@ import re
 import sys
 from collections import namedtuple
 
-from instruction_data import format_input
+from kit.data import format_input
 from kit.judge_client import OPTIONS
 
 CHARS_PER_TOKEN = 3  # English averages about 4 characters per token; 3 errs towards warning

@@ -23,16 +23,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from tqdm import tqdm
 
+from kit.files import WriteError, fail
 from kit.judge_client import JudgeError, JudgeUnreachable, one_line
 from kit.judge_prompts import JUDGE_PROMPTS, prompt_sha256
-from script_utils import (
-    Interrupted,
-    WriteError,
-    exit_code,
-    fail,
-    heeded_signals,
-    in_main_thread,
-)
+from kit.signals import Interrupted, exit_code, heeded_signals, in_main_thread
 
 STOP_WAIT = 0.5  # seconds that Ctrl-C waits for the replies in flight before it stops
 STOP_POLL = 0.1  # seconds between looks for a stop signal while replies are awaited

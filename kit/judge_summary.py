@@ -10,9 +10,9 @@ import sys
 import threading
 from collections import Counter
 
+from kit.files import atomic_write, image_format
 from kit.judge_client import one_line
 from kit.judge_prompts import JUDGE_PROMPTS
-from script_utils import atomic_write, image_format
 
 LOWEST_SHOWN = 3  # the lowest-scored entries the summary names
 

@@ -21,14 +21,14 @@ import re
 import sys
 from collections import namedtuple
 
-from instruction_data import load_json_entries
+from kit.data import load_json_entries
+from kit.files import DataError, fail
 from kit.judge_cli import asker, judge_url, require_judge
 from kit.judge_client import judge_name, one_line
 from kit.judge_files import Run, check_outputs, check_writable, label_by_run_name, open_stores
 from kit.judge_prompts import JudgePrompt, warn_long_prompts
 from kit.judge_store import reported_failures, score_prompts, unanswered
 from kit.judge_summary import bootstrap_interval, keyed_scores
-from script_utils import DataError, fail
 
 DEFAULT_CRITERION = ("which response follows the instruction more helpfully and correctly, "
                      "with the reference answer as the correct output")

@@ -12,9 +12,10 @@ import contextlib
 import os
 import sys
 
+from kit.files import WriteError, fail
 from kit.judge_cli import asker, judge_url, require_judge
 from kit.judge_client import JudgeError, JudgeUnreachable
-from script_utils import WriteError, exit_code, fail, stop_line, stop_signals_raise
+from kit.signals import exit_code, stop_line, stop_signals_raise
 
 
 def start(args, needed=True):

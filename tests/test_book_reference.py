@@ -27,11 +27,12 @@ from llms_from_scratch import ch05 as book_ch05
 from llms_from_scratch import ch07 as book_ch07
 from torch.utils.data import DataLoader
 
-import finetuned_model
 import gpt_instruction_finetuning as ft
 import previous_chapters as pc
-import training_extras as extras
-from instruction_data import load_json_entries
+from kit.checkpoint import fingerprint
+from kit.data import load_json_entries
+from kit.metrics_log import read_metrics
+from kit.saved_model import load_finetuned_model, model_info_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOK_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
@@ -487,10 +488,10 @@ def test_script_run_is_the_books_chapter_and_its_pth_loads_into_the_books_model(
     assert (info["model_name"], info["experiment"], info["epochs"], info["seed"]) == (
         "Small test model", "standalone", 1, 123)
     assert info["settings"]["--lr"] == 5e-5
-    assert info["settings"]["training data"] == extras.fingerprint(chapter_data[:10])
+    assert info["settings"]["training data"] == fingerprint(chapter_data[:10])
 
     book = load_into_books_model(path, cfg)
-    ours, _, prompt_style = finetuned_model.load_finetuned_model(str(path))
+    ours, _, prompt_style = load_finetuned_model(str(path))
     assert prompt_style.name == "alpaca"
     assert_same_logits(ours, book, cfg)
 
@@ -514,7 +515,7 @@ def test_merged_lora_pth_loads_into_the_books_plain_model(script_runs, chapter_d
     saved = torch.load(path, map_location="cpu", weights_only=True)
     assert not any(".lora." in key for key in saved)  # a plain GPTModel
     book = load_into_books_model(path, cfg)
-    ours, _, _ = finetuned_model.load_finetuned_model(str(path))
+    ours, _, _ = load_finetuned_model(str(path))
     assert_same_logits(ours, book, cfg)
     # It computes what the book's unmerged LoRA model computes after the same training.
     train_data, _, val_data = ft.split_data(chapter_data)
@@ -536,7 +537,7 @@ def test_unmerged_lora_pth_loads_into_the_books_model_with_the_books_lora(script
     assert any(key.endswith(".lora.B") and value.abs().sum() > 0  # training moved B
                for key, value in saved.items())
     book = load_into_books_model(path, cfg, lora=(rank, alpha))
-    ours, _, _ = finetuned_model.load_finetuned_model(str(path))
+    ours, _, _ = load_finetuned_model(str(path))
     assert_same_logits(ours, book, cfg)
     # The book's LoRA run from the same seed ends with the same weights.
     train_data, _, val_data = ft.split_data(chapter_data)
@@ -552,7 +553,7 @@ def test_phi3_prompt_pth_loads_into_the_books_model_and_says_phi3(script_runs):
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["prompt_style"] == "phi3" and info["experiment"] == "phi3-prompt"
     book = load_into_books_model(path, info["config"])
-    ours, _, prompt_style = finetuned_model.load_finetuned_model(str(path))
+    ours, _, prompt_style = load_finetuned_model(str(path))
     assert prompt_style.name == "phi3"
     assert prompt_style.format_input({"instruction": "Name a color.", "input": ""}) == (
         "<|user|>\nName a color.")
@@ -581,8 +582,8 @@ def test_pth_saved_from_the_books_model_loads_into_ours(cfg, tmp_path):
     assert_same_logits(ours.eval(), book, cfg)
 
     # Without a JSON beside it: config read off the shapes, the chapter's Alpaca prompt.
-    model, info, prompt_style = finetuned_model.load_finetuned_model(str(path))
-    assert not os.path.exists(finetuned_model.model_info_path(str(path)))
+    model, info, prompt_style = load_finetuned_model(str(path))
+    assert not os.path.exists(model_info_path(str(path)))
     assert info == {"config": {key: cfg[key] for key in BOOK_KEYS}, "prompt_style": "alpaca"}
     assert prompt_style is ft.ALPACA
     assert_same_logits(model, book, cfg)
@@ -603,7 +604,7 @@ def test_appendix_d_options_train_as_the_books_train_model(script_runs, chapter_
         ft.TEST_MODE_CONFIG, train_data[:10], val_data[:10], tokenizer,
         appendix_d=(2, 2, 0.05, 2))
     assert len(lrs) == 10 and lrs[0] == 3e-5 and lrs[2] == 0.05  # warmup, then the peak
-    rows = extras.read_metrics(path.parent / "metrics-appendix-d.csv")
+    rows = read_metrics(path.parent / "metrics-appendix-d.csv")
     assert [row["lr"] for row in rows] == lrs
     np.testing.assert_allclose([row["train_loss"] for row in rows], train_losses, rtol=0,
                                atol=1e-5)

@@ -19,7 +19,7 @@ import torch
 
 import chat
 from gpt_instruction_finetuning import TEST_MODE_CONFIG, save_finetuned_model
-from instruction_data import ALPACA, PROMPT_STYLES
+from kit.data import ALPACA, PROMPT_STYLES
 from lora import merge_lora, replace_linear_with_lora
 from previous_chapters import GPTModel, generate, generate_stream, token_ids_to_text
 from tests.helpers import REPO, assert_error, run_in_process, run_script

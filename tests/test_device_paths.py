@@ -11,14 +11,26 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import accelerator
 import gpt_instruction_finetuning as ft
-import training_extras as extras
-from accelerator import pad_to_multiple, prepare_batch, prepared_loss
 from appendix_d import LearningRateSchedule
-from instruction_data import DataError
+from kit import device as kit_device
+from kit.chapter_training import ChapterTraining
+from kit.device import (
+    check_precision,
+    choose_attention_kernels,
+    compiled_for_training,
+    default_gen_batch_size,
+    eager_model,
+    pad_to_multiple,
+    precision_context,
+    prepare_batch,
+    prepared_loss,
+    with_precision,
+)
+from kit.distributed import training_model
+from kit.files import DataError
+from kit.stopping import FiniteWatch, TrainingDiverged
 from previous_chapters import IGNORE_INDEX, GPTModel, calc_loss_batch, train_model_simple
-from training_extras import ChapterTraining, FiniteWatch, TrainingDiverged
 
 
 @pytest.fixture
@@ -95,7 +107,7 @@ def assert_same_loss_and_gradients(model, reference, inputs, targets, context_le
     got.backward()
     expected.backward()
     assert got.item() == pytest.approx(expected.item(), abs=atol)
-    weights = accelerator.eager_model(model)
+    weights = eager_model(model)
     for (name, a), b in zip(weights.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=atol), name
 
@@ -120,11 +132,11 @@ def train_three_steps(cfg, batches, whole=False, precision="fp32", **hook_option
     torch.manual_seed(0)
     model = whole_rows(GPTModel(cfg)) if whole else GPTModel(cfg)
     cpu = torch.device("cpu")
-    optimizer = accelerator.with_precision(torch.optim.SGD(model.parameters(), lr=0.5),
+    optimizer = with_precision(torch.optim.SGD(model.parameters(), lr=0.5),
                                            precision, cpu)
     if precision == "fp16":
         hook_options.update(loss_scaler=optimizer)
-    with ChapterTraining(1, "cpu", ctx=accelerator.precision_context(cpu, precision),
+    with ChapterTraining(1, "cpu", ctx=precision_context(cpu, precision),
                          **hook_options) as hooks:
         train_model_simple(model, batches, batches[:1], optimizer, "cpu", num_epochs=1,
                            eval_freq=100, eval_iter=1, start_context="Hi",
@@ -171,13 +183,13 @@ def test_bf16_losses_stay_close_to_fp32_and_the_weights_stay_fp32(cfg, chapter_b
     model = GPTModel(cfg)
     inputs, targets = chapter_batches[0]
     fp32 = calc_loss_batch(inputs, targets, model, "cpu")
-    with accelerator.precision_context(torch.device("cpu"), "bf16"):
+    with precision_context(torch.device("cpu"), "bf16"):
         bf16 = calc_loss_batch(inputs, targets, model, "cpu")
     assert bf16.dtype == torch.float32
     assert bf16.item() == pytest.approx(fp32.item(), rel=0.02)
     assert bf16.item() != fp32.item()  # it did compute in bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    with accelerator.precision_context(torch.device("cpu"), "fp32"):
+    with precision_context(torch.device("cpu"), "fp32"):
         assert calc_loss_batch(inputs, targets, model, "cpu").item() == fp32.item()
 
 
@@ -195,7 +207,7 @@ def test_compiled_steps_make_one_graph_without_breaks_and_the_eager_numbers(cfg,
         return graph_module.forward
 
     with mock.patch("torch.compile", partial(torch.compile, backend=counting_backend)):
-        compiled = accelerator.compiled_for_training(model, torch.device("cpu"))
+        compiled = compiled_for_training(model, torch.device("cpu"))
     lengths, counts = set(), set()
     for inputs, targets in chapter_batches[:4]:
         assert_same_loss_and_gradients(compiled, reference, inputs, targets,
@@ -209,7 +221,7 @@ def test_compiled_steps_make_one_graph_without_breaks_and_the_eager_numbers(cfg,
 
 def test_without_compile_the_training_model_is_the_model(cfg):
     model = GPTModel(cfg)
-    assert extras.training_model(model, False, torch.device("cpu")) is model
+    assert training_model(model, False, torch.device("cpu")) is model
 
 
 def gpt2_medium_on(device):
@@ -222,7 +234,7 @@ def gpt2_medium_on(device):
 
 
 def test_generation_batch_size_follows_the_device_and_the_cache_dtype():
-    sized = partial(accelerator.default_gen_batch_size, max_new_tokens=256)
+    sized = partial(default_gen_batch_size, max_new_tokens=256)
     assert sized(gpt2_medium_on(torch.device("cpu")), [100] * 110) == 8
     cuda = gpt2_medium_on(torch.device("cuda"))
     logits = 2 * 50257 * 4
@@ -238,37 +250,37 @@ def test_bf16_is_refused_on_a_gpu_without_bfloat16_units():
     with mock.patch("torch.cuda.is_bf16_supported", return_value=False), \
             mock.patch("torch.cuda.get_device_name", return_value="Tesla T4"), \
             pytest.raises(DataError) as error:
-        accelerator.check_precision("bf16", False, torch.device("cuda"))
+        check_precision("bf16", False, torch.device("cuda"))
     assert str(error.value) == ("--precision bf16: Tesla T4 has no bfloat16 units (they came "
                                 "with Ampere GPUs); use --precision fp16")
 
 
 def test_compile_is_refused_where_it_cannot_run():
     with mock.patch.object(sys, "platform", "win32"), pytest.raises(DataError) as error:
-        accelerator.check_precision("fp32", True, torch.device("cpu"))
+        check_precision("fp32", True, torch.device("cpu"))
     assert str(error.value).startswith("--compile: torch.compile does not run on Windows")
     with mock.patch("importlib.util.find_spec", return_value=None), \
             pytest.raises(DataError) as error:
-        accelerator.check_precision("fp32", True, torch.device("cuda"))
+        check_precision("fp32", True, torch.device("cuda"))
     assert str(error.value) == ("--compile: torch.compile needs Triton on a GPU and it is not "
                                 "installed; pip install triton, or leave --compile out")
 
 
 def test_bf16_on_a_cpu_without_bfloat16_warns_once(capsys):
-    with mock.patch.object(accelerator, "cpu_has_bf16", return_value=False):
-        accelerator.check_precision("bf16", False, torch.device("cpu"))
+    with mock.patch.object(kit_device, "cpu_has_bf16", return_value=False):
+        check_precision("bf16", False, torch.device("cpu"))
     assert capsys.readouterr().out == ("Warning: this CPU has no bfloat16 instructions; "
                                        "--precision bf16 will be slower than fp32 here\n")
-    with mock.patch.object(accelerator, "cpu_has_bf16", return_value=True):
-        accelerator.check_precision("bf16", False, torch.device("cpu"))
+    with mock.patch.object(kit_device, "cpu_has_bf16", return_value=True):
+        check_precision("bf16", False, torch.device("cpu"))
     assert capsys.readouterr().out == ""
 
 
 def test_cudnn_attention_is_left_out_on_cuda_only():
     with mock.patch("torch.backends.cuda.enable_cudnn_sdp") as enable:
-        accelerator.choose_attention_kernels(torch.device("cpu"))
+        choose_attention_kernels(torch.device("cpu"))
         assert enable.call_count == 0
-        accelerator.choose_attention_kernels(torch.device("cuda"))
+        choose_attention_kernels(torch.device("cuda"))
     enable.assert_called_once_with(False)
 
 

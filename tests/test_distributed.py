@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from training_extras import ShardedShuffleSampler
+from kit.distributed import ShardedShuffleSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILE = "Smalltestmodel-sft-standalone.pth"

@@ -25,10 +25,10 @@ from test_faults import signal_at
 from torch.utils.data import DataLoader
 
 import dpo_finetuning as dpo
-from finetuned_model import TEST_MODE_CONFIG
-from instruction_data import PROMPT_STYLES
+from kit.data import PROMPT_STYLES
 from kit.dpo_data import PreferenceDataset, custom_collate_fn, header_newlines
 from kit.dpo_training import DPOTraining
+from kit.saved_model import TEST_MODE_CONFIG
 
 PREFERENCE_DATA = SHARED_DATA / "instruction-data-with-preference.json"
 LR, BETA, BATCH, EPOCHS, EVAL_ITER = 1e-4, 0.5, 3, 2, 1

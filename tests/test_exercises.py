@@ -12,9 +12,9 @@ import torch.nn as nn
 from helpers import run_script as run_any_script
 
 import exercise_experiments as ex
-import finetuned_model
 import gpt_instruction_finetuning as ft
 import lora
+from kit.saved_model import load_finetuned_model
 from previous_chapters import GPTModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +219,7 @@ def test_each_experiment_end_to_end(tmp_path, instruction_data_path, option, nam
         assert "out_head.lora.B" in state
         lora.replace_linear_with_lora(model, rank=16, alpha=16)
     model.load_state_dict(state)  # strict: every weight present, nothing extra
-    loaded, info, prompt_style = finetuned_model.load_finetuned_model(
+    loaded, info, prompt_style = load_finetuned_model(
         str(tmp_path / f"Smalltestmodel-sft-{name}.pth"))  # rebuilt from the JSON beside it
     assert (info["experiment"], prompt_style.name) == (
         name, "phi3" if option == "phi3_prompt" else "alpaca")
@@ -274,8 +274,8 @@ def test_unmerged_lora_pth_without_json_needs_its_alpha_and_loads_with_its_rank(
     model = trained_lora_model(rank=4, alpha=16)
     torch.save(model.state_dict(), tmp_path / "lora.pth")
     with pytest.raises(ft.DataError, match="pass --lora_alpha"):
-        finetuned_model.load_finetuned_model(str(tmp_path / "lora.pth"))
-    loaded, info, prompt_style = finetuned_model.load_finetuned_model(str(tmp_path / "lora.pth"),
+        load_finetuned_model(str(tmp_path / "lora.pth"))
+    loaded, info, prompt_style = load_finetuned_model(str(tmp_path / "lora.pth"),
                                                                       lora_alpha=16)
     assert prompt_style.name == "alpaca" and "settings" not in info
     idx = torch.randint(0, 50257, (1, 6))
@@ -287,14 +287,14 @@ def test_lora_alpha_is_read_from_the_saved_config(tmp_path):
     info = {"config": {**ft.TEST_MODE_CONFIG, "lora": lora.lora_config(model)},
             "prompt_style": "alpaca"}
     ft.save_finetuned_model(model, str(tmp_path / "m.pth"), info)
-    loaded, saved_info, _ = finetuned_model.load_finetuned_model(str(tmp_path / "m.pth"))
+    loaded, saved_info, _ = load_finetuned_model(str(tmp_path / "m.pth"))
     assert saved_info["config"]["lora"] == {"rank": 2, "alpha": 3.5}
     idx = torch.randint(0, 50257, (1, 6))
     assert torch.equal(loaded(idx), model.eval()(idx))
 
 
 @pytest.mark.parametrize("module", ["gpt_instruction_finetuning", "lora", "ollama_evaluate",
-                                    "previous_chapters", "training_extras", "gpt_download"])
+                                    "previous_chapters", "kit.chapter_training", "gpt_download"])
 def test_no_module_imports_the_exercises(module):
     code = f"import sys, {module}; print('exercise_experiments' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

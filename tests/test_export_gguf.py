@@ -30,7 +30,7 @@ from helpers import (
 import export_gguf
 import export_hf
 import gpt_instruction_finetuning as ft
-from instruction_data import PROMPT_STYLES, load_json_entries
+from kit.data import PROMPT_STYLES, load_json_entries
 
 GPT2_124M = {**ft.BASE_CONFIG, **ft.MODEL_CONFIGS["124M"][1]}
 Q8_CONFIG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 64, "n_heads": 4,

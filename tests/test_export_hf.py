@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 import export_hf
 import gpt_instruction_finetuning as ft
 from gpt_download import load_gpt2_params_from_safetensors
-from instruction_data import PROMPT_STYLES, load_json_entries
+from kit.data import PROMPT_STYLES, load_json_entries
 from lora import lora_config
 from previous_chapters import GPTModel, generate, load_weights_into_gpt
 

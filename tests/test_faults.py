@@ -20,16 +20,15 @@ import torch
 from helpers import assert_error, finished_run_folder, quick_run_flags, run_in_process
 
 import gpt_instruction_finetuning as ft
-import training_extras as extras
-from previous_chapters import IGNORE_INDEX
-from script_utils import (
-    DataError,
-    StopRequests,
-    lock_file,
-    save_json,
-    signals_held,
-    unlock_file,
-)
+from kit.chapter_training import ChapterTraining
+from kit.checkpoint import check_checkpoint
+from kit.files import DataError, save_json
+from kit.locks import lock_file, unlock_file
+from kit.metrics_log import read_metrics
+from kit.saved_model import read_pth
+from kit.signals import StopRequests, signals_held
+from kit.stopping import FiniteWatch, TrainingDiverged
+from previous_chapters import IGNORE_INDEX, TrainingHooks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = "checkpoint-Smalltestmodel-standalone.pth"
@@ -129,7 +128,7 @@ def test_ctrl_c_before_a_reruns_first_epoch_end_keeps_the_earlier_run(tmp_path, 
     others = tmp_path / ".tmp-abcdefghcheckpoint-Smalltestmodel-lora.pth"  # another run's
     others.write_bytes(b"")
     argv = [*common, "--output_dir", str(tmp_path)]
-    with signal_at(extras.ChapterTraining, "batch_loss", signal.SIGINT):
+    with signal_at(ChapterTraining, "batch_loss", signal.SIGINT):
         code, out, err = run_in_process(ft.main, argv, capsys)
     assert code == 130
     assert one_line(err) == (
@@ -169,7 +168,7 @@ MOMENTS = {  # moment -> (function that gets the signal, its call, which calls c
     "checking the flags": (ft, "check_args", 1, None),
     "loading": (ft, "load_model", 1, None),
     "initial losses": (ft, "calc_loss_loader", 1, None),
-    "training": (extras.ChapterTraining, "batch_loss", 1, None),
+    "training": (ChapterTraining, "batch_loss", 1, None),
     "saving the model": (torch, "save", 1, lambda obj, f: "optimizer" not in obj),
 }
 
@@ -248,7 +247,7 @@ PAUSING_RUN = """
 import sys
 import torch
 import gpt_instruction_finetuning as ft
-import training_extras as extras
+
 
 
 def pause(label):
@@ -267,7 +266,7 @@ def pausing(function, label, when):
     return paused
 
 
-extras.ChapterTraining.batch_loss = pausing(extras.ChapterTraining.batch_loss, "step",
+ChapterTraining.batch_loss = pausing(ChapterTraining.batch_loss, "step",
                                             lambda n, *args: n == 2)
 torch.save = pausing(torch.save, "save", lambda n, obj, f: "optimizer" in obj)
 ft.main(sys.argv[1:])
@@ -347,8 +346,9 @@ def test_a_second_run_in_the_folder_is_refused(tmp_path, capsys, common):
 def test_a_killed_run_leaves_no_lock_behind(tmp_path):
     path = str(tmp_path / LOCK)
     killed = subprocess.run(
-        [sys.executable, "-c", "import os, signal, sys, script_utils\n"
-         "held = script_utils.lock_file(sys.argv[1])\n"
+        [sys.executable, "-c", "import os, signal, sys\n"
+         "from kit.locks import lock_file\n"
+         "held = lock_file(sys.argv[1])\n"
          "os.kill(os.getpid(), signal.SIGKILL)", path],
         env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
     assert killed.returncode == -signal.SIGKILL and os.path.exists(path)
@@ -378,7 +378,7 @@ def failing_torch_save(kind):
 
 
 def failing_json_dump():
-    return mock.patch("script_utils.json.dump",
+    return mock.patch("kit.files.json.dump",
                       side_effect=OSError(28, "No space left on device"))
 
 
@@ -437,7 +437,7 @@ def test_a_full_disk_ends_in_one_line_and_loses_nothing(tmp_path, capsys, common
 
 def test_training_stops_at_the_first_nan_and_keeps_the_last_good_checkpoint(tmp_path, capsys,
                                                                            common):
-    real = extras.TrainingHooks.batch_loss  # the book's loss, which ChapterTraining wraps
+    real = TrainingHooks.batch_loss  # the book's loss, which ChapterTraining wraps
     calls = []
 
     def nan_at_the_third_step(self, *args):
@@ -447,15 +447,15 @@ def test_training_stops_at_the_first_nan_and_keeps_the_last_good_checkpoint(tmp_
 
     argv = [*common, "--batch_size", "4", "--epochs", "2", "--eval_freq", "1",
             "--output_dir", str(tmp_path)]
-    with mock.patch.object(extras.TrainingHooks, "batch_loss", nan_at_the_third_step):
+    with mock.patch.object(TrainingHooks, "batch_loss", nan_at_the_third_step):
         code, out, err = run_in_process(ft.main, argv, capsys)
     assert code == 1
     assert one_line(err) == (f"Error: training stopped at step 2: the loss is nan; the training "
                              f"so far (2 steps) is saved in {tmp_path / CHECKPOINT}; try a lower "
                              "--lr than 5e-05")
-    checkpoint = extras.read_pth(tmp_path / CHECKPOINT, "")  # every weight finite
+    checkpoint = read_pth(tmp_path / CHECKPOINT, "")  # every weight finite
     assert checkpoint["progress"]["global_step"] == 1
-    rows = extras.read_metrics(tmp_path / METRICS)
+    rows = read_metrics(tmp_path / METRICS)
     assert [row["step"] for row in rows] == [0, 1]  # no row of the diverged step
 
 
@@ -466,14 +466,14 @@ def test_a_learning_rate_that_blows_up_the_weights_stops_at_once(tmp_path, capsy
     assert one_line(err) == ("Error: training stopped at step 0: the training loss after it is "
                              "nan; nothing of this run was saved; try a lower --lr than 1e+38")
     assert sorted(p.name for p in tmp_path.iterdir()) == [METRICS]
-    assert extras.read_metrics(tmp_path / METRICS) == []
+    assert read_metrics(tmp_path / METRICS) == []
 
 
 def watched_step(loss, grad, counted=1):
     """A FiniteWatch that has recorded one step with `loss`, gradient `grad`, `counted` tokens."""
     model = torch.nn.Linear(2, 1, bias=False)
     model.weight.grad = torch.full_like(model.weight, grad)
-    watch = extras.FiniteWatch("cpu")
+    watch = FiniteWatch("cpu")
     watch.note_loss(torch.tensor(loss), torch.tensor(counted))
     watch.record(7, model)
     return watch
@@ -487,7 +487,7 @@ def watched_step(loss, grad, counted=1):
 ])
 def test_the_watch_names_the_first_bad_step_and_why(loss, grad, counted, problem):
     watch = watched_step(loss, grad, counted)
-    with pytest.raises(extras.TrainingDiverged) as info:
+    with pytest.raises(TrainingDiverged) as info:
         watch.check()
     assert str(info.value) == problem
     assert info.value.empty_batch == (counted == 0)
@@ -500,7 +500,7 @@ def test_the_watch_passes_finite_steps_and_checks_the_weights_before_a_save():
     watch.check(model)
     with torch.no_grad():
         model.bias.fill_(math.inf)
-    with pytest.raises(extras.TrainingDiverged,
+    with pytest.raises(TrainingDiverged,
                        match="^step 7: the weights after it are not finite numbers$"):
         watch.check(model)
 
@@ -523,7 +523,7 @@ def test_a_training_set_without_a_counted_token_is_refused_before_training(tmp_p
 
 def test_weights_that_are_not_finite_are_refused_with_the_file(tmp_path, capsys, common,
                                                                earlier_run):
-    from finetuned_model import load_finetuned_model
+    from kit.saved_model import load_finetuned_model
 
     weights = torch.load(earlier_run / MODEL, weights_only=True)
     weights["trf_blocks.0.att.W_query.weight"][0, 0] = math.nan
@@ -585,7 +585,7 @@ def test_a_checkpoint_field_missing_or_of_the_wrong_type_is_named(tmp_path, earl
     settings = dict(checkpoint["settings"])
     break_field(checkpoint, part, field, value)
     with pytest.raises(DataError) as info:
-        extras.check_checkpoint("c.pth", checkpoint, settings)
+        check_checkpoint("c.pth", checkpoint, settings)
     assert str(info.value).startswith(f"c.pth: {message}")
     assert str(info.value).endswith("; delete it or run without --resume")
 

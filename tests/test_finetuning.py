@@ -15,18 +15,18 @@ import torch
 from helpers import run_in_process
 from helpers import run_script as run_any_script
 
-import finetune_cli as cli
-import finetuned_model
 import gpt_instruction_finetuning as ft
-import instruction_data
-import training_extras as extras
+from kit.checkpoint import epochs_to_train, fingerprint
+from kit.cli import DEFAULT_EPOCHS, build_parser, eval_freq, max_new_tokens
+from kit.data import warn_if_truncated
+from kit.metrics_log import plot_losses_from_metrics, read_metrics
+from kit.saved_model import load_finetuned_model
 from previous_chapters import (
     GPTModel,
     generate,
     text_to_token_ids,
     token_ids_to_text,
 )
-from training_extras import plot_losses_from_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,10 +85,10 @@ def test_truncation_warning_counts_long_entries(tokenizer, capsys):
     dataset = ft.InstructionDataset([{"instruction": "word " * 40, "input": "", "output": "x"},
                                      {"instruction": "short", "input": "", "output": "x"}],
                                     tokenizer)
-    instruction_data.warn_if_truncated(dataset, 60, "training")
+    warn_if_truncated(dataset, 60, "training")
     assert capsys.readouterr().out == (
         "Warning: 1 of 2 training entries are longer than 60 tokens and will be truncated\n")
-    instruction_data.warn_if_truncated(dataset, 1024, "training")
+    warn_if_truncated(dataset, 1024, "training")
     assert capsys.readouterr().out == ""
 
 
@@ -162,9 +162,9 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
                      "--weight_decay": 0.1, "--batch_size": 8, "--precision": "fp32",
                      "--warmup_steps": 0, "--initial_lr": 3e-5, "--lr_schedule": "constant",
                      "--min_lr": 1e-6, "--grad_clip": None, "--keep_best": False,
-                     "training data": extras.fingerprint(dataset[:10]),
-                     "validation data": extras.fingerprint(dataset[1045:1055]),
-                     "test data": extras.fingerprint(dataset[935:945]),
+                     "training data": fingerprint(dataset[:10]),
+                     "validation data": fingerprint(dataset[1045:1055]),
+                     "test data": fingerprint(dataset[935:945]),
                      "experiment": "standalone"},
         "data_path": str(instruction_data_path), "max_new_tokens": 20,
         "train_overlap": {"test": 2, "val": 4},  # the chapter's split repeats training entries
@@ -178,7 +178,7 @@ def test_test_mode_end_to_end(tmp_path, instruction_data_path):
             f"Val loss {float(r[4]):.3f}" for r in logged] == progress
     assert [r[1] for r in logged] == ["0", "1"] and [r[5] for r in logged] == ["5e-05"] * 2
     assert 0 < int(logged[0][2]) < int(logged[1][2]) == info["tokens_seen"]
-    with mock.patch("training_extras.plot_losses") as plot:
+    with mock.patch("kit.metrics_log.plot_losses") as plot:
         plot_losses_from_metrics(str(tmp_path / "metrics-standalone.csv"), "again.pdf")
     epochs_seen, tokens_seen, train_losses, val_losses = plot.call_args.args
     assert epochs_seen.tolist() == [0.0, 2.0]  # a curve: steps 0 and 1 of 2 epochs
@@ -386,7 +386,7 @@ def test_dataset_download_failure_is_one_clear_error(tmp_path, data_server):
 
 
 def test_help_explains_every_flag():
-    text = cli.build_parser().format_help()
+    text = build_parser().format_help()
     for flag in ["--model", "--models_dir", "--data_path", "--output_dir", "--epochs",
                  "--batch_size", "--lr", "--weight_decay", "--seed", "--eval_freq", "--eval_iter",
                  "--max_new_tokens", "--gen_batch_size", "--device", "--resume", "--test_mode",
@@ -399,27 +399,27 @@ def test_help_explains_every_flag():
                     "(default: standalone, the book's;"]:
         assert flat.count(default) == 1, default
     assert "default: None" not in flat and "default: False" not in flat
-    args = cli.build_parser().parse_args([])
+    args = build_parser().parse_args([])
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.seed, args.eval_freq,
-            args.eval_iter, cli.max_new_tokens(args)) == ("355M", None, 5e-5, 0.1, 123, None, 5,
+            args.eval_iter, max_new_tokens(args)) == ("355M", None, 5e-5, 0.1, 123, None, 5,
                                                           256)
-    test_mode = cli.build_parser().parse_args(["--test_mode"])
-    assert cli.eval_freq(args) == 5 and cli.eval_freq(test_mode) == 1
-    assert cli.max_new_tokens(test_mode) == 20
-    assert cli.max_new_tokens(cli.build_parser().parse_args(
+    test_mode = build_parser().parse_args(["--test_mode"])
+    assert eval_freq(args) == 5 and eval_freq(test_mode) == 1
+    assert max_new_tokens(test_mode) == 20
+    assert max_new_tokens(build_parser().parse_args(
         ["--test_mode", "--max_new_tokens", "256"])) == 256
     assert "(default: 256, the chapter's; 20 with --test_mode" in flat
     assert (args.warmup_steps, args.lr_schedule, args.grad_clip, args.keep_best,
             args.early_stopping, args.run_name) == (0, "constant", None, False, None, None)
     assert "training epochs (default: 2; with --resume, the interrupted run's own)" in flat
-    assert extras.epochs_to_train(args.epochs, "checkpoint.pth", None, cli.DEFAULT_EPOCHS) == 2
-    assert cli.DEFAULT_EPOCHS == 2  # the chapter's
+    assert epochs_to_train(args.epochs, "checkpoint.pth", None, DEFAULT_EPOCHS) == 2
+    assert DEFAULT_EPOCHS == 2  # the chapter's
 
 
 def test_help_groups_the_flags():
     """--help lists the flags under six titled groups, in this order, each flag once."""
     groups = {group.title: [action.option_strings[0] for action in group._group_actions]
-              for group in cli.build_parser()._action_groups}
+              for group in build_parser()._action_groups}
     assert groups == {
         "positional arguments": [],
         "options": ["-h"],
@@ -432,7 +432,7 @@ def test_help_groups_the_flags():
         "device and precision": ["--device", "--precision", "--compile"],
         "resume and outputs": ["--output_dir", "--run_name", "--resume", "--keep_checkpoint"],
     }
-    text = cli.build_parser().format_help()
+    text = build_parser().format_help()
     titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and line[0] != " "]
     assert titles == list(groups)[1:]
 
@@ -454,7 +454,7 @@ def test_finetuned_model_loads_with_its_json(tmp_path):
     model, path = saved_tiny_model(tmp_path, cfg, {"config": cfg, "prompt_style": "phi3"})
     assert json.loads((tmp_path / "model.json").read_text()) == {
         "config": cfg, "prompt_style": "phi3"}
-    loaded, info, prompt_style = finetuned_model.load_finetuned_model(path)
+    loaded, info, prompt_style = load_finetuned_model(path)
     assert info["config"] == cfg and prompt_style.name == "phi3"
     assert not loaded.training
     idx = torch.randint(0, 50257, (1, 7))
@@ -463,7 +463,7 @@ def test_finetuned_model_loads_with_its_json(tmp_path):
 
 def test_bare_pth_loads_with_config_read_off_its_shapes(tmp_path):
     model, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG)
-    loaded, info, prompt_style = finetuned_model.load_finetuned_model(path)
+    loaded, info, prompt_style = load_finetuned_model(path)
     assert info == {"config": ft.TEST_MODE_CONFIG, "prompt_style": "alpaca"}
     assert prompt_style is ft.ALPACA
     idx = torch.randint(0, 50257, (2, 5))
@@ -473,7 +473,7 @@ def test_bare_pth_loads_with_config_read_off_its_shapes(tmp_path):
 def test_finetuned_model_that_cannot_load_is_one_clear_error(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(ft.DataError, match=f"^{missing}: file not found; finetune first"):
-        finetuned_model.load_finetuned_model(str(missing))
+        load_finetuned_model(str(missing))
 
     _, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG)
     data = open(path, "rb").read()
@@ -481,19 +481,19 @@ def test_finetuned_model_that_cannot_load_is_one_clear_error(tmp_path):
         f.write(data[:len(data) // 2])  # a copy cut short
     with pytest.raises(ft.DataError, match=f"^{path}: damaged or not a PyTorch weight file "
                                            r"\(.*\); finetune again or copy the file anew$"):
-        finetuned_model.load_finetuned_model(path)
+        load_finetuned_model(path)
 
     _, path = saved_tiny_model(tmp_path, ft.TEST_MODE_CONFIG,
                                {"config": {**ft.TEST_MODE_CONFIG, "emb_dim": 16},
                                 "prompt_style": "alpaca"})
     with pytest.raises(ft.DataError, match=f"^{path}: the weights do not fit the model "
                                            f"described by {tmp_path}/model.json"):
-        finetuned_model.load_finetuned_model(path)
+        load_finetuned_model(path)
 
     (tmp_path / "model.json").write_text('{"config": {}, "prompt_style": "chatml"}')
     with pytest.raises(ft.DataError, match="model.json: needs a 'config' object and a "
                                            "'prompt_style' of alpaca, phi3; delete it"):
-        finetuned_model.load_finetuned_model(path)
+        load_finetuned_model(path)
 
 
 def test_gitignore_covers_every_file_a_run_writes(tmp_path, instruction_data_path):
@@ -526,7 +526,7 @@ def overfitting_data(path):
 
 def metrics_rows(path):
     """The metrics CSV's rows as dicts of numbers."""
-    return extras.read_metrics(str(path))
+    return read_metrics(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -639,7 +639,7 @@ def test_resuming_a_cosine_schedule_with_other_epochs_is_refused(tmp_path,
 
 
 def test_more_warmup_steps_than_the_run_has_are_refused():
-    args = cli.build_parser().parse_args(["--warmup_steps", "5"])
+    args = build_parser().parse_args(["--warmup_steps", "5"])
     with pytest.raises(ft.DataError) as exc_info:
         ft.learning_rate_schedule(args, total_steps=2)
     assert str(exc_info.value) == ("--warmup_steps 5 is more than this run's 2 training steps; "
@@ -660,4 +660,4 @@ def test_test_mode_cuts_a_longer_warmup_to_its_steps(tmp_path, instruction_data_
 
 @pytest.mark.parametrize("name", ["gpt2-medium", "gpt2-medium (355M)", "355M"])
 def test_model_accepts_the_names_the_script_prints(name):
-    assert cli.build_parser().parse_args(["--model", name]).model == "355M"
+    assert build_parser().parse_args(["--model", name]).model == "355M"

@@ -16,7 +16,7 @@ from llms_from_scratch import ch07 as book_ch07
 
 import generate_answers
 import gpt_instruction_finetuning as ft
-from finetuned_model import TEST_MODE_CONFIG
+from kit.saved_model import TEST_MODE_CONFIG
 from tests.helpers import assert_error, lora_trained_model, run_in_process, run_script
 
 ANSWER_TOKENS = 5  # the run's --max_new_tokens, recorded in its JSON

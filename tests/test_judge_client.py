@@ -9,8 +9,8 @@ import pytest
 import requests
 from judge_helpers import entry
 
-from instruction_data import format_input
 from kit import judge_client as client
+from kit.data import format_input
 from kit.judge_prompts import judge_prompt
 
 pytest_plugins = ["judge_helpers"]  # the `judge` fixture

@@ -15,7 +15,7 @@ from conftest import SHARED_DATA
 from helpers import REPO, assert_error, run_in_process, run_script
 
 import make_preference_data as mpd
-from instruction_data import format_input, load_json_entries
+from kit.data import format_input, load_json_entries
 from kit.loopback_judge import FakeJudge
 
 BOOK_PREFERENCE_FILE = SHARED_DATA / "instruction-data-with-preference.json"

@@ -28,14 +28,10 @@ from nbclient.exceptions import CellExecutionError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also when run as a script
 
-from finetuned_model import (  # noqa: E402
-    TEST_MODE_CONFIG,
-    load_finetuned_model,
-    save_finetuned_model,
-)
 from gpt_instruction_finetuning import generate_responses  # noqa: E402
+from kit.files import atomic_write  # noqa: E402
+from kit.saved_model import TEST_MODE_CONFIG, load_finetuned_model, save_finetuned_model  # noqa: E402
 from previous_chapters import GPTModel  # noqa: E402
-from script_utils import atomic_write  # noqa: E402
 from tests.conftest import REPO, SHARED_DATA  # noqa: E402
 
 REAL = "real-output"

@@ -28,10 +28,13 @@ import chat
 import export_gguf
 import export_hf
 import gpt_instruction_finetuning as ft
-import training_extras as extras
-from kit.run_files import name_max
+from kit.chapter_training import ChapterTraining
+from kit.checkpoint import fingerprint
+from kit.files import DataError
+from kit.locks import hold_folder, lock_file, remove_leftover_temporaries
+from kit.metrics_log import read_metrics
+from kit.run_names import name_max
 from lora import merge_lora
-from script_utils import DataError, hold_folder, lock_file, remove_leftover_temporaries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEM = "Smalltestmodel-sft-standalone"
@@ -71,7 +74,7 @@ def interrupted(tmp_path_factory, instruction_data_path):
     five): its checkpoint."""
     folder = tmp_path_factory.mktemp("interrupted")
     flags = quick_run_flags(instruction_data_path, max_new_tokens=3)
-    with signal_at(extras.ChapterTraining, "batch_loss", signal.SIGINT, call=2):
+    with signal_at(ChapterTraining, "batch_loss", signal.SIGINT, call=2):
         with pytest.raises(SystemExit):
             ft.main([*flags, "--batch_size", "2", "--output_dir", str(folder)])
     assert sorted(p.name for p in folder.iterdir()) == [CHECKPOINT, METRICS]
@@ -211,7 +214,7 @@ def test_a_rerun_keeps_every_earlier_file_until_its_first_epoch_end(tmp_path, ca
     earlier run's best weights and all its other files are as they were."""
     before = copy_run(finished, tmp_path)
     argv = [*common, "--keep_best", "--batch_size", "2", "--output_dir", str(tmp_path)]
-    with signal_at(extras.ChapterTraining, "batch_loss", signal.SIGINT, call=3):
+    with signal_at(ChapterTraining, "batch_loss", signal.SIGINT, call=3):
         code, out, err = run_in_process(ft.main, argv, capsys)
     assert code == 130
     assert note(tmp_path) in out.splitlines()
@@ -224,7 +227,7 @@ def test_a_rerun_keeps_every_earlier_file_until_its_first_epoch_end(tmp_path, ca
     # Run to its end, it replaces them all, its best weights with the lowest of its own.
     code, out, err = run_in_process(ft.main, argv, capsys)
     assert code == 0, err
-    rows = extras.read_metrics(tmp_path / METRICS)
+    rows = read_metrics(tmp_path / METRICS)
     best = min(rows, key=lambda row: row["val_loss"])
     assert len(rows) == 5 and out.splitlines()[-2] == (
         f"Lowest validation loss {best['val_loss']:.3f} at step {best['step']} (epoch 1): saved "
@@ -277,7 +280,7 @@ def test_resuming_with_another_keep_best_or_other_entries_is_refused(
     code, out, err = run_in_process(ft.main, argv, capsys)
     assert code == 2 and "Loaded model" not in out
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)["settings"]
-    now = True if change == "keep_best" else extras.fingerprint(
+    now = True if change == "keep_best" else fingerprint(
         ft.split_data(json.loads(data.read_text()))[2 if change == "validation" else 1][:10])
     assert saved[setting] != now
     assert_error(err, f"{tmp_path / CHECKPOINT} was saved with {setting} {saved[setting]}, this "

@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from appendix_d import LearningRateSchedule
+from kit.chapter_training import ChapterTraining
+from kit.files import atomic_write
 from previous_chapters import GPTModel, plot_losses, train_model_simple
-from script_utils import atomic_write
-from training_extras import ChapterTraining
 
 
 def make_run(cfg, seed=123):

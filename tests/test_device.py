@@ -6,29 +6,38 @@ from unittest import mock
 import pytest
 import torch
 
-import accelerator
-from accelerator import ScaledOptimizer, check_precision, pick_device, with_precision
-from script_utils import DataError
+from kit import device as kit_device
+from kit.device import (
+    ScaledOptimizer,
+    check_precision,
+    eager_model,
+    pick_device,
+    precision_context,
+    say_once,
+    torch_version,
+    with_precision,
+)
+from kit.files import DataError
 
 
 @pytest.fixture
 def apple_machine():
     """A machine with Apple's GPU and no CUDA; the once-per-process notes said anew."""
-    accelerator.say_once.cache_clear()
+    say_once.cache_clear()
     with mock.patch("torch.cuda.is_available", return_value=False), \
             mock.patch("torch.backends.mps.is_available", return_value=True):
         yield
-    accelerator.say_once.cache_clear()
+    say_once.cache_clear()
 
 
 def test_auto_picks_mps_from_torch_2_9_on(apple_machine, capsys):
-    with mock.patch.object(accelerator, "torch_version", return_value=(2, 9)):
+    with mock.patch.object(kit_device, "torch_version", return_value=(2, 9)):
         assert pick_device("auto") == torch.device("mps")
     assert capsys.readouterr().out == ""
 
 
 def test_auto_skips_mps_on_an_older_torch_and_says_so_once(apple_machine, capsys):
-    with mock.patch.object(accelerator, "torch_version", return_value=(2, 8)), \
+    with mock.patch.object(kit_device, "torch_version", return_value=(2, 8)), \
             mock.patch.object(torch, "__version__", "2.8.0"):
         assert pick_device("auto") == torch.device("cpu")
         assert pick_device("auto") == torch.device("cpu")
@@ -38,7 +47,7 @@ def test_auto_skips_mps_on_an_older_torch_and_says_so_once(apple_machine, capsys
 
 
 def test_mps_asked_for_on_an_older_torch_runs_with_a_warning(apple_machine, capsys):
-    with mock.patch.object(accelerator, "torch_version", return_value=(2, 8)), \
+    with mock.patch.object(kit_device, "torch_version", return_value=(2, 8)), \
             mock.patch.object(torch, "__version__", "2.8.0"):
         assert pick_device("mps") == torch.device("mps")
     assert capsys.readouterr().out == ("Warning: torch 2.8.0 computes wrong losses on MPS "
@@ -47,7 +56,7 @@ def test_mps_asked_for_on_an_older_torch_runs_with_a_warning(apple_machine, caps
 
 def test_torch_version_reads_major_and_minor():
     with mock.patch.object(torch, "__version__", "2.10.1+cu128"):
-        assert accelerator.torch_version() == (2, 10)
+        assert torch_version() == (2, 10)
 
 
 def test_tf32_is_refused_off_nvidia_gpus_and_before_ampere():
@@ -69,9 +78,9 @@ def test_tf32_switches_the_float32_matmuls_and_fp32_leaves_them_exact():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        accelerator.precision_context(torch.device("cuda"), "fp32")
+        precision_context(torch.device("cuda"), "fp32")
         assert not torch.backends.cuda.matmul.allow_tf32
-        context = accelerator.precision_context(torch.device("cuda"), "tf32")
+        context = precision_context(torch.device("cuda"), "tf32")
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert not isinstance(context, torch.autocast)
     finally:
@@ -86,7 +95,7 @@ def test_fp16_on_a_cpu_warns_that_it_is_for_gpus(capsys):
 
 def test_fp16_computes_in_float16_under_autocast():
     layer = torch.nn.Linear(4, 4)
-    with accelerator.precision_context(torch.device("cpu"), "fp16"):
+    with precision_context(torch.device("cpu"), "fp16"):
         assert layer(torch.ones(1, 4)).dtype == torch.float16
     assert layer.weight.dtype == torch.float32
 
@@ -133,6 +142,6 @@ def test_fp16_optimizer_state_holds_the_scale_for_resuming():
 
 def test_eager_model_unwraps_compile_and_torchrun_wrappers():
     model = torch.nn.Linear(2, 2)
-    assert accelerator.eager_model(model) is model
-    assert accelerator.eager_model(torch.compile(model)) is model
-    assert accelerator.eager_model(mock.Mock(module=torch.compile(model))) is model
+    assert eager_model(model) is model
+    assert eager_model(torch.compile(model)) is model
+    assert eager_model(mock.Mock(module=torch.compile(model))) is model

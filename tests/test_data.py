@@ -1,4 +1,4 @@
-"""instruction_data.py: the reader's own data (JSON Lines beside the book's JSON list, entries
+"""kit/data.py: the reader's own data (JSON Lines beside the book's JSON list, entries
 without `input`), the prompt styles, and the one-line refusals of data that cannot be used."""
 
 import json
@@ -11,8 +11,8 @@ from helpers import run_script as run_any_script
 from llms_from_scratch import ch07 as book
 
 import gpt_instruction_finetuning as ft
-from instruction_data import PROMPT_STYLES, load_json_entries
-from script_utils import DataError
+from kit.data import PROMPT_STYLES, load_json_entries
+from kit.files import DataError
 
 run_script = partial(run_any_script, "gpt_instruction_finetuning.py")
 

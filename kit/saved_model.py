@@ -18,20 +18,18 @@ import pickle
 import torch
 
 from gpt_download import GPT2_N_CTX, GPT2_SIZES
-from instruction_data import ALPACA, PROMPT_STYLES
+from kit.data import ALPACA, PROMPT_STYLES
+from kit.files import DataError, WriteError, atomic_write, read_json, save_json
+from kit.signals import signals_held
 from lora import lora_config, lora_rank, merge_lora, replace_linear_with_lora
 from previous_chapters import GPTModel
-from script_utils import DataError, WriteError, atomic_write, read_json, save_json, signals_held
 
 SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+
+
 # The chapter script's --test_mode model: tiny and random, the whole pipeline in seconds on a CPU.
 TEST_MODE_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0,
                     "qkv_bias": False, "emb_dim": 12, "n_layers": 1, "n_heads": 2}
-
-
-#####################################
-# Saving: the weights as the book saves them, and the JSON beside them
-#####################################
 
 
 def model_info_path(model_path):
@@ -49,6 +47,7 @@ def save_finetuned_model(model, path, info):
     save_pth(state_dict, path)  # atomically, not cut short by a Ctrl-C
     save_json(info, model_info_path(path))
 
+
 def save_pth(obj, path):
     """`torch.save` `obj` to `path` atomically, with signals held until the file is whole
     (`signals_held`). A failed write raises WriteError naming `path`: torch.save reports one
@@ -60,6 +59,7 @@ def save_pth(obj, path):
         except RuntimeError as exc:
             raise WriteError(None, f"torch.save failed, most likely on a full disk: "
                                    f"{first_line(exc)}", path) from None
+
 
 def read_pth(path, what_to_do):
     """`torch.load` a .pth file safely, turning a damaged or foreign file, or one holding a
@@ -83,10 +83,12 @@ def read_pth(path, what_to_do):
                         f"from; {what_to_do}")
     return content
 
+
 def first_line(exc):
     """The first line of an exception's message, or its type's name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
 
 def all_finite(tensors):
     """Whether every entry of the floating-point tensors among `tensors` is a finite number.
@@ -99,6 +101,7 @@ def all_finite(tensors):
         return True
     return (bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
             or all(bool(torch.isfinite(t).all()) for t in tensors))
+
 
 def first_nonfinite(value, name=""):
     """The dotted name of the first floating-point tensor in `value` (nested in dicts, lists
@@ -116,11 +119,6 @@ def first_nonfinite(value, name=""):
         if found is not None:
             return found
     return None
-
-
-#####################################
-# Loading: rebuilt and checked before use
-#####################################
 
 
 def load_finetuned_model(path, device="cpu", lora_alpha=None):

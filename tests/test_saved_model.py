@@ -1,4 +1,4 @@
-"""finetuned_model.py: loading a model built without weights of its own (meta device) from the
+"""kit/saved_model.py: loading a model built without weights of its own (meta device) from the
 saved tensors, and the files it must not trust: a JSON config that describes no GPTModel or
 another one than the weights, a .pth that holds no state dict, LoRA weights whose alpha is
 unknown. Each is one DataError naming the file (and the config key), raised before a model is
@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import finetuned_model
 import gpt_instruction_finetuning as ft
 import lora
+from kit.files import DataError
+from kit.saved_model import load_finetuned_model, save_finetuned_model
 from previous_chapters import GPTModel, causal_mask
-from script_utils import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ft.TEST_MODE_CONFIG  # 12-dim, 2 heads, 1 layer, 120 positions
@@ -51,7 +51,7 @@ def refused(path, *parts, **kwargs):
     """load_finetuned_model(path) raises one DataError holding every one of `parts`; return
     its message."""
     with pytest.raises(DataError) as info:
-        finetuned_model.load_finetuned_model(path, **kwargs)
+        load_finetuned_model(path, **kwargs)
     message = str(info.value)
     assert "\n" not in message
     for part in parts:
@@ -140,7 +140,7 @@ def test_context_longer_than_gpt2s_is_refused_even_when_the_weights_have_it(tmp_
 def test_missing_json_reads_sizes_off_the_weights(tmp_path):
     model = GPTModel(CONFIG)
     path, _ = saved(tmp_path, model)
-    loaded, info, prompt_style = finetuned_model.load_finetuned_model(path)
+    loaded, info, prompt_style = load_finetuned_model(path)
     assert info == {"config": CONFIG, "prompt_style": "alpaca"} and prompt_style.name == "alpaca"
     assert same_logits(loaded, model)
 
@@ -194,10 +194,10 @@ def test_unmerged_lora_without_json_needs_its_alpha(tmp_path):
                             "(rank 4) whose alpha only the run's JSON records; pass --lora_alpha "
                             "(the book trains with 16) or put that JSON back")
     assert message.startswith(f"{info_path}: ")
-    loaded, info, _ = finetuned_model.load_finetuned_model(path, lora_alpha=16)
+    loaded, info, _ = load_finetuned_model(path, lora_alpha=16)
     assert lora.lora_config(loaded) == {"rank": 4, "alpha": 16}
     assert same_logits(loaded, model)
-    loaded, _, _ = finetuned_model.load_finetuned_model(path, lora_alpha=8)
+    loaded, _, _ = load_finetuned_model(path, lora_alpha=8)
     assert not same_logits(loaded, model)  # alpha scales every update: a guess would differ
 
 
@@ -226,17 +226,18 @@ def test_lora_entry_of_another_rank_than_the_weights_is_refused(tmp_path):
 def test_lora_alpha_of_the_json_wins(tmp_path):
     model = lora_model(rank=2, alpha=3.5)
     path, _ = saved(tmp_path, model, {**CONFIG, "lora": lora.lora_config(model)})
-    loaded, info, _ = finetuned_model.load_finetuned_model(path, lora_alpha=100)
+    loaded, info, _ = load_finetuned_model(path, lora_alpha=100)
     assert lora.lora_config(loaded) == {"rank": 2, "alpha": 3.5}
     assert same_logits(loaded, model)
 
 
-@pytest.mark.parametrize("module", ["finetuned_model", "chat", "export_hf", "export_gguf"])
+@pytest.mark.parametrize("module", ["kit.saved_model", "chat", "export_hf", "export_gguf"])
 def test_loading_a_model_imports_no_training_code(module):
     """Loading and using a finetuned model needs the saved-model format, not the chapter
     script, its training extras or torchrun's code."""
     code = (f"import sys, {module}; print(sorted(m for m in sys.modules if m in "
-            "('gpt_instruction_finetuning', 'training_extras', 'exercise_experiments')))")
+            "('gpt_instruction_finetuning', 'kit.chapter_training', 'kit.checkpoint', "
+            "'kit.distributed', 'exercise_experiments')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, check=True)
     assert result.stdout == "[]\n"
@@ -246,9 +247,9 @@ def test_loading_draws_no_random_weights_and_gives_the_saved_ones(tmp_path):
     torch.manual_seed(0)
     model = GPTModel(CONFIG).eval()
     path = str(tmp_path / "model.pth")
-    finetuned_model.save_finetuned_model(model, path, {"config": CONFIG, "prompt_style": "alpaca"})
+    save_finetuned_model(model, path, {"config": CONFIG, "prompt_style": "alpaca"})
     torch.manual_seed(1)
-    loaded, _, _ = finetuned_model.load_finetuned_model(path)
+    loaded, _, _ = load_finetuned_model(path)
     after_loading = torch.rand(3)
     torch.manual_seed(1)
     assert torch.equal(after_loading, torch.rand(3))  # loading drew no random numbers
@@ -266,7 +267,7 @@ def test_the_books_float_masks_and_files_without_masks_load_as_boolean_causal_ma
     for name, weights in (("book", book_style), ("without", without)):
         path = str(tmp_path / f"{name}.pth")
         torch.save(weights, path)
-        loaded, _, _ = finetuned_model.load_finetuned_model(path)
+        loaded, _, _ = load_finetuned_model(path)
         mask = loaded.trf_blocks[0].att.mask
         assert mask.dtype == torch.bool and torch.equal(mask, causal_mask(120)), name
 
@@ -281,8 +282,8 @@ def test_unmerged_lora_weights_load_onto_a_model_built_without_weights(tmp_path)
                 param.normal_()
     path = str(tmp_path / "lora.pth")
     info = {"config": {**CONFIG, "lora": {"rank": 2, "alpha": 4}}, "prompt_style": "alpaca"}
-    finetuned_model.save_finetuned_model(model, path, info)
-    loaded, _, _ = finetuned_model.load_finetuned_model(path)
+    save_finetuned_model(model, path, info)
+    loaded, _, _ = load_finetuned_model(path)
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     idx = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():

@@ -18,17 +18,16 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from kit.files import DataError
 from previous_chapters import IGNORE_INDEX
-from script_utils import DataError
 
 MPS_MIN_TORCH = (2, 9)  # the book's notebook picks Apple's GPU from this version on
+
+
 LENGTH_MULTIPLE = 16  # rows padded to a multiple of this many tokens on the GPU path
+
+
 GEN_CACHE_BUDGET = 4 << 30  # bytes of keys and values that one answering batch may hold
-
-
-#####################################
-# The device
-#####################################
 
 
 @functools.cache
@@ -87,11 +86,6 @@ def pick_device(name):
 def device_type(device):
     """'cpu', 'cuda', ... of a torch.device or a device name."""
     return torch.device(device).type
-
-
-#####################################
-# Precision
-#####################################
 
 
 def check_precision(precision, compile_model, device):
@@ -200,11 +194,6 @@ def with_precision(optimizer, precision, device):
     """The optimizer the training loop steps: `optimizer` itself, or for fp16 wrapped in a
     `ScaledOptimizer`."""
     return ScaledOptimizer(optimizer, device) if precision == "fp16" else optimizer
-
-
-#####################################
-# The GPU path
-#####################################
 
 
 def pad_to_multiple(in_idx, multiple, context_length):

@@ -1,22 +1,33 @@
 """The command line of the chapter script (and of the exercises, which add their own flags):
 the flags with the chapter's values as defaults, and every check of them made before any work
-starts, each refusal one DataError naming the flag and what to do."""
+starts, each refusal one DataError naming the flag and what to do.
+"""
 
 import argparse
 import math
 import os
 
-from accelerator import check_precision, pick_device
 from appendix_d import SCHEDULES
 from gpt_download import GPT2_SIZES
-from kit.run_files import check_run_name
-from script_utils import DataError, check_writable_folder
+from kit.device import check_precision, pick_device
+from kit.files import DataError, check_writable_folder
+from kit.run_names import check_run_name
 
 DEFAULT_EPOCHS = 2  # the chapter's; a resumed run keeps its own
+
+
 DEFAULT_EVAL_FREQ = 5  # the chapter's; --test_mode evaluates after every step
+
+
 DEFAULT_RUN_NAME = "standalone"  # the book's name for the chapter script's outputs
+
+
 DEFAULT_MAX_NEW_TOKENS = 256  # the chapter's longest answer
+
+
 TEST_MODE_MAX_NEW_TOKENS = 20  # --test_mode's: its random model never ends an answer early
+
+
 SEED_RANGE = (-2**63, 2**64 - 1)  # the seeds torch.manual_seed accepts
 
 
@@ -160,7 +171,7 @@ def check_args(args):
     """Refuse flag values that cannot work, before anything is downloaded or loaded.
 
     Raises DataError naming the flag and its value. The flags stay as given: the run decides
-    its device, precision and files once, from them (`training_extras.RunSetup`).
+    its device, precision and files once, from them (`kit.run_setup.RunSetup`).
     """
     for name in ("epochs", "batch_size", "micro_batch_size", "gen_batch_size", "eval_freq",
                  "eval_iter", "early_stopping"):

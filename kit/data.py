@@ -8,7 +8,7 @@ module too, so it can build the chapter's prompts without loading torch.
 
 import json
 
-from script_utils import DataError, read_json
+from kit.files import DataError, read_json
 
 END_OF_TEXT_MARK = "<|endoftext|>"  # GPT-2's only special token, as text
 
@@ -170,6 +170,8 @@ class Phi3Prompt:
 
 
 ALPACA = AlpacaPrompt()
+
+
 PROMPT_STYLES = {style.name: style for style in (ALPACA, Phi3Prompt())}
 
 
