@@ -203,7 +203,8 @@ def run(args):
         # 6. DPO training
         schedule = LearningRateSchedule(peak_lr=args.lr,
                                         total_steps=len(train_loader) * files.epochs)
-        experiment = replace(Experiment(), name="dpo", prompt_style=prompt_style)
+        experiment = replace(Experiment(), name="dpo", prompt_style=prompt_style,
+                             data_file=DATA_FILE)
         config = {k: v for k, v in info["config"].items() if k != "lora"}
         describe = partial(model_info, args, experiment, args.run_name, model_name, config,
                            settings, schedule)
