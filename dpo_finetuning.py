@@ -31,13 +31,12 @@ from gpt_instruction_finetuning import (
     Experiment,
     download_and_load_file,
     generate_responses,
-    make_optimizer,
-    model_info,
     split_data,
 )
 from kit.checkpoint import fingerprint
-from kit.cli import check_batch_sizes, eval_freq, max_new_tokens
-from kit.device import with_precision
+from kit.cli import check_batch_sizes
+from kit.device import make_optimizer
+from kit.distributed import leave_process_group, main_process_first, training_model
 from kit.dpo_cli import DEFAULT_EPOCHS, build_parser, check_args
 from kit.dpo_data import (
     DATA_FILE,
@@ -61,8 +60,8 @@ from kit.dpo_training import (
 from kit.files import DataError, fail, print_versions, save_json
 from kit.run_files import RunFiles
 from kit.run_names import BEST_SUFFIX, PARTIAL_SUFFIX
-from kit.run_setup import setup_run
-from kit.saved_model import load_finetuned_model, save_finetuned_model
+from kit.run_setup import DPOPlan, setup_run
+from kit.saved_model import load_finetuned_model, model_info, save_finetuned_model
 from kit.signals import stop_signals_interrupt
 from kit.stopping import BestWeights
 from lora import lora_config
@@ -91,25 +90,29 @@ def output_paths(output_dir, run_name, sft_model):
     }
 
 
-def load_data(args):
-    """The preference entries and their 85/10/5 split (10 entries each in test mode)."""
-    if args.data_path:
-        data_path, data = args.data_path, load_preference_entries(args.data_path)
+def load_data(plan):
+    """The preference entries and their 85/10/5 split (10 entries each in test mode); under
+    torchrun rank 0 downloads the book's file first."""
+    data_path = plan.data_path
+    if plan.data_given:
+        data = load_preference_entries(data_path)
     else:
-        data_path = DATA_FILE
-        data = check_preference_entries(download_and_load_file(DATA_FILE, DATA_URL), DATA_FILE)
+        with main_process_first(plan.rank, plan.world_size):
+            data = download_and_load_file(DATA_FILE, DATA_URL)
+        data = check_preference_entries(data, DATA_FILE)
     print("Number of entries:", len(data))
     train_data, test_data, val_data = split_data(data, data_path)
-    if args.test_mode:
+    if plan.test_mode:
         train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
-    check_batch_sizes(args.batch_size, None, 1, len(train_data), data_path)
+    check_batch_sizes(plan.batch_size, None, plan.world_size, len(train_data), data_path)
     return data_path, (train_data, test_data, val_data)
 
 
-def load_policy(args, device):
+def load_policy(plan):
     """The SFT model to train, its JSON and prompt style; with unmerged LoRA layers only those
     train, as in the LoRA finetuning that made them."""
-    model, info, prompt_style = load_finetuned_model(args.sft_model, device, args.lora_alpha)
+    model, info, prompt_style = load_finetuned_model(plan.sft_model, plan.device,
+                                                     plan.lora_alpha)
     lora = lora_config(model)
     if lora is not None:
         for name, param in model.named_parameters():
@@ -132,25 +135,33 @@ def answers_text(entry, prompt_style, answers):
     return "\n".join(lines) + "\n\n-------------------------------------\n"
 
 
-def run(args):
-    """The notebook's steps in order, each under a banner."""
-    paths = output_paths(args.output_dir, args.run_name, args.sft_model)
-    setup = setup_run(args, paths)
+def plan_run(args, device):
+    """The run's plan (kit/run_setup.py), decided once from the checked flags and the `device`
+    they name: the run's files, the data file, the precision, and under torchrun this
+    process's rank."""
+    return setup_run(args, device, DPOPlan, run_name=args.run_name,
+                     paths=output_paths(args.output_dir, args.run_name, args.sft_model),
+                     data_path=args.data_path or DATA_FILE, data_given=args.data_path is not None)
+
+
+def run(plan):
+    """The notebook's steps in order, each under a banner, as `plan` says (`plan_run`)."""
+    paths = plan.paths
     print_versions(PACKAGES)
-    with RunFiles(setup, args, args.run_name) as files:
+    with RunFiles(plan) as files:
         # 1. The preference data and its split
-        data_path, (train_data, test_data, val_data) = load_data(args)
+        data_path, (train_data, test_data, val_data) = load_data(plan)
         print("Training set length:", len(train_data))
         print("Validation set length:", len(val_data))
         print("Test set length:", len(test_data))
         print(50 * "-")
-        print("Device:", setup.describe())
+        print("Device:", plan.describe())
         print(50 * "-")
 
         # 2. The SFT model (the policy; the reference is the same weights, frozen)
-        model, info, prompt_style = load_policy(args, setup.device)
-        model_name = info.get("model_name", os.path.basename(args.sft_model))
-        print(f"Loaded model: {model_name} ({prompt_style.name} prompts) from {args.sft_model}")
+        model, info, prompt_style = load_policy(plan)
+        model_name = info.get("model_name", os.path.basename(plan.sft_model))
+        print(f"Loaded model: {model_name} ({prompt_style.name} prompts) from {plan.sft_model}")
         print(50 * "-")
 
         # 3. Batches: prompt + chosen and prompt + rejected, masked to the responses
@@ -164,31 +175,31 @@ def run(args):
                                         first_index=len(train_data))
         check_counted(train_dataset, context_length, header_tokens, data_path, "training")
         check_counted(val_dataset, context_length, header_tokens, data_path, "validation")
-        torch.manual_seed(args.seed)
-        train_loader, val_loader = build_loaders(train_dataset, val_dataset, args.batch_size,
-                                                 collate)
-        settings = {"SFT model": sft_identity(args.sft_model), "--beta": args.beta,
-                    "--lr": args.lr, "--weight_decay": args.weight_decay,
-                    "--batch_size": args.batch_size, "--seed": args.seed,
-                    "--precision": args.precision, "experiment": "dpo",
+        torch.manual_seed(plan.seed)
+        train_loader, val_loader = build_loaders(train_dataset, val_dataset, plan.batch_size,
+                                                 collate, plan.rank, plan.world_size)
+        settings = {"SFT model": sft_identity(plan.sft_model), "--beta": plan.beta,
+                    "--lr": plan.lr, "--weight_decay": plan.weight_decay,
+                    "--batch_size": plan.batch_size, "--seed": plan.seed,
+                    "--precision": plan.precision.name, "experiment": "dpo",
                     "training data": fingerprint(train_data),
                     "validation data": fingerprint(val_data)}
-        files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)
+        files.check_resume(settings, plan.epochs, DEFAULT_EPOCHS)
 
         # 4. The reference: log-probabilities computed once, or a second frozen model
-        reference, keep = reference_for(args, files, model, (train_dataset, val_dataset),
-                                        collate, setup)
+        reference, keep = reference_for(plan, files, model, (train_dataset, val_dataset),
+                                        collate)
 
         # 5. Before training: the losses and rewards, and the answers (the reference's)
         samples = val_data[:SAMPLES]
-        with setup.ctx:
+        with plan.ctx:
             reference_answers = generate_responses(model, samples, tokenizer, context_length,
-                                                   max_new_tokens(args), args.gen_batch_size,
+                                                   plan.max_new_tokens, plan.gen_batch_size,
                                                    prompt_style)
         if not files.resuming:
-            torch.manual_seed(args.seed)  # the loaders' draws, as the notebook's
-            res = initial_evaluation(model, train_loader, val_loader, args.beta,
-                                     args.eval_iter, setup.ctx)
+            torch.manual_seed(plan.seed)  # the loaders' draws, as the notebook's
+            res = initial_evaluation(model, train_loader, val_loader, plan.beta,
+                                     plan.eval_iter, plan.ctx)
             print("Initial losses")
             print("   Training loss:", res["train_loss"])
             print("   Validation loss:", res["val_loss"])
@@ -201,30 +212,27 @@ def run(args):
                                    [("Model response", entry["model_response"])]))
 
         # 6. DPO training
-        schedule = LearningRateSchedule(peak_lr=args.lr,
+        schedule = LearningRateSchedule(peak_lr=plan.lr,
                                         total_steps=len(train_loader) * files.epochs)
         experiment = replace(Experiment(), name="dpo", prompt_style=prompt_style,
                              data_file=DATA_FILE)
         config = {k: v for k, v in info["config"].items() if k != "lora"}
-        describe = partial(model_info, args, experiment, args.run_name, model_name, config,
-                           settings, schedule)
+        describe = partial(model_info, plan, experiment, model_name, config, settings, schedule)
         start_time = time.time()
-        torch.manual_seed(args.seed)
-        optimizer = make_optimizer(model, args.lr, args.weight_decay)
-        optimizer = with_precision(optimizer, args.precision, setup.device)
+        torch.manual_seed(plan.seed)
+        optimizer = plan.precision.stepping(make_optimizer(model, plan.lr, plan.weight_decay))
         progress = files.restore(model, optimizer)
-        best = (BestWeights(files.best_saver(model, describe)) if args.keep_best
-                else None)
-        hooks = DPOTraining(files.epochs, setup.device, files.saver(model, optimizer), progress,
-                            ctx=setup.ctx, metrics_path=paths["metrics"],
-                            save_on_interrupt=not files.keeps_earlier, schedule=schedule,
-                            best=best, loss_scaler=optimizer if args.precision == "fp16"
-                            else None, keep=keep)
-        with hooks:
-            train_model_dpo_simple(model, reference, train_loader, val_loader, optimizer,
-                                   files.epochs, args.beta, eval_freq(args), args.eval_iter,
+        best = BestWeights(files.best_saver(model, describe)) if plan.keep_best else None
+        hooks = DPOTraining.for_run(plan, files, model, optimizer, progress, schedule, best,
+                                    keep=keep)
+        with hooks:  # under torchrun the loop calls the model wrapped for the ranks
+            train_model_dpo_simple(training_model(model, False, plan.device), reference,
+                                   train_loader, val_loader, optimizer,
+                                   files.epochs, plan.beta, plan.eval_freq, plan.eval_iter,
                                    prompt_style.format_input(val_data[min(2, len(val_data) - 1)]),
                                    tokenizer, hooks=hooks)
+        if plan.world_size > 1:
+            leave_process_group(plan.rank)  # ranks other than 0 end here
         print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
         progress = hooks.progress
         epochs_trained = progress["epoch"] + progress["batches_done"] / len(train_loader)
@@ -233,9 +241,9 @@ def run(args):
         # 7. The losses and reward margins, and the answers of the reference and the policy
         if progress["train_losses"]:
             plot_dpo(tracking(progress), epochs_trained, paths["plot"])
-        with setup.ctx:
+        with plan.ctx:
             policy_answers = generate_responses(model, samples, tokenizer, context_length,
-                                                max_new_tokens(args), args.gen_batch_size,
+                                                plan.max_new_tokens, plan.gen_batch_size,
                                                 prompt_style)
         for before, after in zip(reference_answers, policy_answers, strict=True):
             print(answers_text(before, prompt_style,
@@ -244,34 +252,34 @@ def run(args):
 
         # 8. The test set's answers, and the policy's weights
         print("Generating responses")
-        with setup.ctx:
+        with plan.ctx:
             answered = generate_responses(
-                model, test_data, tokenizer, context_length, max_new_tokens(args),
-                args.gen_batch_size, prompt_style,
-                files.answer_log(progress, max_new_tokens(args), test_data))
+                model, test_data, tokenizer, context_length, plan.max_new_tokens,
+                plan.gen_batch_size, prompt_style,
+                files.answer_log(progress, plan.max_new_tokens, test_data))
         save_json(answered, paths["responses"])
         print(f"Responses saved as {paths['responses']}")
         save_finetuned_model(model, paths["model"], describe(model, progress))
         print(f"Model saved as {paths['model']}")
-        if progress["best"] is not None and args.keep_best:
+        if progress["best"] is not None and plan.keep_best:
             best_row = progress["best"]
             print(f"Lowest validation DPO loss {best_row['val_loss']:.3f} at step "
                   f"{best_row['step']} (epoch {best_row['epoch']}): saved as {paths['best']}")
-        files.finish(args.keep_checkpoint)
+        files.finish(plan.keep_checkpoint)
 
 
-def reference_for(args, files, model, datasets, collate, setup):
+def reference_for(plan, files, model, datasets, collate):
     """(the reference the loss uses, what the checkpoint keeps of it): the log-probabilities
     of every entry, computed by the SFT weights before training (kept by a checkpoint and
     reused on --resume), or, with --reference live, a second frozen copy of the model."""
-    if args.reference == "live":
-        reference, _, _ = load_finetuned_model(args.sft_model, setup.device, args.lora_alpha)
+    if plan.reference == "live":
+        reference, _, _ = load_finetuned_model(plan.sft_model, plan.device, plan.lora_alpha)
         return reference.requires_grad_(False), {}
     total = sum(len(dataset) for dataset in datasets)
     kept = files.resume_from["progress"].get("reference_logprobs") if files.resuming else None
     reference = PrecomputedReference.from_state(kept, total)
     if reference is None:
-        reference = precompute_reference(model, datasets, collate, args.batch_size, setup.ctx)
+        reference = precompute_reference(model, datasets, collate, plan.batch_size, plan.ctx)
         print(f"Reference log-probabilities of {total} entries computed")
         print(50 * "-")
     return reference, {"reference_logprobs": reference.state()}
@@ -282,8 +290,8 @@ def main(argv=None):
     args = build_parser(__doc__).parse_args(argv)
     with stop_signals_interrupt():
         try:
-            check_args(args)
-            run(args)
+            device = check_args(args)
+            run(plan_run(args, device))
         except DataError as exc:
             fail(exc)
 

@@ -210,13 +210,12 @@ def build_exercise_parser():
 
 
 def run_exercises(argv=None):
-    """Parse the flags, check the exercises' own, and run the experiment with the main script's
-    main(), which checks the shared flags before anything is loaded."""
-    parser = build_exercise_parser()
-    args = parser.parse_args(argv)
+    """Parse the flags once, check the exercises' own, and run the experiment with the main
+    script's main(), which checks the shared flags before anything is loaded."""
+    args = build_exercise_parser().parse_args(argv)
     names = parse_exercises(args.exercise_solution)
     check_lora_flags(names, args)
-    main(argv, build_experiment(names, args), parser)
+    main(experiment=build_experiment(names, args), args=args)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ around the book's training loop (kit/chapter_training.py) and the saved-model fo
 """
 
 import gc
-import math
 import os
-import re
 import time
 import urllib.error
 import urllib.request
@@ -45,20 +43,13 @@ from gpt_download import (
 )
 from kit.chapter_training import ChapterTraining, check_counted_tokens
 from kit.checkpoint import run_settings
-from kit.cli import (
-    DEFAULT_EPOCHS,
-    build_parser,
-    check_args,
-    check_batch_sizes,
-    eval_freq,
-    max_new_tokens,
-)
+from kit.cli import DEFAULT_EPOCHS, build_parser, check_args, check_batch_sizes
 from kit.data import ALPACA, format_input, load_json_entries, warn_if_truncated  # noqa: F401  (format_input: the book's name, imported from here)
 from kit.device import (
     choose_attention_kernels,
     default_gen_batch_size,
     eager_model,
-    with_precision,
+    make_optimizer,
 )
 from kit.distributed import (
     ShardedShuffleSampler,
@@ -69,12 +60,11 @@ from kit.distributed import (
 from kit.files import DataError, atomic_write, fail, print_versions, save_json
 from kit.overlap import overlap_counts, overlap_paragraph, split_overlap
 from kit.run_files import RunFiles
-from kit.run_names import BEST_SUFFIX, PARTIAL_SUFFIX
-from kit.run_setup import setup_run
-from kit.saved_model import TEST_MODE_CONFIG, save_finetuned_model
+from kit.run_names import output_paths
+from kit.run_setup import ChapterPlan, setup_run
+from kit.saved_model import TEST_MODE_CONFIG, model_info, save_finetuned_model
 from kit.signals import stop_signals_interrupt
 from kit.stopping import BestWeights, EarlyStopped
-from lora import lora_config
 from previous_chapters import (
     IGNORE_INDEX,
     GPTModel,
@@ -141,22 +131,22 @@ def split_data(data, file_path="dataset"):
     return train_data, test_data, val_data
 
 
-def load_data(args, experiment, setup):
+def load_data(plan, experiment):
     """The dataset's entries, its 85/10/5 split (10 entries each in test mode), checked
     against the batch size, with the sizes printed, and how many test and validation entries
     of the whole split repeat a training entry (printed with their numbers when any do). The
     entries come from --data_path, or the experiment's file (downloaded by rank 0 when
     missing)."""
-    data_path = args.data_path or experiment.data_file
-    with main_process_first(setup.rank, setup.world_size):
-        data = (load_json_entries(data_path, training=True) if args.data_path
+    data_path = plan.data_path
+    with main_process_first(plan.rank, plan.world_size):
+        data = (load_json_entries(data_path, training=True) if plan.data_given
                 else download_and_load_file(data_path, experiment.data_url))
     train_data, test_data, val_data = split_data(data, data_path)
     overlap = split_overlap(train_data, test_data, val_data)  # the whole split's, test mode too
     paragraph = overlap_paragraph(overlap, len(test_data), len(val_data), data_path)
-    if args.test_mode:  # a very small subset, to run the whole pipeline in seconds
+    if plan.test_mode:  # a very small subset, to run the whole pipeline in seconds
         train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
-    check_batch_sizes(experiment.batch_size, args.micro_batch_size, setup.world_size,
+    check_batch_sizes(experiment.batch_size, plan.micro_batch_size, plan.world_size,
                       len(train_data), data_path)
     print("Training set length:", len(train_data))
     print("Validation set length:", len(val_data))
@@ -254,24 +244,24 @@ def build_loaders(train_data, val_data, tokenizer, batch_size, experiment, rank=
 #####################################
 
 
-def model_config(args):
+def model_config(model_size, test_mode=False):
     """Return (config, model name) of the model to finetune, known before loading any weights."""
-    if args.test_mode:
+    if test_mode:
         return dict(TEST_MODE_CONFIG), "Small test model"
-    model_name, size_config = MODEL_CONFIGS[args.model]
+    model_name, size_config = MODEL_CONFIGS[model_size]
     return {**BASE_CONFIG, **size_config}, model_name
 
 
-def load_model(args, config, device):
-    """Return the model of `config`: pretrained GPT-2, or a tiny random one in test mode."""
-    model = GPTModel(config)
-    if not args.test_mode:
-        download = (download_and_load_gpt2_safetensors if args.weights == "safetensors"
+def load_model(plan):
+    """Return the plan's model: pretrained GPT-2, or a tiny random one in test mode."""
+    model = GPTModel(plan.config)
+    if not plan.test_mode:
+        download = (download_and_load_gpt2_safetensors if plan.weights == "safetensors"
                     else download_and_load_gpt2)
-        _, params = download(model_size=args.model, models_dir=args.models_dir)
+        _, params = download(model_size=plan.model, models_dir=plan.models_dir)
         load_weights_into_gpt(model, params)
     model.eval()
-    return model.to(device)
+    return model.to(plan.device)
 
 
 #####################################
@@ -292,52 +282,38 @@ def print_initial_losses(model, train_loader, val_loader, device, ctx=None):
     print("   Validation loss:", val_loss)
 
 
-def make_optimizer(model, lr, weight_decay):
-    """AdamW over the trainable parameters, in its fused form where the device has one.
-
-    The fused kernel updates every parameter in one pass instead of a Python loop of small
-    operations per tensor: the same update up to float rounding, in a fraction of the time.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # no fused AdamW for this device
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def learning_rate_schedule(args, total_steps):
+def learning_rate_schedule(plan, total_steps):
     """The learning rate of every step of the run's `total_steps`, and its gradient clipping:
     the chapter's constant --lr, or Appendix D's warmup, cosine decay and clipping. A warmup
     longer than the run is refused, except in test mode, whose few steps would refuse a real
     run's recipe: there it is cut to the run's steps, and a line says so."""
-    warmup_steps = args.warmup_steps
-    if warmup_steps > total_steps and args.test_mode:
+    warmup_steps = plan.warmup_steps
+    if warmup_steps > total_steps and plan.test_mode:
         print(f"Test mode: --warmup_steps {warmup_steps} cut to this run's {total_steps} "
               "training steps")
         warmup_steps = total_steps
     if warmup_steps > total_steps:
         raise DataError(f"--warmup_steps {warmup_steps} is more than this run's "
                         f"{total_steps} training steps; pass fewer")
-    return LearningRateSchedule(peak_lr=args.lr, total_steps=total_steps,
-                                warmup_steps=warmup_steps, initial_lr=args.initial_lr,
-                                min_lr=args.min_lr, kind=args.lr_schedule,
-                                grad_clip=args.grad_clip)
+    return LearningRateSchedule(peak_lr=plan.lr, total_steps=total_steps,
+                                warmup_steps=warmup_steps, initial_lr=plan.initial_lr,
+                                min_lr=plan.min_lr, kind=plan.lr_schedule,
+                                grad_clip=plan.grad_clip)
 
 
-def finetune(model, train_loader, val_loader, optimizer, device, args, start_context, tokenizer,
-             hooks):
+def finetune(model, train_loader, val_loader, optimizer, plan, start_context, tokenizer, hooks):
     """The chapter's call of `train_model_simple`, timed; returns (train_losses, val_losses,
     tokens_seen, progress), progress saying how many epochs and steps were trained. Ctrl-C
     (or SIGTERM, SIGHUP) stops after the running step with a checkpoint (`hooks`), and so does
     --early_stopping, after which the run goes on to its outputs."""
     start_time = time.time()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(plan.seed)
     with hooks:
         try:
             curves = train_model_simple(
-                model, train_loader, val_loader, optimizer, device,
-                num_epochs=hooks.num_epochs, eval_freq=eval_freq(args),
-                eval_iter=args.eval_iter, start_context=start_context, tokenizer=tokenizer,
+                model, train_loader, val_loader, optimizer, plan.device,
+                num_epochs=hooks.num_epochs, eval_freq=plan.eval_freq,
+                eval_iter=plan.eval_iter, start_context=start_context, tokenizer=tokenizer,
                 hooks=hooks)
         except EarlyStopped as stop:
             if str(stop):
@@ -349,31 +325,25 @@ def finetune(model, train_loader, val_loader, optimizer, device, args, start_con
     return (*curves, progress)
 
 
-def train(args, setup, models, loaders, files, schedule, describe, start_context, tokenizer):
+def train(plan, models, loaders, files, schedule, describe, start_context, tokenizer):
     """Section 7.6 as the run does it: the initial losses (unless resuming), the optimizer
     (restored from the checkpoint when resuming), then finetuning; returns what `finetune`
     returns. `models` is (the model the loop calls, the plain model it wraps)."""
     model, raw_model = models
     train_loader, val_loader = loaders
-    choose_attention_kernels(setup.device)
+    choose_attention_kernels(plan.device)
     if not files.resuming:
-        print_initial_losses(model, train_loader, val_loader, setup.device, setup.ctx)
-    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay)
-    optimizer = with_precision(optimizer, args.precision, setup.device)  # fp16
+        print_initial_losses(model, train_loader, val_loader, plan.device, plan.ctx)
+    optimizer = plan.precision.stepping(make_optimizer(raw_model, plan.lr, plan.weight_decay))
     progress = files.restore(raw_model, optimizer)  # None when starting over
     best = None
-    if args.keep_best or args.early_stopping:
-        best = BestWeights(files.best_saver(raw_model, describe) if args.keep_best
-                                  else None, args.early_stopping)
-    hooks = ChapterTraining(files.epochs, setup.device,
-                                   files.saver(raw_model, optimizer), progress, ctx=setup.ctx,
-                                   micro_batch_size=args.micro_batch_size,
-                                   metrics_path=files.paths["metrics"],
-                                   save_on_interrupt=not files.keeps_earlier,
-                                   schedule=schedule, best=best,
-                                   loss_scaler=optimizer if args.precision == "fp16" else None)
-    return finetune(model, train_loader, val_loader, optimizer, setup.device, args,
-                    start_context, tokenizer, hooks)
+    if plan.keep_best or plan.early_stopping:
+        best = BestWeights(files.best_saver(raw_model, describe) if plan.keep_best else None,
+                           plan.early_stopping)
+    hooks = ChapterTraining.for_run(plan, files, raw_model, optimizer, progress, schedule, best,
+                                    micro_batch_size=plan.micro_batch_size)
+    return finetune(model, train_loader, val_loader, optimizer, plan, start_context, tokenizer,
+                    hooks)
 
 
 #####################################
@@ -417,64 +387,7 @@ def generate_responses(model, test_data, tokenizer, context_size, max_new_tokens
             for entry, response in zip(test_data, responses, strict=True)]
 
 
-def output_paths(output_dir, run_name, model_name):
-    """The files a run writes, named after the run (the book's "standalone" by default).
-
-    Only the best weights and the kept answers add a suffix to another of the run's names
-    (BEST_SUFFIX, PARTIAL_SUFFIX): run names may not end in them (`check_run_name`), so no
-    file of one run is ever a file of another.
-    """
-    stem = re.sub(r"[ ()]", "", model_name)  # "gpt2-medium (355M)" -> "gpt2-medium355M"
-    model = os.path.join(output_dir, f"{stem}-sft-{run_name}")
-    responses = os.path.join(output_dir, f"instruction-data-with-response-{run_name}")
-    return {
-        "plot": os.path.join(output_dir, f"loss-plot-{run_name}.pdf"),
-        "responses": f"{responses}.json",
-        "model": f"{model}.pth",
-        "model_info": f"{model}.json",  # beside the weights: how to rebuild and prompt them
-        "best": f"{model}{BEST_SUFFIX}.pth",  # --keep_best
-        "best_info": f"{model}{BEST_SUFFIX}.json",
-        "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{run_name}.pth"),
-        "metrics": os.path.join(output_dir, f"metrics-{run_name}.csv"),
-        "answers": f"{responses}{PARTIAL_SUFFIX}.json",  # kept until the responses are saved
-        "lock": os.path.join(output_dir, f"finetuning-{run_name}.lock"),  # one run at a time
-    }
-
-
-def model_info(args, experiment, run_name, model_name, config, settings, schedule, model,
-               progress, weights="last", train_overlap=None):
-    """The JSON saved beside a model's weights: how to rebuild and prompt it (its config, with
-    the LoRA layers when unmerged, and its prompt style), and how it was trained: the steps, the
-    learning-rate schedule, and the losses of its last evaluation and the step they were
-    measured at. `weights` says which weights these are: the "last", or the "best". The data
-    file and the answers' length let generate_answers.py answer the run's test set anew.
-    `train_overlap` counts the test and validation entries that repeat a training entry's
-    instruction and input (kit/overlap.py)."""
-    lora = lora_config(model)
-    if lora is not None:  # saved unmerged: loading rebuilds the LoRA layers from this entry
-        config = {**config, "lora": lora}
-    row = progress["metrics"][-1] if progress["metrics"] else None
-    return {
-        "model_name": model_name, "config": config,
-        "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
-        "run_name": run_name, "weights": weights,
-        "epochs": progress["epoch"], "steps": progress["global_step"] + 1, "seed": args.seed,
-        "tokens_seen": progress["tokens_seen"],
-        "train_loss": finite_or_none(row and row["train_loss"]),
-        "val_loss": finite_or_none(row and row["val_loss"]),
-        "losses_step": row and row["step"], "schedule": schedule.describe(),
-        "settings": settings, "data_path": args.data_path or experiment.data_file,
-        "max_new_tokens": max_new_tokens(args), "train_overlap": train_overlap,
-    }
-
-
-def finite_or_none(value):
-    """`value` when it is a finite number, else None (JSON's null: JSON has no NaN)."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def save_results(args, experiment, model, tokenizer, test_data, files, training, setup,
-                 describe):
+def save_results(plan, experiment, model, tokenizer, test_data, files, training, describe):
     """Save the loss plot, the test set responses, and the finetuned weights with their JSON
     (`describe`, `model_info`); say which evaluation was best when it was followed.
 
@@ -488,11 +401,11 @@ def save_results(args, experiment, model, tokenizer, test_data, files, training,
     print(50 * "-")
 
     print("Generating responses")
-    answer_tokens = max_new_tokens(args)
-    with setup.ctx:
+    answer_tokens = plan.max_new_tokens
+    with plan.ctx:
         test_data = generate_responses(model, test_data, tokenizer,
                                        model.pos_emb.num_embeddings, answer_tokens,
-                                       args.gen_batch_size, experiment.prompt_style,
+                                       plan.gen_batch_size, experiment.prompt_style,
                                        files.answer_log(progress, answer_tokens, test_data))
     save_json(test_data, paths["responses"])
     print(f"Responses saved as {paths['responses']}")
@@ -503,7 +416,7 @@ def save_results(args, experiment, model, tokenizer, test_data, files, training,
     print(f"Model saved as {paths['model']}")
     best = progress["best"]
     if best is not None:
-        if not args.keep_best:
+        if not plan.keep_best:
             kept = "--keep_best would keep its weights"
         elif files.holds_best(best):
             kept = f"saved as {paths['best']}"
@@ -546,66 +459,75 @@ class Experiment:
 #####################################
 
 
-def run(args, experiment=None):
-    """Finetune and evaluate as the chapter does, with what `experiment` changes. The device,
-    processes, precision and output paths are decided once (`RunSetup`); the run's
-    files (`RunFiles`) take one run at a time, and an interrupt, a failed write or a
-    diverging loss ends the run in one line that says what is saved and how to go on."""
-    experiment = experiment or Experiment()
-    config, model_name = model_config(args)
-    experiment = replace(  # --batch_size, and a length limit within the model's context
-        experiment, batch_size=args.batch_size or experiment.batch_size,
-        allowed_max_length=min(experiment.allowed_max_length, config["context_length"]))
+def plan_run(args, device, experiment):
+    """The run's plan (kit/run_setup.py), decided once from the checked flags and the `device`
+    they name: the model, the run's name and files, the data file, the batch size, the
+    precision, and under torchrun this process's rank."""
+    config, model_name = model_config(args.model, args.test_mode)
     run_name = args.run_name or experiment.name
-    setup = setup_run(args, output_paths(args.output_dir, run_name, model_name))
+    return setup_run(args, device, ChapterPlan, model_name=model_name, config=config,
+                     run_name=run_name, paths=output_paths(args.output_dir, run_name, model_name),
+                     data_path=args.data_path or experiment.data_file,
+                     data_given=args.data_path is not None,
+                     batch_size=args.batch_size or experiment.batch_size)
+
+
+def run(plan, experiment=None):
+    """Finetune and evaluate as the chapter does, with what `experiment` changes, as `plan`
+    says (`plan_run`); the run's files (`RunFiles`) take one run at a time, and an interrupt,
+    a failed write or a diverging loss ends the run in one line that says what is saved and
+    how to go on."""
+    experiment = experiment or Experiment()
+    experiment = replace(  # --batch_size, and a length limit within the model's context
+        experiment, batch_size=plan.batch_size,
+        allowed_max_length=min(experiment.allowed_max_length, plan.config["context_length"]))
     print_versions(CHAPTER_PACKAGES)  # only rank 0 prints
-    with RunFiles(setup, args, run_name) as files:
-        data, (train_data, test_data, val_data), train_overlap = load_data(args, experiment,
-                                                                           setup)
-        tokenizer = gpt2_tokenizer(args.models_dir)
+    with RunFiles(plan) as files:
+        data, (train_data, test_data, val_data), train_overlap = load_data(plan, experiment)
+        tokenizer = gpt2_tokenizer(plan.models_dir)
         if experiment.inspect_data is not None:
             experiment.inspect_data(data, tokenizer)
-        print("Device:", setup.describe())
+        print("Device:", plan.describe())
         print(50 * "-")
-        settings = run_settings(args, experiment, model_name, train_data, val_data,
-                                       test_data)
-        files.check_resume(settings, args.epochs, DEFAULT_EPOCHS)  # before the model is built
-        torch.manual_seed(args.seed)
+        settings = run_settings(plan, experiment, train_data, val_data, test_data)
+        files.check_resume(settings, plan.epochs, DEFAULT_EPOCHS)  # before the model is built
+        torch.manual_seed(plan.seed)
         train_loader, val_loader = build_loaders(train_data, val_data, tokenizer,
-                                                 experiment.batch_size, experiment, setup.rank,
-                                                 setup.world_size)
-        check_counted_tokens(train_loader, args.data_path or experiment.data_file)
-        schedule = learning_rate_schedule(args, len(train_loader) * files.epochs)
+                                                 experiment.batch_size, experiment, plan.rank,
+                                                 plan.world_size)
+        check_counted_tokens(train_loader, plan.data_path)
+        schedule = learning_rate_schedule(plan, len(train_loader) * files.epochs)
         files.check_schedule(schedule)
 
-        with main_process_first(setup.rank, setup.world_size):
-            raw_model = load_model(args, config, setup.device)
+        with main_process_first(plan.rank, plan.world_size):
+            raw_model = load_model(plan)
         if experiment.prepare_model is not None:  # LoRA: frozen weights, trainable low-rank ones
-            raw_model = experiment.prepare_model(raw_model).to(setup.device)
-        model = training_model(raw_model, args.compile, setup.device)
-        print("Loaded model:", model_name)
+            raw_model = experiment.prepare_model(raw_model).to(plan.device)
+        model = training_model(raw_model, plan.compile, plan.device)
+        print("Loaded model:", plan.model_name)
         print(50 * "-")
 
-        describe = partial(model_info, args, experiment, run_name, model_name, config,
-                           settings, schedule, train_overlap=train_overlap)
-        training = train(args, setup, (model, raw_model), (train_loader, val_loader), files,
-                         schedule, describe, experiment.prompt_style.format_input(val_data[0]),
-                         tokenizer)
-        if setup.world_size > 1:
-            leave_process_group(setup.rank)  # ranks other than 0 end here
-        save_results(args, experiment, raw_model, tokenizer, test_data, files, training, setup,
+        describe = partial(model_info, plan, experiment, plan.model_name, plan.config, settings,
+                           schedule, train_overlap=train_overlap)
+        training = train(plan, (model, raw_model), (train_loader, val_loader), files, schedule,
+                         describe, experiment.prompt_style.format_input(val_data[0]), tokenizer)
+        if plan.world_size > 1:
+            leave_process_group(plan.rank)  # ranks other than 0 end here
+        save_results(plan, experiment, raw_model, tokenizer, test_data, files, training,
                      describe)
-        files.finish(args.keep_checkpoint)
+        files.finish(plan.keep_checkpoint)
 
 
-def main(argv=None, experiment=None, parser=None):
-    """Parse and check the flags, then run; bad input ends with one 'Error:' line and exit 2.
-    SIGTERM and SIGHUP stop the run as Ctrl-C does."""
-    args = (parser or build_parser(__doc__)).parse_args(argv)
+def main(argv=None, experiment=None, args=None):
+    """Parse the flags (`args`: parsed already, by exercise_experiments.py), check them, plan
+    the run, then run it; bad input ends with one 'Error:' line and exit 2. SIGTERM and SIGHUP
+    stop the run as Ctrl-C does."""
+    args = args or build_parser(__doc__).parse_args(argv)
+    experiment = experiment or Experiment()
     with stop_signals_interrupt():
         try:
-            check_args(args)
-            run(args, experiment)
+            device = check_args(args)
+            run(plan_run(args, device, experiment), experiment)
         except DataError as exc:
             fail(exc)
 

@@ -44,9 +44,9 @@ from common import (
     training_setup,
 )
 
-import gpt_instruction_finetuning as ft
 from gpt_instruction_finetuning import format_input, generate_responses
 from kit.chapter_training import ChapterTraining
+from kit.device import make_optimizer
 from previous_chapters import (
     GPTModel,
     generate,
@@ -158,7 +158,7 @@ def micro_batch_training(size, micro_batch_size, steps):
     device = device_name()
     torch.manual_seed(0)
     model = GPTModel(gpt2_config(size)).to(device).train()
-    optimizer = ft.make_optimizer(model, 5e-5, 0.1)
+    optimizer = make_optimizer(model, 5e-5, 0.1)
     hooks = ChapterTraining(1, torch.device(device), micro_batch_size=micro_batch_size)
     batches = real_batches(steps)
     for inputs, targets in batches[:2]:

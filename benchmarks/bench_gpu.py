@@ -350,7 +350,7 @@ def our_job(weights, settings, device, tokenizer, precision, compile_model):
     with phases.phase("initial losses"), torch.no_grad(), ctx:
         initial = (calc_loss_loader(train_loader, model, device, num_batches=5),
                    calc_loss_loader(val_loader, model, device, num_batches=5))
-    optimizer = with_precision(ft.make_optimizer(model, 5e-5, 0.1), precision,
+    optimizer = with_precision(kit_device.make_optimizer(model, 5e-5, 0.1), precision,
                                            device)
     times = step_times(optimizer, device)
     scaler = optimizer if precision == "fp16" else None

@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpt_instruction_finetuning as ft  # noqa: E402
-from kit.device import compiled_for_training, eager_model, precision_context, prepared_loss
+from kit.device import (  # noqa: E402
+    compiled_for_training,
+    eager_model,
+    make_optimizer,
+    precision_context,
+    prepared_loss,
+)
 from previous_chapters import GPTModel, calc_loss_batch  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -125,7 +131,7 @@ def training_setup(size, path, seed=0, device="cpu", precision="fp32", compile_f
     if fast:
         device = torch.device(device)
         train_model = compiled_for_training(model, device) if compile_forward else model
-        return (train_model, ft.make_optimizer(model, 5e-5, 0.1),
+        return (train_model, make_optimizer(model, 5e-5, 0.1),
                 partial(fast_step, ctx=precision_context(device, precision)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, foreach=False)
     return model, optimizer, book_step

@@ -109,6 +109,18 @@ class ChapterTraining(TrainingHooks):
         self.watch = FiniteWatch(device, skips_nonfinite=loss_scaler is not None)
         self.bar = None
 
+    @classmethod
+    def for_run(cls, plan, files, model, optimizer, progress, schedule=None, best=None,
+                **options):
+        """The hooks of the run of `plan` (`kit.run_setup.RunPlan`) whose files are `files`
+        (`RunFiles`): checkpoints of `model` and `optimizer` (the one the loop steps, from
+        `plan.precision.stepping`), resumed from `progress` (None for a new run), under the
+        plan's precision; `options` are the other keyword arguments of the hooks."""
+        return cls(files.epochs, plan.device, files.saver(model, optimizer), progress,
+                   ctx=plan.ctx, metrics_path=files.paths["metrics"],
+                   save_on_interrupt=not files.keeps_earlier, schedule=schedule, best=best,
+                   loss_scaler=plan.precision.loss_scaler(optimizer), **options)
+
     def __enter__(self):
         self._exit_stack = contextlib.ExitStack()
         self.stops = self._exit_stack.enter_context(StopRequests())

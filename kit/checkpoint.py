@@ -135,16 +135,17 @@ def restore_checkpoint(path, checkpoint, model, optimizer):
     return checkpoint["progress"]
 
 
-def run_settings(args, experiment, model_name, train_data, val_data, test_data):
-    """What a checkpoint's run depended on: resuming with anything else would mix runs. The
-    validation entries decide the losses and the best weights, the test entries the answers;
-    --keep_best decides whether the best-weights file holds the run's best evaluation."""
-    return {"--model": model_name, "--seed": args.seed, "--lr": args.lr,
-            "--weight_decay": args.weight_decay, "--batch_size": experiment.batch_size,
-            "--precision": args.precision, "--warmup_steps": args.warmup_steps,
-            "--initial_lr": args.initial_lr, "--lr_schedule": args.lr_schedule,
-            "--min_lr": args.min_lr, "--grad_clip": args.grad_clip,
-            "--keep_best": args.keep_best, "training data": fingerprint(train_data),
+def run_settings(plan, experiment, train_data, val_data, test_data):
+    """What a checkpoint's run (`plan`, a `kit.run_setup.ChapterPlan`) depended on: resuming
+    with anything else would mix runs. The validation entries decide the losses and the best
+    weights, the test entries the answers; --keep_best decides whether the best-weights file
+    holds the run's best evaluation."""
+    return {"--model": plan.model_name, "--seed": plan.seed, "--lr": plan.lr,
+            "--weight_decay": plan.weight_decay, "--batch_size": experiment.batch_size,
+            "--precision": plan.precision.name, "--warmup_steps": plan.warmup_steps,
+            "--initial_lr": plan.initial_lr, "--lr_schedule": plan.lr_schedule,
+            "--min_lr": plan.min_lr, "--grad_clip": plan.grad_clip,
+            "--keep_best": plan.keep_best, "training data": fingerprint(train_data),
             "validation data": fingerprint(val_data), "test data": fingerprint(test_data),
             "experiment": experiment.name, **experiment.settings}
 

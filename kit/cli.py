@@ -170,8 +170,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 def check_args(args):
     """Refuse flag values that cannot work, before anything is downloaded or loaded.
 
-    Raises DataError naming the flag and its value. The flags stay as given: the run decides
-    its device, precision and files once, from them (`kit.run_setup.RunSetup`).
+    Raises DataError naming the flag and its value. Returns the device --device names (picked
+    here, once, to check --precision against it); the run's plan is made from the flags and it
+    (`kit.run_setup.setup_run`).
     """
     for name in ("epochs", "batch_size", "micro_batch_size", "gen_batch_size", "eval_freq",
                  "eval_iter", "early_stopping"):
@@ -191,8 +192,10 @@ def check_args(args):
     check_appendix_d_flags(args)
     if args.run_name is not None:
         check_run_name(args.run_name)
-    check_precision(args.precision, args.compile, pick_device(args.device))
+    device = pick_device(args.device)
+    check_precision(args.precision, args.compile, device)
     check_paths(args)
+    return device
 
 
 def check_appendix_d_flags(args):

@@ -10,10 +10,10 @@
   training steps, and how many test entries are answered at once.
 """
 
-import functools
 import importlib.util
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,6 @@ LENGTH_MULTIPLE = 16  # rows padded to a multiple of this many tokens on the GPU
 
 
 GEN_CACHE_BUDGET = 4 << 30  # bytes of keys and values that one answering batch may hold
-
-
-@functools.cache
-def say_once(line):
-    """Print `line` the first time it is asked for in this process (the device is picked both
-    when the flags are checked and when the run starts)."""
-    print(line)
 
 
 def torch_version():
@@ -58,9 +51,9 @@ def pick_device(name):
         if torch.backends.mps.is_available():
             if mps_trusted:
                 return torch.device("mps")
-            say_once(f"Note: running on the CPU, not Apple's GPU: torch {torch.__version__} "
-                     f"computes wrong losses on MPS (fixed in {version}); upgrade torch, or pass "
-                     "--device mps to use it anyway")
+            print(f"Note: running on the CPU, not Apple's GPU: torch {torch.__version__} "
+                  f"computes wrong losses on MPS (fixed in {version}); upgrade torch, or pass "
+                  "--device mps to use it anyway")
         return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -78,8 +71,8 @@ def pick_device(name):
         raise DataError(f"--device {name}: MPS is not available on this machine; "
                         "use --device cpu")
     if device.type == "mps" and not mps_trusted:
-        say_once(f"Warning: torch {torch.__version__} computes wrong losses on MPS (fixed in "
-                 f"{version}); upgrade torch, or use --device cpu")
+        print(f"Warning: torch {torch.__version__} computes wrong losses on MPS (fixed in "
+              f"{version}); upgrade torch, or use --device cpu")
     return device
 
 
@@ -194,6 +187,47 @@ def with_precision(optimizer, precision, device):
     """The optimizer the training loop steps: `optimizer` itself, or for fp16 wrapped in a
     `ScaledOptimizer`."""
     return ScaledOptimizer(optimizer, device) if precision == "fp16" else optimizer
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes, decided once from --precision: `ctx`, the autocast context the
+    losses and the answers are computed in (nothing for fp32 and tf32, whose TF32 matrix
+    products are switched on when it is made), and the gradient scaler, which does something
+    under fp16 only (`stepping`, `loss_scaler`)."""
+
+    name: str
+    device: torch.device
+    ctx: object
+
+    @classmethod
+    def of(cls, name, device):
+        """The precision `name` (fp32, tf32, bf16, fp16) on `device`."""
+        return cls(name, device, precision_context(device, name))
+
+    def stepping(self, optimizer):
+        """The optimizer the training loop steps: under fp16 `optimizer` behind the gradient
+        scaler (`ScaledOptimizer`), else `optimizer` itself."""
+        return with_precision(optimizer, self.name, self.device)
+
+    @staticmethod
+    def loss_scaler(optimizer):
+        """The scaler of the losses and gradients: `optimizer` when it is fp16's
+        `ScaledOptimizer` (from `stepping`), else None."""
+        return optimizer if isinstance(optimizer, ScaledOptimizer) else None
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over the trainable parameters, in its fused form where the device has one.
+
+    The fused kernel updates every parameter in one pass instead of a Python loop of small
+    operations per tensor: the same update up to float rounding, in a fraction of the time.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # no fused AdamW for this device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def pad_to_multiple(in_idx, multiple, context_length):

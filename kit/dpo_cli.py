@@ -52,7 +52,9 @@ def add_dpo_flags(parser):
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"training epochs (default: {DEFAULT_EPOCHS}; with --resume, the "
                              "interrupted run's own)")
-    parser.add_argument("--batch_size", type=int, default=8, help="training batch size")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="training batch size (under torchrun the global batch, a multiple "
+                             "of the processes)")
     parser.add_argument("--seed", type=int, default=123,
                         help="seed for the shuffling, set again before the optimizer is made")
     parser.add_argument("--eval_freq", type=int, default=None,
@@ -86,10 +88,8 @@ def add_run_flags(parser):
 
 
 def check_args(args):
-    """Refuse flag values that cannot work, before anything is read or loaded."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DataError("dpo_finetuning.py trains in one process; start it with python, not "
-                        "torchrun")
+    """Refuse flag values that cannot work, before anything is read or loaded; return the
+    device --device names (picked once, here)."""
     for name in ("epochs", "batch_size", "gen_batch_size", "eval_freq", "eval_iter"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -111,8 +111,10 @@ def check_args(args):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.run_name):
         raise DataError(f"--run_name {args.run_name!r}: use letters, digits, '.', '_' and '-' "
                         "only (it becomes part of file names)")
-    check_precision(args.precision, False, pick_device(args.device))
+    device = pick_device(args.device)
+    check_precision(args.precision, False, device)
     check_paths(args)
+    return device
 
 
 def check_paths(args):

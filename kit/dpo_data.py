@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gpt_download import END_OF_TEXT
 from kit.data import ALPACA, check_entry, load_json_entries
+from kit.distributed import ShardedShuffleSampler
 from kit.files import DataError
 
 PREFERENCE_FIELDS = ("instruction", "input", "output", "chosen", "rejected")
@@ -113,12 +114,22 @@ def check_counted(dataset, allowed_max_length, header_tokens, data_path, split_n
                                 "(its prompt fills it); shorten or remove that entry")
 
 
-def build_loaders(train_dataset, val_dataset, batch_size, collate):
+def build_loaders(train_dataset, val_dataset, batch_size, collate, rank=0, world_size=1):
     """The book's loaders: training shuffled with its last partial batch dropped, validation
     in order. No workers: every iteration draws its base seed from the global generator, so
-    the order of random draws is the notebook's."""
-    train_loader = DataLoader(train_dataset, batch_size=batch_size, collate_fn=collate,
-                              shuffle=True, drop_last=True, num_workers=0)
+    the order of random draws is the notebook's.
+
+    Under torchrun `batch_size` is the global batch: each rank's training loader yields its
+    share (`batch_size // world_size` entries) of the batches one process would train on, in
+    the same order; every rank evaluates the whole validation set."""
+    if world_size > 1:
+        sampler = ShardedShuffleSampler(len(train_dataset), batch_size, rank, world_size)
+        train_loader = DataLoader(train_dataset, batch_size=batch_size // world_size,
+                                  sampler=sampler, collate_fn=collate, drop_last=True,
+                                  num_workers=0)
+    else:
+        train_loader = DataLoader(train_dataset, batch_size=batch_size, collate_fn=collate,
+                                  shuffle=True, drop_last=True, num_workers=0)
     val_loader = DataLoader(val_dataset, batch_size=batch_size, collate_fn=collate,
                             shuffle=False, drop_last=False, num_workers=0)
     return train_loader, val_loader

@@ -16,8 +16,11 @@ The book's functions keep their names, signatures and numbers: `compute_logprobs
 from itertools import islice
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from kit.distributed import is_distributed, is_main_process
 
 
 def compute_dpo_loss(model_chosen_logprobs, model_rejected_logprobs, reference_chosen_logprobs,
@@ -99,16 +102,29 @@ class PrecomputedReference:
 def precompute_reference(model, datasets, collate, batch_size, ctx):
     """The reference log-probabilities of every entry of `datasets` (numbered one after
     another by their `index`), computed by `model` in eval mode under `ctx`, `batch_size`
-    entries at a time in file order: no random number is drawn."""
+    entries at a time in file order: no random number is drawn.
+
+    Under torchrun the ranks take turns with these batches and then add up their tables, in
+    which the entries of the others' batches are zeros: every rank ends with the table one
+    process computes, each value from the same batch, hence bit for bit the same."""
     items = [item for dataset in datasets for item in dataset]
     chosen, rejected = torch.zeros(len(items)), torch.zeros(len(items))
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    starts = range(rank * batch_size, len(items), world_size * batch_size)  # this rank's turns
     model.eval()
-    with torch.no_grad(), ctx, tqdm(total=len(items), desc="Reference log-probabilities") as bar:
-        for start in range(0, len(items), batch_size):
+    with (torch.no_grad(), ctx,
+          tqdm(total=sum(len(items[start:start + batch_size]) for start in starts),
+               desc="Reference log-probabilities", disable=not is_main_process()) as bar):
+        for start in starts:
             batch = collate(items[start:start + batch_size])
             pair = pair_logprobs(model, batch)
             chosen[batch["index"]], rejected[batch["index"]] = (t.cpu() for t in pair)
             bar.update(len(batch["index"]))
+    if world_size > 1:
+        device = next(model.parameters()).device  # nccl adds up GPU tensors, gloo CPU ones
+        table = torch.stack([chosen, rejected]).to(device)
+        dist.all_reduce(table)
+        chosen, rejected = table.cpu()
     return PrecomputedReference(chosen, rejected)
 
 

@@ -12,9 +12,11 @@ from contextlib import nullcontext
 
 import matplotlib.pyplot as plt
 import torch
+import torch.distributed as dist
 
 from kit.chapter_training import ChapterTraining
 from kit.device import eager_model
+from kit.distributed import is_distributed
 from kit.dpo_loss import compute_dpo_loss_batch, evaluate_dpo_loss_loader
 from kit.files import atomic_write, image_format
 from previous_chapters import TrainingHooks
@@ -121,10 +123,15 @@ class DPOTraining(DPOHooks, ChapterTraining):
         return progress
 
     def dpo_loss(self, batch, policy_model, reference_model, beta):
-        """The batch's loss under `ctx`, noted for the divergence checks, scaled for fp16."""
+        """The batch's loss under `ctx`, noted for the divergence checks, scaled for fp16.
+        Under torchrun, each rank's loss (the mean over its share of the global batch) is
+        weighted by its share's size, so that the gradients that DistributedDataParallel
+        averages over the ranks are those of the global batch's mean."""
         self.model = policy_model
         with self.ctx:
             loss = super().dpo_loss(batch, policy_model, reference_model, beta)
+        if self.distributed:
+            loss = loss * share_weight(len(batch["chosen"]), self.device)
         counted = batch["chosen_mask"][:, 1:].sum() + batch["rejected_mask"][:, 1:].sum()
         self.watch.note_loss(loss, counted)
         return self.scaled(loss)
@@ -136,8 +143,9 @@ class DPOTraining(DPOHooks, ChapterTraining):
         self.watch.note_gradients(policy_model)
         policy_model.zero_grad(set_to_none=True)
         with self.ctx:
-            return super().evaluate_dpo(eager_model(policy_model), reference_model,
-                                        train_loader, val_loader, beta, eval_iter)
+            res = super().evaluate_dpo(eager_model(policy_model), reference_model,
+                                       train_loader, val_loader, beta, eval_iter)
+        return across_ranks(res, train_loader, eval_iter, self.device)
 
     def metrics_row(self, progress):
         """The chapter's metrics row with the evaluation's rewards."""
@@ -149,8 +157,34 @@ def initial_evaluation(policy_model, train_loader, val_loader, beta, eval_iter, 
     """The notebook's check before training, under `ctx`: the losses and rewards of the policy
     against itself, which is the reference before its first update (ln 2 and zero margins)."""
     with ctx or nullcontext():
-        return evaluate_dpo_loss_loader(policy_model, None, train_loader, val_loader, beta,
-                                        eval_iter)
+        res = evaluate_dpo_loss_loader(policy_model, None, train_loader, val_loader, beta,
+                                       eval_iter)
+    return across_ranks(res, train_loader, eval_iter, next(policy_model.parameters()).device)
+
+
+def share_weight(count, device):
+    """The weight of a rank's mean over its `count` sequences of the global batch: `count`
+    times the number of ranks over the global batch's sequences (1 when the shares are equal),
+    so that the ranks' average of the weighted means is the global batch's mean."""
+    total = torch.tensor(count, device=device)
+    dist.all_reduce(total)
+    return count * dist.get_world_size() / total
+
+
+def across_ranks(res, train_loader, eval_iter, device):
+    """An evaluation's results (`evaluate_dpo_loss_loader`'s dict) as one process computes
+    them. Under torchrun each rank evaluated its share of the first `eval_iter` global training
+    batches, so the training loss and rewards are the ranks' values weighted by the sequences
+    each evaluated; every rank evaluated the whole validation set, whose values are as they
+    are."""
+    if not is_distributed():
+        return res
+    fields = [field for field in res if field.startswith("train_")]
+    count = min(eval_iter, len(train_loader)) * train_loader.batch_size
+    sums = torch.tensor([res[field] * count for field in fields] + [count],
+                        dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return {**res, **{field: (sums[i] / sums[-1]).item() for i, field in enumerate(fields)}}
 
 
 def plot_dpo(curves, epochs_trained, save_path):

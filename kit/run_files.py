@@ -49,12 +49,12 @@ class RunFiles:
     Under torchrun rank 0 holds the lock, writes and reports; all ranks exit alike.
     """
 
-    def __init__(self, setup, args, run_name=None):
-        self.paths = setup.paths
-        self.run_name = run_name
-        self.checkpoint = setup.paths["checkpoint"]
-        self.args = args
-        self.device, self.rank, self.world_size = setup.device, setup.rank, setup.world_size
+    def __init__(self, plan):
+        self.paths = plan.paths
+        self.run_name = plan.run_name
+        self.checkpoint = plan.paths["checkpoint"]
+        self.plan = plan
+        self.device, self.rank, self.world_size = plan.device, plan.rank, plan.world_size
         self.lock = None
         self.resuming = False  # continues the checkpoint (--resume, and one is there)
         self.earlier = False  # a checkpoint that this run did not write is at `checkpoint`
@@ -108,12 +108,11 @@ class RunFiles:
         for the file system, an output that is a link or a folder, another run holding the
         lock, or --resume without a checkpoint to continue."""
         folder = os.path.dirname(self.checkpoint) or "."
-        if self.run_name is not None:
-            check_name_lengths(self.paths, self.run_name, folder)
+        check_name_lengths(self.paths, self.run_name, folder)
         refuse_foreign_files(self.paths)
         if not self.take_lock():
             raise DataError(self.lock_refusal())
-        if self.args.resume and not os.path.exists(self.checkpoint):
+        if self.plan.resume and not os.path.exists(self.checkpoint):
             existing = existing_outputs(self.paths)
             if not existing:
                 raise DataError(f"--resume: there is no checkpoint {self.checkpoint} to "
@@ -156,7 +155,7 @@ class RunFiles:
         check the one to continue (--resume), and decide the epochs to train (`epochs`)."""
         self.settings = settings
         progress = None
-        self.resuming = will_resume(self.args.resume, self.checkpoint)
+        self.resuming = will_resume(self.plan.resume, self.checkpoint)
         if self.earlier_outputs and not self.resuming:
             self.say_replaced()
         if self.resuming:
@@ -185,7 +184,7 @@ class RunFiles:
         replaces, and when."""
         best = self.paths["best"]
         dropped = ""
-        if best in self.earlier_outputs and not self.args.keep_best:
+        if best in self.earlier_outputs and not self.plan.keep_best:
             dropped = (f", and removes {os.path.basename(best)} with them (without --keep_best "
                        "it keeps no best weights)")
         print(f"Note: {os.path.dirname(best) or '.'} holds the outputs of an earlier run of "
@@ -281,7 +280,7 @@ class RunFiles:
         --keep_checkpoint."""
         if self.answers is not None:
             self.answers.remove()
-        if not self.args.keep_best:
+        if not self.plan.keep_best:
             self.remove_earlier_best()
         remove_checkpoint(self.checkpoint, keep_checkpoint)
 
@@ -315,7 +314,7 @@ class RunFiles:
         if self.saved_steps is not None:
             return (f"the training so far ({plural(self.saved_steps, 'step')}) is saved in "
                     f"{self.checkpoint}", "run the same command with --resume to continue")
-        if self.earlier and self.args.resume:
+        if self.earlier and self.plan.resume:
             return f"{self.checkpoint} is unchanged", "run the same command to continue it"
         if self.earlier:
             return (f"this run's steps were not kept, and {self.checkpoint} still holds the "
@@ -341,8 +340,8 @@ class RunFiles:
             advice = ("check the masking and the length limit, which leave some entries "
                       "nothing to learn")
         else:
-            advice = f"try a lower --lr than {self.args.lr}"
-            if self.args.precision == "bf16":
+            advice = f"try a lower --lr than {self.plan.lr}"
+            if self.plan.precision.name == "bf16":
                 advice += " or --precision fp32"
         return f"training stopped at step {exc.step}: {exc.problem}; {what}; {advice}"
 

@@ -1,6 +1,6 @@
 """The names of a finetuning run's files, checked before any work starts.
 
-Every file of a run carries the run's name (`gpt_instruction_finetuning.output_paths`). Two
+Every file of a run carries the run's name (`output_paths`). Two
 of the script's own suffixes make a name that is another name plus a suffix: the best
 weights are the model's name + `-best`, the answers kept while the test set is answered are
 the responses' name + `.partial`. A run name ending in one of them would make its files those
@@ -25,6 +25,30 @@ TEMPORARY_NAME_EXTRA = len(".tmp-") + 8  # atomic_write's prefix and mkstemp's r
 DEFAULT_NAME_MAX = 255  # where the file system does not say (Windows)
 FINISHED_OUTPUTS = ("model", "best", "responses", "answers", "plot", "metrics")  # what a run
 # leaves besides its checkpoint and its lock (each model's JSON goes with its weights)
+
+
+def output_paths(output_dir, run_name, model_name):
+    """The files a chapter run writes, named after the run (the book's "standalone" by default).
+
+    Only the best weights and the kept answers add a suffix to another of the run's names
+    (BEST_SUFFIX, PARTIAL_SUFFIX): run names may not end in them (`check_run_name`), so no
+    file of one run is ever a file of another.
+    """
+    stem = re.sub(r"[ ()]", "", model_name)  # "gpt2-medium (355M)" -> "gpt2-medium355M"
+    model = os.path.join(output_dir, f"{stem}-sft-{run_name}")
+    responses = os.path.join(output_dir, f"instruction-data-with-response-{run_name}")
+    return {
+        "plot": os.path.join(output_dir, f"loss-plot-{run_name}.pdf"),
+        "responses": f"{responses}.json",
+        "model": f"{model}.pth",
+        "model_info": f"{model}.json",  # beside the weights: how to rebuild and prompt them
+        "best": f"{model}{BEST_SUFFIX}.pth",  # --keep_best
+        "best_info": f"{model}{BEST_SUFFIX}.json",
+        "checkpoint": os.path.join(output_dir, f"checkpoint-{stem}-{run_name}.pth"),
+        "metrics": os.path.join(output_dir, f"metrics-{run_name}.csv"),
+        "answers": f"{responses}{PARTIAL_SUFFIX}.json",  # kept until the responses are saved
+        "lock": os.path.join(output_dir, f"finetuning-{run_name}.lock"),  # one run at a time
+    }
 
 
 def check_run_name(name):

@@ -1,26 +1,53 @@
-"""The run's device, ranks, precision and paths, decided once right after the flags are checked.
+"""The run's plan: everything a finetuning run takes from its flags, decided once right after the
+flags are checked (`setup_run`). Below the function that builds it, the scripts read the plan,
+never the flags: the device is picked once, --precision is read once, the data path and the
+output paths are computed once.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from kit.device import pick_device, precision_context
+from kit.cli import eval_freq, max_new_tokens
+from kit.device import Precision
 from kit.distributed import init_distributed
 
 
-@dataclass(frozen=True)
-class RunSetup:
-    """Where and how a run computes, and where it writes, decided once at its start: the
-    device (under torchrun, this process's GPU), this process's rank and the world size, the
-    precision context the losses and answers are computed in, and the output paths. The
-    chapter's functions get these as their explicit arguments."""
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """What every finetuning script's run is: where it computes (the device, under torchrun
+    this process's GPU; this process's rank and the world size), how (`precision`), on which
+    data (`data_path`: the file given, or the script's own, and whether it was given), where
+    it writes (`run_name`, `paths`), and the training and answering settings shared by the
+    scripts (`lr` the peak learning rate, `eval_freq` and `max_new_tokens` with their test-mode
+    defaults applied)."""
 
     device: torch.device
     rank: int
     world_size: int
-    ctx: object
+    precision: Precision
+    data_path: str
+    data_given: bool
+    run_name: str
     paths: dict
+    lr: float
+    weight_decay: float
+    seed: int
+    batch_size: int
+    epochs: int | None
+    eval_freq: int
+    eval_iter: int
+    max_new_tokens: int
+    gen_batch_size: int | None
+    test_mode: bool
+    keep_best: bool
+    resume: bool
+    keep_checkpoint: bool
+
+    @property
+    def ctx(self):
+        """The context the losses and the answers are computed in (`Precision.ctx`)."""
+        return self.precision.ctx
 
     def describe(self):
         """The device line the script prints."""
@@ -29,8 +56,47 @@ class RunSetup:
         return f"{self.device.type} x {self.world_size} processes"
 
 
-def setup_run(args, paths):
-    """The run's `RunSetup` from --device and --precision: joins torchrun's process group when
-    torchrun started this process."""
-    device, rank, world_size = init_distributed(pick_device(args.device))
-    return RunSetup(device, rank, world_size, precision_context(device, args.precision), paths)
+@dataclass(frozen=True, kw_only=True)
+class ChapterPlan(RunPlan):
+    """The chapter script's run: the model (its size's name, config and weights' source),
+    micro-batches, Appendix D's schedule and clipping, early stopping and torch.compile."""
+
+    model: str
+    model_name: str
+    config: dict
+    weights: str
+    models_dir: str
+    micro_batch_size: int | None
+    warmup_steps: int
+    initial_lr: float
+    min_lr: float
+    lr_schedule: str
+    grad_clip: float | None
+    early_stopping: int | None
+    compile: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOPlan(RunPlan):
+    """The DPO script's run: the SFT model it aligns, β, and how the reference is computed."""
+
+    sft_model: str
+    beta: float
+    reference: str
+    lora_alpha: float | None
+
+
+DECIDED = {"device", "rank", "world_size", "precision", "eval_freq", "max_new_tokens"}
+
+
+def setup_run(args, device, plan_class, **decided):
+    """The run's plan (`plan_class`) from the checked flags `args` and the `device` they name
+    (picked when the flags were checked): joins torchrun's process group when torchrun started
+    this process, and makes the precision. `decided` gives the fields the script computes
+    (the data path, the run name, the paths, ...); every other field is the flag of its name."""
+    device, rank, world_size = init_distributed(device)
+    names = {f.name for f in fields(plan_class)} - DECIDED - decided.keys()
+    return plan_class(device=device, rank=rank, world_size=world_size,
+                      precision=Precision.of(args.precision, device),
+                      eval_freq=eval_freq(args), max_new_tokens=max_new_tokens(args),
+                      **decided, **{name: getattr(args, name) for name in names})

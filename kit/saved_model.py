@@ -48,6 +48,38 @@ def save_finetuned_model(model, path, info):
     save_json(info, model_info_path(path))
 
 
+
+def model_info(plan, experiment, model_name, config, settings, schedule, model, progress,
+               weights="last", train_overlap=None):
+    """The JSON saved beside a run's weights: how to rebuild and prompt it (its config, with
+    the LoRA layers when unmerged, and its prompt style), and how it was trained (`plan`, the
+    run's `kit.run_setup.RunPlan`): the steps, the learning-rate schedule, and the losses of its
+    last evaluation and the step they were measured at. `weights` says which weights these
+    are: the "last", or the "best". The data file and the answers' length let
+    generate_answers.py answer the run's test set anew. `train_overlap` counts the test and
+    validation entries that repeat a training entry's instruction and input (kit/overlap.py)."""
+    lora = lora_config(model)
+    if lora is not None:  # saved unmerged: loading rebuilds the LoRA layers from this entry
+        config = {**config, "lora": lora}
+    row = progress["metrics"][-1] if progress["metrics"] else None
+    return {
+        "model_name": model_name, "config": config,
+        "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
+        "run_name": plan.run_name, "weights": weights,
+        "epochs": progress["epoch"], "steps": progress["global_step"] + 1, "seed": plan.seed,
+        "tokens_seen": progress["tokens_seen"],
+        "train_loss": finite_or_none(row and row["train_loss"]),
+        "val_loss": finite_or_none(row and row["val_loss"]),
+        "losses_step": row and row["step"], "schedule": schedule.describe(),
+        "settings": settings, "data_path": plan.data_path,
+        "max_new_tokens": plan.max_new_tokens, "train_overlap": train_overlap,
+    }
+
+
+def finite_or_none(value):
+    """`value` when it is a finite number, else None (JSON's null: JSON has no NaN)."""
+    return value if value is not None and math.isfinite(value) else None
+
 def save_pth(obj, path):
     """`torch.save` `obj` to `path` atomically, with signals held until the file is whole
     (`signals_held`). A failed write raises WriteError naming `path`: torch.save reports one

@@ -52,6 +52,20 @@ def test_dpo_benchmark_quick_prints_both_paths_and_the_ratio():
     table = {row[0]: row[1:] for row in rows[2:]}
     assert list(table) == ["notebook (two models, four passes)",
                            "script (precomputed reference, one pass)", "speed-up / memory ratio",
-                           "reference precompute, per entry (once)"]
+                           "reference precompute, per entry (once)",
+                           "script step + its batch's precompute",
+                           "speed-up with the precompute (one epoch)"]
     book, ours = (float(table[name][0].rstrip(" s")) for name in list(table)[:2])
-    assert table["speed-up / memory ratio"][0] == f"{book / ours:.2f}x"
+    assert_ratio(table["speed-up / memory ratio"][0], book, ours)
+    per_entry = float(table["reference precompute, per entry (once)"][0].rstrip(" s"))
+    charged = float(table["script step + its batch's precompute"][0].rstrip(" s"))
+    assert abs(charged - (ours + 8 * per_entry)) <= 0.01 + 8 * 0.0005
+    assert_ratio(table["speed-up with the precompute (one epoch)"][0], book, charged)
+
+
+def assert_ratio(shown, numerator, denominator, half_step=0.005):
+    """`shown` ("1.53x") is numerator / denominator, both printed to 2 decimals: the ratio of
+    the unrounded times lies between the ratios of the rounding's extremes."""
+    low = (numerator - half_step) / (denominator + half_step)
+    high = (numerator + half_step) / (denominator - half_step)
+    assert shown.endswith("x") and low - 0.005 <= float(shown[:-1]) <= high + 0.005, shown

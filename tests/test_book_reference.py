@@ -31,6 +31,7 @@ import gpt_instruction_finetuning as ft
 import previous_chapters as pc
 from kit.checkpoint import fingerprint
 from kit.data import load_json_entries
+from kit.device import make_optimizer
 from kit.metrics_log import read_metrics
 from kit.saved_model import load_finetuned_model, model_info_path
 
@@ -363,7 +364,7 @@ def test_train_model_simple_gives_the_books_losses_and_tokens_seen(chapter_data,
                                             **settings)
     book_printed = capsys.readouterr().out
     torch.manual_seed(123)
-    optimizer = ft.make_optimizer(ours, lr=1e-3, weight_decay=0.1)  # the script's fused AdamW
+    optimizer = make_optimizer(ours, lr=1e-3, weight_decay=0.1)  # the script's fused AdamW
     got = pc.train_model_simple(ours, our_train, our_val, optimizer, **settings)
     printed = capsys.readouterr().out
 

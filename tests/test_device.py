@@ -13,7 +13,6 @@ from kit.device import (
     eager_model,
     pick_device,
     precision_context,
-    say_once,
     torch_version,
     with_precision,
 )
@@ -22,12 +21,10 @@ from kit.files import DataError
 
 @pytest.fixture
 def apple_machine():
-    """A machine with Apple's GPU and no CUDA; the once-per-process notes said anew."""
-    say_once.cache_clear()
+    """A machine with Apple's GPU and no CUDA."""
     with mock.patch("torch.cuda.is_available", return_value=False), \
             mock.patch("torch.backends.mps.is_available", return_value=True):
         yield
-    say_once.cache_clear()
 
 
 def test_auto_picks_mps_from_torch_2_9_on(apple_machine, capsys):
@@ -36,10 +33,9 @@ def test_auto_picks_mps_from_torch_2_9_on(apple_machine, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_auto_skips_mps_on_an_older_torch_and_says_so_once(apple_machine, capsys):
+def test_auto_skips_mps_on_an_older_torch_and_says_so(apple_machine, capsys):
     with mock.patch.object(kit_device, "torch_version", return_value=(2, 8)), \
             mock.patch.object(torch, "__version__", "2.8.0"):
-        assert pick_device("auto") == torch.device("cpu")
         assert pick_device("auto") == torch.device("cpu")
     assert capsys.readouterr().out == (
         "Note: running on the CPU, not Apple's GPU: torch 2.8.0 computes wrong losses on MPS "

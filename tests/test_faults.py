@@ -25,7 +25,7 @@ from kit.checkpoint import check_checkpoint
 from kit.files import DataError, save_json
 from kit.locks import lock_file, unlock_file
 from kit.metrics_log import read_metrics
-from kit.saved_model import read_pth
+from kit.saved_model import finite_or_none, read_pth
 from kit.signals import StopRequests, signals_held
 from kit.stopping import FiniteWatch, TrainingDiverged
 from previous_chapters import IGNORE_INDEX, TrainingHooks
@@ -247,7 +247,7 @@ PAUSING_RUN = """
 import sys
 import torch
 import gpt_instruction_finetuning as ft
-
+from kit.chapter_training import ChapterTraining
 
 
 def pause(label):
@@ -548,8 +548,8 @@ def test_weights_that_are_not_finite_are_refused_with_the_file(tmp_path, capsys,
 
 
 def test_json_never_holds_nan(tmp_path):
-    assert ft.finite_or_none(math.nan) is None and ft.finite_or_none(None) is None
-    assert ft.finite_or_none(math.inf) is None and ft.finite_or_none(2.5) == 2.5
+    assert finite_or_none(math.nan) is None and finite_or_none(None) is None
+    assert finite_or_none(math.inf) is None and finite_or_none(2.5) == 2.5
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         save_json({"val_loss": math.nan}, tmp_path / "info.json")
     assert list(tmp_path.iterdir()) == []

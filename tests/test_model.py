@@ -382,7 +382,7 @@ def test_fast_training_path_matches_the_books_first_five_losses(tiny_cfg):
     """Fused kernels, head only where targets count and fused AdamW change nothing but speed."""
     import torch.nn.functional as F
 
-    from gpt_instruction_finetuning import make_optimizer
+    from kit.device import make_optimizer
 
     gen = torch.Generator().manual_seed(3)
     batches = []
