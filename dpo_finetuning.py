@@ -51,6 +51,7 @@ from kit.dpo_data import (
 )
 from kit.dpo_loss import PrecomputedReference, precompute_reference
 from kit.dpo_training import (
+    DPOProgress,
     DPOTraining,
     initial_evaluation,
     plot_dpo,
@@ -148,7 +149,7 @@ def run(plan):
     """The notebook's steps in order, each under a banner, as `plan` says (`plan_run`)."""
     paths = plan.paths
     print_versions(PACKAGES)
-    with RunFiles(plan) as files:
+    with RunFiles(plan, DPOProgress) as files:
         # 1. The preference data and its split
         data_path, (train_data, test_data, val_data) = load_data(plan)
         print("Training set length:", len(train_data))
@@ -187,8 +188,8 @@ def run(plan):
         files.check_resume(settings, plan.epochs, DEFAULT_EPOCHS)
 
         # 4. The reference: log-probabilities computed once, or a second frozen model
-        reference, keep = reference_for(plan, files, model, (train_dataset, val_dataset),
-                                        collate)
+        reference, reference_logprobs = reference_for(plan, files, model,
+                                                      (train_dataset, val_dataset), collate)
 
         # 5. Before training: the losses and rewards, and the answers (the reference's)
         samples = val_data[:SAMPLES]
@@ -224,7 +225,7 @@ def run(plan):
         progress = files.restore(model, optimizer)
         best = BestWeights(files.best_saver(model, describe)) if plan.keep_best else None
         hooks = DPOTraining.for_run(plan, files, model, optimizer, progress, schedule, best,
-                                    keep=keep)
+                                    reference_logprobs=reference_logprobs)
         with hooks:  # under torchrun the loop calls the model wrapped for the ranks
             train_model_dpo_simple(training_model(model, False, plan.device), reference,
                                    train_loader, val_loader, optimizer,
@@ -235,11 +236,11 @@ def run(plan):
             leave_process_group(plan.rank)  # ranks other than 0 end here
         print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
         progress = hooks.progress
-        epochs_trained = progress["epoch"] + progress["batches_done"] / len(train_loader)
+        epochs_trained = progress.epochs_trained(len(train_loader))
         print(50 * "-")
 
         # 7. The losses and reward margins, and the answers of the reference and the policy
-        if progress["train_losses"]:
+        if progress.train_losses:
             plot_dpo(tracking(progress), epochs_trained, paths["plot"])
         with plan.ctx:
             policy_answers = generate_responses(model, samples, tokenizer, context_length,
@@ -261,28 +262,29 @@ def run(plan):
         print(f"Responses saved as {paths['responses']}")
         save_finetuned_model(model, paths["model"], describe(model, progress))
         print(f"Model saved as {paths['model']}")
-        if progress["best"] is not None and plan.keep_best:
-            best_row = progress["best"]
+        if progress.best is not None and plan.keep_best:
+            best_row = progress.best
             print(f"Lowest validation DPO loss {best_row['val_loss']:.3f} at step "
                   f"{best_row['step']} (epoch {best_row['epoch']}): saved as {paths['best']}")
         files.finish(plan.keep_checkpoint)
 
 
 def reference_for(plan, files, model, datasets, collate):
-    """(the reference the loss uses, what the checkpoint keeps of it): the log-probabilities
-    of every entry, computed by the SFT weights before training (kept by a checkpoint and
-    reused on --resume), or, with --reference live, a second frozen copy of the model."""
+    """(the reference the loss uses, what the checkpoint keeps of it, None for a live one): the
+    log-probabilities of every entry, computed by the SFT weights before training (kept by a
+    checkpoint and reused on --resume), or, with --reference live, a second frozen copy of the
+    model."""
     if plan.reference == "live":
         reference, _, _ = load_finetuned_model(plan.sft_model, plan.device, plan.lora_alpha)
-        return reference.requires_grad_(False), {}
+        return reference.requires_grad_(False), None
     total = sum(len(dataset) for dataset in datasets)
-    kept = files.resume_from["progress"].get("reference_logprobs") if files.resuming else None
+    kept = files.resume_from["progress"].reference_logprobs if files.resuming else None
     reference = PrecomputedReference.from_state(kept, total)
     if reference is None:
         reference = precompute_reference(model, datasets, collate, plan.batch_size, plan.ctx)
         print(f"Reference log-probabilities of {total} entries computed")
         print(50 * "-")
-    return reference, {"reference_logprobs": reference.state()}
+    return reference, reference.state()
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ JSON file beside them that says how to rebuild and prompt the model).
 The sections follow the chapter: 7.2 dataset, 7.3 batches, 7.4 data loaders, 7.5 pretrained
 model, 7.6 finetuning, 7.7 responses and saving; `run` then goes through them in order. What
 the script adds around the chapter lives in kit/: the flags and their checks (kit/cli.py), the
+run's plan, the split it trains on and its learning-rate schedule (kit/run_setup.py), the
 device and precision (kit/device.py), torchrun (kit/distributed.py), resuming
 (kit/checkpoint.py), the run's files (kit/run_files.py: one run at a time, nothing saved lost on
 an interrupt, a full disk or a diverging loss), the metrics log (kit/metrics_log.py), the hooks
@@ -31,7 +32,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from appendix_d import LearningRateSchedule
 from gpt_download import (
     END_OF_TEXT,
     GPT2_N_CTX,
@@ -43,7 +43,7 @@ from gpt_download import (
 )
 from kit.chapter_training import ChapterTraining, check_counted_tokens
 from kit.checkpoint import run_settings
-from kit.cli import DEFAULT_EPOCHS, build_parser, check_args, check_batch_sizes
+from kit.cli import DEFAULT_EPOCHS, build_parser, check_args
 from kit.data import ALPACA, format_input, load_json_entries, warn_if_truncated  # noqa: F401  (format_input: the book's name, imported from here)
 from kit.device import (
     choose_attention_kernels,
@@ -58,10 +58,9 @@ from kit.distributed import (
     training_model,
 )
 from kit.files import DataError, atomic_write, fail, print_versions, save_json
-from kit.overlap import overlap_counts, overlap_paragraph, split_overlap
 from kit.run_files import RunFiles
 from kit.run_names import output_paths
-from kit.run_setup import ChapterPlan, setup_run
+from kit.run_setup import ChapterPlan, learning_rate_schedule, setup_run, split_for_run
 from kit.saved_model import TEST_MODE_CONFIG, model_info, save_finetuned_model
 from kit.signals import stop_signals_interrupt
 from kit.stopping import BestWeights, EarlyStopped
@@ -132,29 +131,15 @@ def split_data(data, file_path="dataset"):
 
 
 def load_data(plan, experiment):
-    """The dataset's entries, its 85/10/5 split (10 entries each in test mode), checked
-    against the batch size, with the sizes printed, and how many test and validation entries
-    of the whole split repeat a training entry (printed with their numbers when any do). The
-    entries come from --data_path, or the experiment's file (downloaded by rank 0 when
-    missing)."""
-    data_path = plan.data_path
+    """The dataset's entries, from --data_path or the experiment's file (downloaded by rank 0
+    when missing), and the 85/10/5 split the run takes (`split_for_run`: 10 entries each in
+    test mode, checked against the batch size, printed with the test and validation entries
+    that repeat a training entry). Returns (data, split, overlap counts)."""
     with main_process_first(plan.rank, plan.world_size):
-        data = (load_json_entries(data_path, training=True) if plan.data_given
-                else download_and_load_file(data_path, experiment.data_url))
-    train_data, test_data, val_data = split_data(data, data_path)
-    overlap = split_overlap(train_data, test_data, val_data)  # the whole split's, test mode too
-    paragraph = overlap_paragraph(overlap, len(test_data), len(val_data), data_path)
-    if plan.test_mode:  # a very small subset, to run the whole pipeline in seconds
-        train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
-    check_batch_sizes(experiment.batch_size, plan.micro_batch_size, plan.world_size,
-                      len(train_data), data_path)
-    print("Training set length:", len(train_data))
-    print("Validation set length:", len(val_data))
-    print("Test set length:", len(test_data))
-    if paragraph:
-        print(paragraph)
-    print(50 * "-")
-    return data, (train_data, test_data, val_data), overlap_counts(overlap)
+        data = (load_json_entries(plan.data_path, training=True) if plan.data_given
+                else download_and_load_file(plan.data_path, experiment.data_url))
+    split, overlap = split_for_run(plan, experiment.batch_size, split_data(data, plan.data_path))
+    return data, split, overlap
 
 
 #####################################
@@ -282,30 +267,11 @@ def print_initial_losses(model, train_loader, val_loader, device, ctx=None):
     print("   Validation loss:", val_loss)
 
 
-def learning_rate_schedule(plan, total_steps):
-    """The learning rate of every step of the run's `total_steps`, and its gradient clipping:
-    the chapter's constant --lr, or Appendix D's warmup, cosine decay and clipping. A warmup
-    longer than the run is refused, except in test mode, whose few steps would refuse a real
-    run's recipe: there it is cut to the run's steps, and a line says so."""
-    warmup_steps = plan.warmup_steps
-    if warmup_steps > total_steps and plan.test_mode:
-        print(f"Test mode: --warmup_steps {warmup_steps} cut to this run's {total_steps} "
-              "training steps")
-        warmup_steps = total_steps
-    if warmup_steps > total_steps:
-        raise DataError(f"--warmup_steps {warmup_steps} is more than this run's "
-                        f"{total_steps} training steps; pass fewer")
-    return LearningRateSchedule(peak_lr=plan.lr, total_steps=total_steps,
-                                warmup_steps=warmup_steps, initial_lr=plan.initial_lr,
-                                min_lr=plan.min_lr, kind=plan.lr_schedule,
-                                grad_clip=plan.grad_clip)
-
-
 def finetune(model, train_loader, val_loader, optimizer, plan, start_context, tokenizer, hooks):
     """The chapter's call of `train_model_simple`, timed; returns (train_losses, val_losses,
-    tokens_seen, progress), progress saying how many epochs and steps were trained. Ctrl-C
-    (or SIGTERM, SIGHUP) stops after the running step with a checkpoint (`hooks`), and so does
-    --early_stopping, after which the run goes on to its outputs."""
+    tokens_seen, epochs_trained, progress), the `Progress` saying how many steps were trained.
+    Ctrl-C (or SIGTERM, SIGHUP) stops after the running step with a checkpoint (`hooks`), and
+    so does --early_stopping, after which the run goes on to its outputs."""
     start_time = time.time()
     torch.manual_seed(plan.seed)
     with hooks:
@@ -320,9 +286,7 @@ def finetune(model, train_loader, val_loader, optimizer, plan, start_context, to
                 print(stop)
             curves = hooks.curves()
     print(f"Training completed in {(time.time() - start_time) / 60:.2f} minutes.")
-    progress = hooks.progress
-    progress["epochs_trained"] = progress["epoch"] + progress["batches_done"] / len(train_loader)
-    return (*curves, progress)
+    return (*curves, hooks.progress.epochs_trained(len(train_loader)), hooks.progress)
 
 
 def train(plan, models, loaders, files, schedule, describe, start_context, tokenizer):
@@ -336,10 +300,7 @@ def train(plan, models, loaders, files, schedule, describe, start_context, token
         print_initial_losses(model, train_loader, val_loader, plan.device, plan.ctx)
     optimizer = plan.precision.stepping(make_optimizer(raw_model, plan.lr, plan.weight_decay))
     progress = files.restore(raw_model, optimizer)  # None when starting over
-    best = None
-    if plan.keep_best or plan.early_stopping:
-        best = BestWeights(files.best_saver(raw_model, describe) if plan.keep_best else None,
-                           plan.early_stopping)
+    best = BestWeights.for_run(plan, files, raw_model, describe)
     hooks = ChapterTraining.for_run(plan, files, raw_model, optimizer, progress, schedule, best,
                                     micro_batch_size=plan.micro_batch_size)
     return finetune(model, train_loader, val_loader, optimizer, plan, start_context, tokenizer,
@@ -391,12 +352,12 @@ def save_results(plan, experiment, model, tokenizer, test_data, files, training,
     """Save the loss plot, the test set responses, and the finetuned weights with their JSON
     (`describe`, `model_info`); say which evaluation was best when it was followed.
 
-    `training` is (train_losses, val_losses, tokens_seen, progress) of the finished loop;
-    `files` (`RunFiles`) names the outputs and keeps the answers as they come.
+    `training` is (train_losses, val_losses, tokens_seen, epochs_trained, progress) of the
+    finished loop; `files` (`RunFiles`) names the outputs and keeps the answers as they come.
     """
     paths = files.paths
-    train_losses, val_losses, tokens_seen, progress = training
-    epochs_tensor = torch.linspace(0, progress["epochs_trained"], len(train_losses))
+    train_losses, val_losses, tokens_seen, epochs_trained, progress = training
+    epochs_tensor = torch.linspace(0, epochs_trained, len(train_losses))
     plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, save_path=paths["plot"])
     print(50 * "-")
 
@@ -414,16 +375,7 @@ def save_results(plan, experiment, model, tokenizer, test_data, files, training,
         model = experiment.finish_model(model)
     save_finetuned_model(model, paths["model"], describe(model, progress))
     print(f"Model saved as {paths['model']}")
-    best = progress["best"]
-    if best is not None:
-        if not plan.keep_best:
-            kept = "--keep_best would keep its weights"
-        elif files.holds_best(best):
-            kept = f"saved as {paths['best']}"
-        else:  # removed meanwhile, or a save killed outright
-            kept = f"its weights are not in {paths['best']}"
-        print(f"Lowest validation loss {best['val_loss']:.3f} at step {best['step']} "
-              f"(epoch {best['epoch']}): {kept}")
+    files.say_best(progress.best)
 
 
 #####################################

@@ -13,6 +13,8 @@ the output head only where a target counts; and `train_model_simple` takes optio
 through which the chapter script adds resuming, Ctrl-C and torchrun.
 """
 
+from types import SimpleNamespace
+
 import matplotlib.pyplot as plt
 import numpy as np
 import tiktoken
@@ -694,8 +696,8 @@ class TrainingHooks:
 
     def start(self):
         """The progress to start from: a fresh run's counters and empty loss curves."""
-        return {"epoch": 0, "global_step": -1, "tokens_seen": 0,
-                "train_losses": [], "val_losses": [], "track_tokens_seen": []}
+        return SimpleNamespace(epoch=0, global_step=-1, tokens_seen=0,
+                               train_losses=[], val_losses=[], track_tokens_seen=[])
 
     def epoch_batches(self, train_loader, progress):
         """The (input_batch, target_batch) pairs of one epoch."""
@@ -735,7 +737,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     """
     hooks = hooks or TrainingHooks()
     progress = hooks.start()  # the book's counters; a resumed run starts from saved ones
-    for epoch in range(progress["epoch"], num_epochs):
+    for epoch in range(progress.epoch, num_epochs):
         model.train()
         for input_batch, target_batch in hooks.epoch_batches(train_loader, progress):
             optimizer.zero_grad()
@@ -743,20 +745,20 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
             loss.backward()
             hooks.before_update(model, optimizer, progress)
             optimizer.step()
-            progress["tokens_seen"] += hooks.batch_tokens(input_batch)
-            progress["global_step"] += 1
-            if progress["global_step"] % eval_freq == 0:
+            progress.tokens_seen += hooks.batch_tokens(input_batch)
+            progress.global_step += 1
+            if progress.global_step % eval_freq == 0:
                 train_loss, val_loss = hooks.evaluate(model, train_loader, val_loader, device,
                                                       eval_iter)
-                progress["train_losses"].append(train_loss)
-                progress["val_losses"].append(val_loss)
-                progress["track_tokens_seen"].append(progress["tokens_seen"])
-                print(f"Ep {epoch+1} (Step {progress['global_step']:06d}): "
+                progress.train_losses.append(train_loss)
+                progress.val_losses.append(val_loss)
+                progress.track_tokens_seen.append(progress.tokens_seen)
+                print(f"Ep {epoch+1} (Step {progress.global_step:06d}): "
                       f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
             hooks.step_done(progress)
-        progress["epoch"] = epoch + 1
+        progress.epoch = epoch + 1
         hooks.epoch_done(model, tokenizer, device, start_context, progress)
-    return progress["train_losses"], progress["val_losses"], progress["track_tokens_seen"]
+    return progress.train_losses, progress.val_losses, progress.track_tokens_seen
 
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, save_path="loss-plot.pdf"):

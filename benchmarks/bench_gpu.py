@@ -229,7 +229,7 @@ class MeasuredTraining(ChapterTraining):
         context_length = eager_model(model).pos_emb.num_embeddings
         self.lengths.add(pad_to_multiple(
             input_batch, LENGTH_MULTIPLE, context_length).shape[1])
-        if self.progress["global_step"] + 1 == COUNTED_STEP:
+        if self.progress.global_step + 1 == COUNTED_STEP:
             if self.count_ops:
                 self.counters.append(OpCounter())
             if self.device.type == "cuda":

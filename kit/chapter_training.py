@@ -15,7 +15,7 @@ from itertools import islice
 import torch.distributed as dist
 from tqdm import tqdm
 
-from kit.checkpoint import rng_states, set_rng_states
+from kit.checkpoint import Progress, rng_states, set_rng_states
 from kit.device import (
     device_type,
     eager_model,
@@ -89,6 +89,7 @@ class ChapterTraining(TrainingHooks):
     """
 
     metrics_fields = METRICS_FIELDS  # the metrics CSV's columns
+    progress_class = Progress  # what `start` makes, and a checkpoint holds
 
     def __init__(self, num_epochs, device, save_checkpoint=None, resume_progress=None,
                  ctx=None, micro_batch_size=None, metrics_path=None, save_on_interrupt=True,
@@ -137,19 +138,17 @@ class ChapterTraining(TrainingHooks):
             raise Interrupted(self.stops.signum)  # arrived after the last epoch's check
 
     def start(self):
-        progress = self.resume_progress or {
-            **super().start(), "batches_done": 0, "epoch_rng": None, "rng": None,
-            "seconds": 0.0, "started": time.time(), "metrics": [], "best": None,
-            "evals_since_best": 0, "stopped_early": False,
-            "schedule": None if self.schedule is None else self.schedule.describe()}
-        progress["num_epochs"] = self.num_epochs  # what a resumed run trains to by default
+        progress = self.resume_progress or self.progress_class(
+            num_epochs=self.num_epochs, started=time.time(),
+            schedule=None if self.schedule is None else self.schedule.describe())
+        progress.num_epochs = self.num_epochs  # what a resumed run trains to by default
         self.progress = progress
-        self.started = time.monotonic() - progress["seconds"]
+        self.started = time.monotonic() - progress.seconds
         self.saved_once = self.resume_progress is not None
         self.metrics_live = False  # whether rows go to the file as they come
         if self.metrics_path is not None:
             if self.resume_progress is not None:
-                rebuild_metrics_log(self.metrics_path, progress["metrics"],
+                rebuild_metrics_log(self.metrics_path, progress.metrics,
                                     self.metrics_fields)
                 self.metrics_live = True
             elif self.save_checkpoint is None or not os.path.exists(self.metrics_path):
@@ -162,21 +161,21 @@ class ChapterTraining(TrainingHooks):
         the batches already trained on, then restores the random state of the interruption."""
         if self.bar is None:
             self.bar = tqdm(total=self.num_epochs * len(train_loader),
-                            initial=progress["global_step"] + 1, desc="Training", unit="step",
+                            initial=progress.global_step + 1, desc="Training", unit="step",
                             file=sys.stderr, disable=not is_main_process())
-        if progress["stopped_early"]:  # a resumed run that had stopped early
+        if progress.stopped_early:  # a resumed run that had stopped early
             raise EarlyStopped()
-        resuming_mid_epoch = progress["batches_done"] > 0
+        resuming_mid_epoch = progress.batches_done > 0
         if resuming_mid_epoch:
-            set_rng_states(progress["epoch_rng"])
-        elif progress["rng"] is not None:
-            set_rng_states(progress["rng"])
-        progress["epoch_rng"] = rng_states()
+            set_rng_states(progress.epoch_rng)
+        elif progress.rng is not None:
+            set_rng_states(progress.rng)
+        progress.epoch_rng = rng_states()
         batches = iter(train_loader)
         if resuming_mid_epoch:
-            for _ in islice(batches, progress["batches_done"]):
+            for _ in islice(batches, progress.batches_done):
                 pass
-            set_rng_states(progress["rng"])
+            set_rng_states(progress.rng)
         return batches
 
     def batch_loss(self, input_batch, target_batch, model, device):
@@ -250,18 +249,18 @@ class ChapterTraining(TrainingHooks):
         if self.schedule is None:
             self.lr = optimizer.param_groups[0]["lr"]
         else:
-            self.lr = self.schedule.apply(progress["global_step"] + 1, model, optimizer)
+            self.lr = self.schedule.apply(progress.global_step + 1, model, optimizer)
 
     def step_done(self, progress):
-        progress["batches_done"] += 1
-        progress["seconds"] = time.monotonic() - self.started
-        self.watch.record(progress["global_step"], self.model)
+        progress.batches_done += 1
+        progress.seconds = time.monotonic() - self.started
+        self.watch.record(progress.global_step, self.model)
         stop_early = False
-        if len(progress["train_losses"]) > len(progress["metrics"]):
+        if len(progress.train_losses) > len(progress.metrics):
             self.watch.check()
-            if not math.isfinite(progress["train_losses"][-1]):
-                raise TrainingDiverged(progress["global_step"], "the training loss after it is "
-                                       f"{progress['train_losses'][-1]}")
+            if not math.isfinite(progress.train_losses[-1]):
+                raise TrainingDiverged(progress.global_step, "the training loss after it is "
+                                       f"{progress.train_losses[-1]}")
             self.log_metrics(progress)
             stop_early = self.best is not None and self.best.observe(progress)
             if self.distributed:
@@ -269,12 +268,12 @@ class ChapterTraining(TrainingHooks):
         self.bar.update()
         if stop_early:
             self.watch.check(self.model)
-            progress.update(stopped_early=True, rng=rng_states())
+            progress.stopped_early, progress.rng = True, rng_states()
         if self.stop_requested():
             self.watch.check(self.model)
-            progress["rng"] = rng_states()
+            progress.rng = rng_states()
             if self.save_on_interrupt or self.saved_once:
-                self.save(progress, f"Stopping after step {progress['global_step']}: saving "
+                self.save(progress, f"Stopping after step {progress.global_step}: saving "
                                     "the checkpoint (do not interrupt)")
             raise Interrupted(self.stops.signum or signal.SIGINT)
         if stop_early:
@@ -284,15 +283,15 @@ class ChapterTraining(TrainingHooks):
     def curves(self):
         """(train_losses, val_losses, track_tokens_seen) so far, as `train_model_simple`
         returns them."""
-        return (self.progress["train_losses"], self.progress["val_losses"],
-                self.progress["track_tokens_seen"])
+        return (self.progress.train_losses, self.progress.val_losses,
+                self.progress.track_tokens_seen)
 
     def epoch_done(self, model, tokenizer, device, start_context, progress):
         self.watch.check(model)
         if is_main_process():
             super().epoch_done(getattr(model, "module", model),  # DDP wraps the model
                                tokenizer, device, start_context, progress)
-        progress.update(batches_done=0, rng=rng_states())
+        progress.batches_done, progress.rng = 0, rng_states()
         self.save(progress)
         if self.stop_requested():  # a signal during the sample or the save
             raise Interrupted(self.stops.signum or signal.SIGINT)
@@ -305,17 +304,17 @@ class ChapterTraining(TrainingHooks):
     def log_metrics(self, progress):
         """Keep the evaluation just made as a metrics row, and append it to the file."""
         row = self.metrics_row(progress)
-        progress["metrics"].append(row)
+        progress.metrics.append(row)
         if self.metrics_live:
             append_metrics_row(self.metrics_path, row, self.metrics_fields)
 
     def metrics_row(self, progress):
         """The metrics row of the evaluation just made."""
-        return {"epoch": progress["epoch"] + 1, "step": progress["global_step"],
-                "tokens_seen": progress["tokens_seen"],
-                "train_loss": progress["train_losses"][-1],
-                "val_loss": progress["val_losses"][-1], "lr": self.lr,
-                "seconds": round(progress["seconds"], 3)}
+        return {"epoch": progress.epoch + 1, "step": progress.global_step,
+                "tokens_seen": progress.tokens_seen,
+                "train_loss": progress.train_losses[-1],
+                "val_loss": progress.val_losses[-1], "lr": self.lr,
+                "seconds": round(progress.seconds, 3)}
 
     def save(self, progress, note=None):
         """Save a checkpoint of `progress` where this process saves (printing `note` first);
@@ -327,5 +326,5 @@ class ChapterTraining(TrainingHooks):
         self.save_checkpoint(progress)
         self.saved_once = True
         if self.metrics_path is not None and not self.metrics_live:
-            write_metrics_log(self.metrics_path, progress["metrics"], self.metrics_fields)
+            write_metrics_log(self.metrics_path, progress.metrics, self.metrics_fields)
             self.metrics_live = True

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import reprlib
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -31,10 +32,10 @@ def set_rng_states(states):
 
 
 def save_checkpoint(path, model, optimizer, progress, settings):
-    """Save what resuming needs: weights, optimizer moments, progress, random states, and the
-    settings the run was started with."""
+    """Save what resuming needs: weights, optimizer moments, progress (a `Progress`, stored as
+    a plain dict), random states, and the settings the run was started with."""
     save_pth({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-              "progress": progress, "settings": settings}, path)
+              "progress": progress.saved(), "settings": settings}, path)
 
 
 def is_count(value):
@@ -89,10 +90,71 @@ def is_metrics_row(value):
     return isinstance(value, dict) and all(is_number(value.get(k)) for k in METRICS_FIELDS)
 
 
-def check_checkpoint(path, checkpoint, settings):
-    """Raise DataError naming `path` (and the field) unless `checkpoint` is a whole checkpoint
-    of this script saved with `settings`: every field that resuming reads is there with the
-    right type, checked before anything is built from it."""
+@dataclass
+class Progress:
+    """Where a run stands: the book's counters and curves (`epoch`, `global_step`,
+    `tokens_seen`, the losses and the tokens seen at each evaluation) and what resuming needs
+    besides: the batches done of the running epoch, the random states, the time trained, the
+    metrics rows, the best evaluation and the learning-rate schedule.
+
+    A checkpoint stores it as a plain dict (`saved`), which loads with weights_only=True;
+    `from_saved` builds it back from one, checking every field first.
+    """
+
+    num_epochs: int
+    started: float
+    schedule: dict | None = None
+    epoch: int = 0
+    global_step: int = -1
+    tokens_seen: int = 0
+    train_losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    track_tokens_seen: list = field(default_factory=list)
+    batches_done: int = 0
+    seconds: float = 0.0
+    epoch_rng: dict | None = None
+    rng: dict | None = None
+    metrics: list = field(default_factory=list)
+    best: dict | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+    def saved(self):
+        """The fields as the dict a checkpoint stores (the values themselves, not copies: the
+        random states and curves are written as they are)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_saved(cls, path, saved):
+        """The progress of the checkpoint `path` from its stored dict `saved`. Raises
+        DataError naming `path` and the field unless every field in `PROGRESS_FIELDS` is there
+        with the right type and the curves and metrics rows are as many; a field of a subclass
+        that the dict lacks takes its default."""
+        fix = "delete it or run without --resume"
+        for name, (check, what) in PROGRESS_FIELDS.items():
+            if name not in saved:
+                raise DataError(f"{path}: the checkpoint's progress has no field '{name}'; {fix}")
+            if not check(saved[name]):
+                raise DataError(f"{path}: the checkpoint's progress field '{name}' must be "
+                                f"{what}, not {reprlib.repr(saved[name])}; {fix}")
+        lengths = [len(saved[name]) for name in
+                   ("train_losses", "val_losses", "track_tokens_seen", "metrics")]
+        if len(set(lengths)) > 1:
+            raise DataError(f"{path}: the checkpoint's progress fields train_losses, val_losses, "
+                            f"track_tokens_seen and metrics differ in length "
+                            f"({', '.join(map(str, lengths))}); {fix}")
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def epochs_trained(self, batches_per_epoch):
+        """The epochs trained, counting the running epoch's batches done as a fraction."""
+        return self.epoch + self.batches_done / batches_per_epoch
+
+
+def check_checkpoint(path, checkpoint, settings, progress_class=Progress):
+    """Return the progress (a `progress_class`) of `checkpoint`, read from `path`; raise
+    DataError naming `path` (and the field) unless it is a whole checkpoint of this script
+    saved with `settings`: every field that resuming reads is there with the right type,
+    checked before anything is built from it."""
     fix = "delete it or run without --resume"
     parts = ("model", "optimizer", "progress", "settings")
     if not (isinstance(checkpoint, dict) and set(parts) <= checkpoint.keys()):
@@ -101,19 +163,7 @@ def check_checkpoint(path, checkpoint, settings):
         if not isinstance(checkpoint[part], dict):
             raise DataError(f"{path}: the checkpoint's '{part}' is not a dict but "
                             f"{type(checkpoint[part]).__name__}; {fix}")
-    progress = checkpoint["progress"]
-    for name, (check, what) in PROGRESS_FIELDS.items():
-        if name not in progress:
-            raise DataError(f"{path}: the checkpoint's progress has no field '{name}'; {fix}")
-        if not check(progress[name]):
-            raise DataError(f"{path}: the checkpoint's progress field '{name}' must be {what}, "
-                            f"not {reprlib.repr(progress[name])}; {fix}")
-    lengths = [len(progress[name]) for name in
-               ("train_losses", "val_losses", "track_tokens_seen", "metrics")]
-    if len(set(lengths)) > 1:
-        raise DataError(f"{path}: the checkpoint's progress fields train_losses, val_losses, "
-                        f"track_tokens_seen and metrics differ in length "
-                        f"({', '.join(map(str, lengths))}); {fix}")
+    progress = progress_class.from_saved(path, checkpoint["progress"])
     saved = checkpoint["settings"]
     for name, value in settings.items():
         if name not in saved:
@@ -121,11 +171,13 @@ def check_checkpoint(path, checkpoint, settings):
         if saved[name] != value:
             raise DataError(f"{path} was saved with {name} {saved[name]}, this run has {name} "
                             f"{value}; {fix}, or resume with the same settings")
+    return progress
 
 
 def restore_checkpoint(path, checkpoint, model, optimizer):
     """Load a checked `checkpoint`'s weights and optimizer state into `model` and `optimizer`;
-    return its progress. Raises DataError naming `path` when it was made for another model."""
+    return its progress (the `Progress` that `check_checkpoint` returned, put in its place).
+    Raises DataError naming `path` when it was made for another model."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -174,21 +226,21 @@ def epochs_to_train(requested, checkpoint, progress, default):
     checkpoint has already trained."""
     if progress is None:
         return requested or default
-    done, planned = progress["epoch"], progress["num_epochs"]
+    done, planned = progress.epoch, progress.num_epochs
     if requested is not None and requested < done:
         raise DataError(f"--epochs {requested}: {checkpoint} has already trained {done} "
                         f"epochs; pass --epochs {done} or more, or leave --epochs out to "
                         f"finish its {planned}")
     epochs = requested or planned
-    if progress["stopped_early"]:
+    if progress.stopped_early:
         print(f"Resuming from {checkpoint}: training stopped early after step "
-              f"{progress['global_step']}, so this run writes the outputs")
+              f"{progress.global_step}, so this run writes the outputs")
     elif done >= epochs:
         print(f"Resuming from {checkpoint}: training finished at epoch {done}, so this run "
               f"writes the outputs (--epochs {done + 1} or more would train further)")
     else:
         print(f"Resuming from {checkpoint}: epoch {done + 1} of {epochs}, "
-              f"{progress['global_step'] + 1} steps done")
+              f"{progress.global_step + 1} steps done")
     return epochs
 
 

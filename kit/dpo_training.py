@@ -8,6 +8,7 @@ brings what `kit.chapter_training.ChapterTraining` does there (resuming, stoppin
 progress bar, the metrics log, the best weights, precision, divergence checks).
 """
 
+import dataclasses
 from contextlib import nullcontext
 
 import matplotlib.pyplot as plt
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from kit.chapter_training import ChapterTraining
+from kit.checkpoint import Progress
 from kit.device import eager_model
 from kit.distributed import is_distributed
 from kit.dpo_loss import compute_dpo_loss_batch, evaluate_dpo_loss_loader
@@ -26,6 +28,19 @@ REWARD_FIELDS = ("train_chosen_reward", "train_rejected_reward", "val_chosen_rew
 DPO_METRICS_FIELDS = ("step", "tokens_seen", "train_loss", "val_loss", *REWARD_FIELDS)
 
 
+@dataclasses.dataclass
+class DPOProgress(Progress):
+    """The chapter's `Progress` with the DPO curves: the rewards of each evaluation, and the
+    precomputed reference log-probabilities (None with a live reference), which a resumed
+    run reuses."""
+
+    train_chosen_rewards: list = dataclasses.field(default_factory=list)
+    train_rejected_rewards: list = dataclasses.field(default_factory=list)
+    val_chosen_rewards: list = dataclasses.field(default_factory=list)
+    val_rejected_rewards: list = dataclasses.field(default_factory=list)
+    reference_logprobs: dict | None = None
+
+
 class DPOHooks(TrainingHooks):
     """The points where `train_model_dpo_simple` can be extended; these defaults are the
     notebook's loop. The reward curves are kept in the progress beside the loss curves."""
@@ -33,7 +48,7 @@ class DPOHooks(TrainingHooks):
     def start(self):
         progress = super().start()
         for field in REWARD_FIELDS:
-            progress.setdefault(f"{field}s", [])
+            vars(progress).setdefault(f"{field}s", [])
         return progress
 
     def dpo_loss(self, batch, policy_model, reference_model, beta):
@@ -50,11 +65,11 @@ class DPOHooks(TrainingHooks):
 
 def record_evaluation(progress, res):
     """Append an evaluation's losses, rewards and the tokens seen to the progress's curves."""
-    progress["train_losses"].append(res["train_loss"])
-    progress["val_losses"].append(res["val_loss"])
-    progress["track_tokens_seen"].append(progress["tokens_seen"])
+    progress.train_losses.append(res["train_loss"])
+    progress.val_losses.append(res["val_loss"])
+    progress.track_tokens_seen.append(progress.tokens_seen)
     for field in REWARD_FIELDS:
-        progress[f"{field}s"].append(res[field])
+        getattr(progress, f"{field}s").append(res[field])
 
 
 def evaluation_line(epoch, step, res):
@@ -68,9 +83,9 @@ def evaluation_line(epoch, step, res):
 
 def tracking(progress):
     """The curves as the notebook's loop returns them: losses, rewards and tokens seen."""
-    return {"train_losses": progress["train_losses"], "val_losses": progress["val_losses"],
-            **{f"{field}s": progress[f"{field}s"] for field in REWARD_FIELDS},
-            "tokens_seen": progress["track_tokens_seen"]}
+    return {"train_losses": progress.train_losses, "val_losses": progress.val_losses,
+            **{f"{field}s": getattr(progress, f"{field}s") for field in REWARD_FIELDS},
+            "tokens_seen": progress.track_tokens_seen}
 
 
 def train_model_dpo_simple(policy_model, reference_model, train_loader, val_loader, optimizer,
@@ -81,7 +96,7 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
     hooks = hooks or DPOHooks()
     progress = hooks.start()
     device = next(policy_model.parameters()).device
-    for epoch in range(progress["epoch"], num_epochs):
+    for epoch in range(progress.epoch, num_epochs):
         policy_model.train()
         for batch in hooks.epoch_batches(train_loader, progress):
             optimizer.zero_grad()
@@ -89,15 +104,15 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
             loss.backward()
             hooks.before_update(policy_model, optimizer, progress)
             optimizer.step()
-            progress["tokens_seen"] += hooks.batch_tokens(batch["chosen"])
-            progress["global_step"] += 1
-            if progress["global_step"] % eval_freq == 0:
+            progress.tokens_seen += hooks.batch_tokens(batch["chosen"])
+            progress.global_step += 1
+            if progress.global_step % eval_freq == 0:
                 res = hooks.evaluate_dpo(policy_model, reference_model, train_loader,
                                          val_loader, beta, eval_iter)
                 record_evaluation(progress, res)
-                print(evaluation_line(epoch, progress["global_step"], res))
+                print(evaluation_line(epoch, progress.global_step, res))
             hooks.step_done(progress)
-        progress["epoch"] = epoch + 1
+        progress.epoch = epoch + 1
         hooks.epoch_done(policy_model, tokenizer, device, start_context, progress)
     return tracking(progress)
 
@@ -107,19 +122,21 @@ class DPOTraining(DPOHooks, ChapterTraining):
     precision, divergence checks) around `train_model_dpo_simple`.
 
     The metrics log has the DPO columns (`DPO_METRICS_FIELDS`) at full precision.
-    `keep` holds what the progress, hence the checkpoint, must carry besides the curves: the
-    precomputed reference log-probabilities, which a resumed run reuses.
+    `reference_logprobs` (the precomputed reference's `state()`, None with a live reference)
+    goes into the progress, hence the checkpoint, which a resumed run reuses.
     """
 
     metrics_fields = DPO_METRICS_FIELDS
+    progress_class = DPOProgress
 
-    def __init__(self, *args, keep=None, **kwargs):
+    def __init__(self, *args, reference_logprobs=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.keep = keep or {}
+        self.reference_logprobs = reference_logprobs
 
     def start(self):
         progress = super().start()
-        progress.update(self.keep)
+        if self.reference_logprobs is not None:
+            progress.reference_logprobs = self.reference_logprobs
         return progress
 
     def dpo_loss(self, batch, policy_model, reference_model, beta):
@@ -150,7 +167,7 @@ class DPOTraining(DPOHooks, ChapterTraining):
     def metrics_row(self, progress):
         """The chapter's metrics row with the evaluation's rewards."""
         return {**super().metrics_row(progress),
-                **{field: progress[f"{field}s"][-1] for field in REWARD_FIELDS}}
+                **{field: getattr(progress, f"{field}s")[-1] for field in REWARD_FIELDS}}
 
 
 def initial_evaluation(policy_model, train_loader, val_loader, beta, eval_iter, ctx=None):

@@ -11,6 +11,7 @@ import sys
 
 from kit.answer_log import AnswerLog
 from kit.checkpoint import (
+    Progress,
     check_checkpoint,
     epochs_to_train,
     fingerprint,
@@ -47,9 +48,11 @@ class RunFiles:
     - ends an interrupt (Ctrl-C, SIGTERM, SIGHUP), a failed write or a diverging loss with one
       line that says what is saved and how to go on: exit code 128 + the signal, or 1.
     Under torchrun rank 0 holds the lock, writes and reports; all ranks exit alike.
+    `progress_class` is the `Progress` (or subclass) that the training's checkpoints hold.
     """
 
-    def __init__(self, plan):
+    def __init__(self, plan, progress_class=Progress):
+        self.progress_class = progress_class
         self.paths = plan.paths
         self.run_name = plan.run_name
         self.checkpoint = plan.paths["checkpoint"]
@@ -160,18 +163,19 @@ class RunFiles:
             self.say_replaced()
         if self.resuming:
             self.resume_from = read_pth(self.checkpoint, "delete it or run without --resume")
-            check_checkpoint(self.checkpoint, self.resume_from, settings)
-            progress = self.resume_from["progress"]
-            self.saved_steps = progress["global_step"] + 1
+            progress = check_checkpoint(self.checkpoint, self.resume_from, settings,
+                                        self.progress_class)
+            self.resume_from["progress"] = progress
+            self.saved_steps = progress.global_step + 1
         self.epochs = epochs_to_train(requested_epochs, self.checkpoint, progress,
                                       default_epochs)
-        self.trained = progress is not None and (progress["epoch"] >= self.epochs
-                                                 or progress["stopped_early"])
+        self.trained = progress is not None and (progress.epoch >= self.epochs
+                                                 or progress.stopped_early)
 
     def check_schedule(self, schedule):
         """Refuse to resume a cosine schedule over another number of steps than it was started
         with (another --epochs): its rates so far belong to that length."""
-        saved = self.resume_from["progress"]["schedule"] if self.resume_from else None
+        saved = self.resume_from["progress"].schedule if self.resume_from else None
         if schedule.kind == "cosine" and saved is not None and \
                 saved["total_steps"] != schedule.total_steps:
             raise DataError(f"{self.checkpoint}: its cosine schedule spans "
@@ -224,9 +228,9 @@ class RunFiles:
             if self.pending_best is not None:
                 self.write_best(*self.pending_best)
                 self.pending_best = None
-            self.saved_steps = progress["global_step"] + 1
-            self.trained = ((progress["epoch"] >= progress["num_epochs"]
-                             and progress["batches_done"] == 0) or progress["stopped_early"])
+            self.saved_steps = progress.global_step + 1
+            self.trained = ((progress.epoch >= progress.num_epochs
+                             and progress.batches_done == 0) or progress.stopped_early)
 
     def best_saver(self, model, describe):
         """The `save(progress)` of `BestWeights`: the weights of `model` as they are now, with
@@ -244,9 +248,9 @@ class RunFiles:
             if self.keeps_earlier:
                 weights = {name: tensor.detach().to("cpu", copy=True)
                            for name, tensor in model.state_dict().items()}
-                self.pending_best = (weights, info, progress["global_step"])
+                self.pending_best = (weights, info, progress.global_step)
             else:
-                self.write_best(model, info, progress["global_step"])
+                self.write_best(model, info, progress.global_step)
         return save
 
     def write_best(self, weights, info, step):
@@ -268,9 +272,23 @@ class RunFiles:
         return (isinstance(info, dict) and info.get("losses_step") == best["step"]
                 and info.get("val_loss") == best["val_loss"])
 
+    def say_best(self, best):
+        """Say which evaluation had the lowest validation loss (`best`, a metrics row; nothing
+        when None: not followed) and whether its weights are kept."""
+        if best is None:
+            return
+        if not self.plan.keep_best:
+            kept = "--keep_best would keep its weights"
+        elif self.holds_best(best):
+            kept = f"saved as {self.paths['best']}"
+        else:  # removed meanwhile, or a save killed outright
+            kept = f"its weights are not in {self.paths['best']}"
+        print(f"Lowest validation loss {best['val_loss']:.3f} at step {best['step']} "
+              f"(epoch {best['epoch']}): {kept}")
+
     def answer_log(self, progress, max_new_tokens, test_data):
         """Where the test set answers of the weights of `progress` are kept as they come."""
-        key = fingerprint([progress["started"], progress["global_step"], max_new_tokens,
+        key = fingerprint([progress.started, progress.global_step, max_new_tokens,
                            test_data])
         self.answers = AnswerLog(self.paths["answers"], key, len(test_data))
         return self.answers

@@ -1,16 +1,20 @@
 """The run's plan: everything a finetuning run takes from its flags, decided once right after the
 flags are checked (`setup_run`). Below the function that builds it, the scripts read the plan,
 never the flags: the device is picked once, --precision is read once, the data path and the
-output paths are computed once.
+output paths are computed once. Beside it, what the chapter's run derives from its plan: the
+split it trains on (`split_for_run`) and its learning-rate schedule (`learning_rate_schedule`).
 """
 
 from dataclasses import dataclass, fields
 
 import torch
 
-from kit.cli import eval_freq, max_new_tokens
+from appendix_d import LearningRateSchedule
+from kit.cli import check_batch_sizes, eval_freq, max_new_tokens
 from kit.device import Precision
 from kit.distributed import init_distributed
+from kit.files import DataError
+from kit.overlap import overlap_counts, overlap_paragraph, split_overlap
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,3 +104,43 @@ def setup_run(args, device, plan_class, **decided):
                       precision=Precision.of(args.precision, device),
                       eval_freq=eval_freq(args), max_new_tokens=max_new_tokens(args),
                       **decided, **{name: getattr(args, name) for name in names})
+
+
+def split_for_run(plan, batch_size, split):
+    """The 85/10/5 `split` (train, test, validation) as the run trains on it: 10 entries of
+    each in test mode, checked against the batch size, with the sizes printed; and how many
+    test and validation entries of the whole split repeat a training entry (kit/overlap.py),
+    printed with their numbers when any do. Returns (split, overlap counts)."""
+    train_data, test_data, val_data = split
+    overlap = split_overlap(train_data, test_data, val_data)  # the whole split's, test mode too
+    paragraph = overlap_paragraph(overlap, len(test_data), len(val_data), plan.data_path)
+    if plan.test_mode:  # a very small subset, to run the whole pipeline in seconds
+        train_data, val_data, test_data = train_data[:10], val_data[:10], test_data[:10]
+    check_batch_sizes(batch_size, plan.micro_batch_size, plan.world_size, len(train_data),
+                      plan.data_path)
+    print("Training set length:", len(train_data))
+    print("Validation set length:", len(val_data))
+    print("Test set length:", len(test_data))
+    if paragraph:
+        print(paragraph)
+    print(50 * "-")
+    return (train_data, test_data, val_data), overlap_counts(overlap)
+
+
+def learning_rate_schedule(plan, total_steps):
+    """The learning rate of every step of the run's `total_steps`, and its gradient clipping:
+    the chapter's constant --lr, or Appendix D's warmup, cosine decay and clipping. A warmup
+    longer than the run is refused, except in test mode, whose few steps would refuse a real
+    run's recipe: there it is cut to the run's steps, and a line says so."""
+    warmup_steps = plan.warmup_steps
+    if warmup_steps > total_steps and plan.test_mode:
+        print(f"Test mode: --warmup_steps {warmup_steps} cut to this run's {total_steps} "
+              "training steps")
+        warmup_steps = total_steps
+    if warmup_steps > total_steps:
+        raise DataError(f"--warmup_steps {warmup_steps} is more than this run's "
+                        f"{total_steps} training steps; pass fewer")
+    return LearningRateSchedule(peak_lr=plan.lr, total_steps=total_steps,
+                                warmup_steps=warmup_steps, initial_lr=plan.initial_lr,
+                                min_lr=plan.min_lr, kind=plan.lr_schedule,
+                                grad_clip=plan.grad_clip)

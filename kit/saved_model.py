@@ -61,13 +61,13 @@ def model_info(plan, experiment, model_name, config, settings, schedule, model, 
     lora = lora_config(model)
     if lora is not None:  # saved unmerged: loading rebuilds the LoRA layers from this entry
         config = {**config, "lora": lora}
-    row = progress["metrics"][-1] if progress["metrics"] else None
+    row = progress.metrics[-1] if progress.metrics else None
     return {
         "model_name": model_name, "config": config,
         "prompt_style": experiment.prompt_style.name, "experiment": experiment.name,
         "run_name": plan.run_name, "weights": weights,
-        "epochs": progress["epoch"], "steps": progress["global_step"] + 1, "seed": plan.seed,
-        "tokens_seen": progress["tokens_seen"],
+        "epochs": progress.epoch, "steps": progress.global_step + 1, "seed": plan.seed,
+        "tokens_seen": progress.tokens_seen,
         "train_loss": finite_or_none(row and row["train_loss"]),
         "val_loss": finite_or_none(row and row["val_loss"]),
         "losses_step": row and row["step"], "schedule": schedule.describe(),

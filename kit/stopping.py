@@ -111,7 +111,7 @@ class BestWeights:
     """The evaluation with the lowest validation loss so far (--keep_best, --early_stopping).
 
     `observe(progress)` follows each evaluation: a new lowest validation loss becomes
-    `progress["best"]` (so a resumed run knows it) and, with `save`, its weights are written at
+    `progress.best` (so a resumed run knows it) and, with `save`, its weights are written at
     once (`save(progress)`, `RunFiles.best_saver`). `patience` evaluations in a row without a
     new lowest one end training.
     """
@@ -120,21 +120,31 @@ class BestWeights:
         self.save = save
         self.patience = patience
 
+    @classmethod
+    def for_run(cls, plan, files, model, describe):
+        """The chapter run's: None unless `plan` has --keep_best or --early_stopping; the
+        weights of `model` are saved (`files.best_saver`, described by `describe`) only with
+        --keep_best."""
+        if not (plan.keep_best or plan.early_stopping):
+            return None
+        return cls(files.best_saver(model, describe) if plan.keep_best else None,
+                   plan.early_stopping)
+
     def observe(self, progress):
         """Note the evaluation just logged; return whether training should stop now."""
-        row, best = progress["metrics"][-1], progress["best"]
+        row, best = progress.metrics[-1], progress.best
         if best is None or row["val_loss"] < best["val_loss"]:
-            progress["best"] = dict(row)
-            progress["evals_since_best"] = 0
+            progress.best = dict(row)
+            progress.evals_since_best = 0
             if self.save is not None:
                 self.save(progress)
         else:
-            progress["evals_since_best"] += 1
-        return self.patience is not None and progress["evals_since_best"] >= self.patience
+            progress.evals_since_best += 1
+        return self.patience is not None and progress.evals_since_best >= self.patience
 
     def stop_line(self, progress):
         """The line that says training stopped early, and where the best was."""
-        best = progress["best"]
-        return (f"Early stopping after step {progress['global_step']}: the validation loss has "
+        best = progress.best
+        return (f"Early stopping after step {progress.global_step}: the validation loss has "
                 f"not improved for {plural(self.patience, 'evaluation')} (lowest "
                 f"{best['val_loss']:.3f}, at step {best['step']})")

@@ -21,7 +21,7 @@ from helpers import assert_error, finished_run_folder, quick_run_flags, run_in_p
 
 import gpt_instruction_finetuning as ft
 from kit.chapter_training import ChapterTraining
-from kit.checkpoint import check_checkpoint
+from kit.checkpoint import Progress, check_checkpoint
 from kit.files import DataError, save_json
 from kit.locks import lock_file, unlock_file
 from kit.metrics_log import read_metrics
@@ -588,6 +588,26 @@ def test_a_checkpoint_field_missing_or_of_the_wrong_type_is_named(tmp_path, earl
         check_checkpoint("c.pth", checkpoint, settings)
     assert str(info.value).startswith(f"c.pth: {message}")
     assert str(info.value).endswith("; delete it or run without --resume")
+
+
+def test_a_checkpoint_s_progress_is_built_back_as_it_was_saved(tmp_path, earlier_run):
+    checkpoint = torch.load(earlier_run / CHECKPOINT, weights_only=True)
+    stored = dict(checkpoint["progress"])
+    progress = check_checkpoint("c.pth", checkpoint, dict(checkpoint["settings"]))
+    assert isinstance(progress, Progress)
+    assert (progress.epoch, progress.num_epochs, progress.batches_done) == (1, 1, 0)
+    assert progress.saved().keys() == stored.keys()
+    torch.save({"progress": progress.saved()}, tmp_path / "again.pth")
+    again = torch.load(tmp_path / "again.pth", weights_only=True)["progress"]
+    rebuilt = Progress.from_saved("again.pth", again).saved()
+    for name, value in progress.saved().items():
+        if name.endswith("rng"):  # random states: tensors
+            assert torch.equal(rebuilt[name]["torch"], value["torch"]), name
+        else:
+            assert rebuilt[name] == value, name
+    with pytest.raises(DataError, match="^c.pth: the checkpoint's progress field 'epoch' must "
+                                        "be a whole number, not -1; "):
+        Progress.from_saved("c.pth", {**stored, "epoch": -1})
 
 
 def test_a_damaged_checkpoint_is_refused_before_the_model_is_built(tmp_path, capsys, common,

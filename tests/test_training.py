@@ -101,7 +101,7 @@ def test_ctrl_c_then_resume_ends_with_the_same_weights(tiny_cfg, tokenizer, stop
     with pytest.raises(KeyboardInterrupt):
         resumable_train(model, optimizer, train_loader, val_loader, tokenizer,
                         save_checkpoint=save_checkpoint, schedule=schedule)
-    assert saved["state"]["global_step"] == stop_at_step - 1
+    assert saved["state"].global_step == stop_at_step - 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     model, optimizer, train_loader, val_loader = make_run(cfg, seed=999)  # a new process
@@ -129,7 +129,7 @@ def test_epoch_end_checkpoints_resume_exactly(tiny_cfg, tokenizer):
                     save_checkpoint=lambda state: checkpoints.append(
               (copy.deepcopy(state), copy.deepcopy(model.state_dict()),
                copy.deepcopy(optimizer.state_dict()))))
-    assert [c[0]["epoch"] for c in checkpoints] == [1, 2]
+    assert [c[0].epoch for c in checkpoints] == [1, 2]
 
     state, model_state, optimizer_state = checkpoints[0]  # killed after epoch 1
     model, optimizer, train_loader, val_loader = make_run(cfg, seed=5)
