@@ -3,8 +3,10 @@ error, and small saved models to export or load."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
+from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,3 +105,28 @@ def finished_run_folder(tmp_path_factory, name, flags):
 def stopped(stop):
     """How a program's last line begins when `stop` ("ctrl-c", or "sigterm") stopped it."""
     return "Interrupted" if stop == "ctrl-c" else "Stopped by SIGTERM"
+
+
+def signal_at(owner, name, signum, call=1, when=None):
+    """Patch `owner.name` so that its `call`-th call (counting calls that pass `when`) first
+    sends this process `signum`: a user pressing Ctrl-C, or a kill, at that moment."""
+    real = getattr(owner, name)
+    calls = []
+
+    def with_signal(*args, **kwargs):
+        if when is None or when(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == call:
+                signal.raise_signal(signum)
+        return real(*args, **kwargs)
+
+    return mock.patch.object(owner, name, with_signal)
+
+
+def one_line(err):
+    """The only line of `err` once the progress bars' redraws are left out."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith(("Training:", "Generating responses:"))]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -17,7 +17,14 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_error, finished_run_folder, quick_run_flags, run_in_process
+from helpers import (
+    assert_error,
+    finished_run_folder,
+    one_line,
+    quick_run_flags,
+    run_in_process,
+    signal_at,
+)
 
 import gpt_instruction_finetuning as ft
 from kit.chapter_training import ChapterTraining
@@ -68,29 +75,8 @@ def copy_run(source, folder):
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
-def one_line(err):
-    """The only line of `err` once the progress bars' redraws are left out."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.replace("\r", "\n").splitlines()
-             if line.strip() and not line.startswith(("Training:", "Generating responses:"))]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
-def signal_at(owner, name, signum, call=1, when=None):
-    """Patch `owner.name` so that its `call`-th call (counting calls that pass `when`) first
-    sends this process `signum`: a user pressing Ctrl-C, or a kill, at that moment."""
-    real = getattr(owner, name)
-    calls = []
-
-    def with_signal(*args, **kwargs):
-        if when is None or when(*args, **kwargs):
-            calls.append(None)
-            if len(calls) == call:
-                signal.raise_signal(signum)
-        return real(*args, **kwargs)
-
-    return mock.patch.object(owner, name, with_signal)
 
 
 @contextmanager

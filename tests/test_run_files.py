@@ -11,17 +11,18 @@ import signal
 import subprocess
 import sys
 import threading
-from unittest import mock
 
 import pytest
 import torch
 from helpers import (
     assert_error,
     lora_trained_model,
+    one_line,
     quick_run_flags,
     random_model,
     run_in_process,
     save,
+    signal_at,
 )
 
 import chat
@@ -92,26 +93,8 @@ def contents(folder):
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
-def signal_at(owner, name, signum, call=1):
-    """Patch `owner.name` so that its `call`-th call first sends this process `signum`."""
-    real, calls = getattr(owner, name), []
-
-    def with_signal(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == call:
-            signal.raise_signal(signum)
-        return real(*args, **kwargs)
-
-    return mock.patch.object(owner, name, with_signal)
 
 
-def one_line(err):
-    """The only line of `err` once the progress bars' redraws are left out."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.replace("\r", "\n").splitlines()
-             if line.strip() and not line.startswith(("Training:", "Generating responses:"))]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def changed_data(instruction_data_path, folder, index):
