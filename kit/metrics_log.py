@@ -5,6 +5,7 @@ and the lines printed above the progress bar.
 import csv
 import os
 
+import matplotlib.pyplot as plt
 import torch
 
 from kit.files import DataError, WriteError, atomic_write, plural
@@ -78,9 +79,10 @@ def plot_losses_from_metrics(metrics_path, save_path="loss-plot.pdf"):
     if not rows:
         raise DataError(f"{metrics_path}: holds no evaluation yet")
     epochs_seen = torch.linspace(0, rows[-1]["epoch"], len(rows))
-    plot_losses(epochs_seen, [row["tokens_seen"] for row in rows],
-                [row["train_loss"] for row in rows], [row["val_loss"] for row in rows],
-                save_path=save_path)
+    figure = plot_losses(epochs_seen, [row["tokens_seen"] for row in rows],
+                         [row["train_loss"] for row in rows], [row["val_loss"] for row in rows],
+                         save_path=save_path)
+    plt.close(figure)  # saved: a script shows no figure, and runs in one process would pile up
 
 
 class PrintAboveBar:

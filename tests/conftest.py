@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["judge_helpers"]  # the judge tests' loopback judge fixture, `judge`
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SHARED_DATASET = SHARED_DATA / "instruction-data.json"
@@ -149,3 +151,13 @@ def closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Close the figures a test's in-process runs drew (the scripts save them, a notebook shows
+    them), so that a session of many runs does not keep them all open."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
