@@ -1,4 +1,5 @@
-"""The training loop: printed progress, returned curves, Ctrl-C and exact resumption, the plot."""
+"""kit/chapter_training.py around the book's loop: printed progress, returned curves, Ctrl-C
+and exact resumption, the plot."""
 
 import copy
 import re
