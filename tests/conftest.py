@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["judge_helpers"]  # the judge tests' loopback judge fixture, `judge`
+# The judge tests import their helpers before pytest_plugins loads them as a plugin: rewrite
+# them from the first import on, so their asserts report as test files' do.
+pytest.register_assert_rewrite("judge_helpers")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

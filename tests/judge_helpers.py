@@ -26,8 +26,8 @@ def records(path):
 
 @pytest.fixture
 def judge():
-    """The loopback judge on 127.0.0.1, answering ANSWERS (a fixture, through conftest.py's
-    pytest_plugins)."""
+    """The loopback judge on 127.0.0.1, answering ANSWERS (a fixture, loaded by the
+    judge tests' pytest_plugins)."""
     server = FakeJudge(ANSWERS)
     yield server
     server.close()

@@ -13,6 +13,8 @@ from kit import judge_client as client
 from kit.data import format_input
 from kit.judge_prompts import judge_prompt
 
+pytest_plugins = ["judge_helpers"]  # the `judge` fixture
+
 
 def test_request_follows_the_chapters_protocol(judge):
     e = entry("good", 0)

@@ -21,6 +21,9 @@ from kit.judge_prompts import judge_prompt, prompt_sha256, rubric_prompt
 from kit.judge_store import ScoreStore
 from kit.loopback_judge import FakeJudge
 
+pytest_plugins = ["judge_helpers"]  # the `judge` fixture
+
+
 evaluate = partial(run_script, "ollama_evaluate.py")  # as a user runs it
 
 
