@@ -38,20 +38,22 @@ from tqdm import tqdm
 
 from export_hf import (
     ANSWER_TOKENS,
-    add_export_arguments,
     bpe_vocab_and_merges,
     chat_template,
-    check_export_arguments,
-    check_out_dir,
     is_tied,
-    load_for_export,
     prompt_parts,
-    run_export,
     user_message,
-    write_new_folder,
 )
 from gpt_download import END_OF_TEXT, gpt2_tokenizer
 from kit.data import PROMPT_STYLES
+from kit.export_folder import (
+    add_export_arguments,
+    check_export_arguments,
+    check_out_dir,
+    load_for_export,
+    run_export,
+    write_new_folder,
+)
 from kit.files import DataError
 
 EXAMPLE_WITH_INPUT = ("Rewrite the sentence.", "The cake was baked by me.")  # printed, asked
