@@ -18,7 +18,6 @@ with another input is no copy), the later entry, or with --against the entry of 
 """
 
 import argparse
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 from tqdm import tqdm
 
-from kit.data import load_json_entries
-from kit.files import DataError, WriteError, atomic_write, check_writable_folder, fail, save_json
+from kit.data import load_json_entries, save_entries
+from kit.files import DataError, WriteError, check_writable_folder, fail
 from kit.signals import stop_signals_interrupt
 
 FIELDS = ("instruction", "input", "output")  # the book's, searched by default
@@ -160,15 +159,6 @@ def load_entries(path, split):
     train_data, test_data, val_data = split_data(entries, path)
     part = {"train": train_data, "val": val_data, "test": test_data}[split]
     return Entries(part, list(range(len(part))), split, f"the {split} split of {name}")
-
-
-def save_entries(entries, path):
-    """Write `entries` whole: JSON Lines for a .jsonl path, else the book's indented JSON list."""
-    if path.lower().endswith(".jsonl"):
-        with atomic_write(path, "w") as f:
-            f.writelines(json.dumps(entry) + "\n" for entry in entries)
-    else:
-        save_json(entries, path)
 
 
 def build_parser():

@@ -19,15 +19,14 @@ no preference: it is counted, and its entry is left out.
 """
 
 import argparse
-import json
 import os
 import random
 from collections import Counter
 
 from tqdm import tqdm
 
-from kit.data import format_input, load_json_entries
-from kit.files import DataError, atomic_write, fail, save_json
+from kit.data import format_input, load_json_entries, save_entries
+from kit.files import DataError, fail
 from kit.judge_cli import add_server_flags, check_server_flags
 from kit.judge_client import judge_name
 from kit.judge_files import check_writable, same_file
@@ -86,15 +85,6 @@ def preference_entries(entries, prompts, styles, store, model):
         else:
             kept.append(with_preference(entry, politeness, reply))
     return kept, left_out
-
-
-def write_entries(entries, path):
-    """Write the entries as the book's indented JSON list, or as JSON Lines for a .jsonl path."""
-    if path.lower().endswith(".jsonl"):
-        with atomic_write(path, "w") as f:
-            f.writelines(json.dumps(entry) + "\n" for entry in entries)
-    else:
-        save_json(entries, path)
 
 
 def default_output(data_path):
@@ -171,7 +161,7 @@ def main(argv=None):
 
     kept, left_out = preference_entries(entries, prompts, styles, store, model)
     with asking(replies):
-        write_entries(kept, args.output)
+        save_entries(kept, args.output)
     polite = sum(style == "polite" for style in styles)
     print(f"{len(kept)} entries with a preference pair saved as {args.output} "
           f"({polite} asked to be more polite, {len(styles) - polite} more impolite)")

@@ -8,7 +8,7 @@ module too, so it can build the chapter's prompts without loading torch.
 
 import json
 
-from kit.files import DataError, read_json
+from kit.files import DataError, atomic_write, read_json, save_json
 
 END_OF_TEXT_MARK = "<|endoftext|>"  # GPT-2's only special token, as text
 
@@ -40,6 +40,16 @@ def load_json_entries(file_path, fields=("instruction", "input", "output"), trai
     for number, entry in numbered:
         check_entry(entry, fields, f"{file_path}: {where} {number}", training)
     return [entry for _, entry in numbered]
+
+
+def save_entries(entries, path):
+    """Write `entries` whole (a temporary file, then a rename): JSON Lines for a .jsonl path,
+    else the book's indented JSON list. `load_json_entries` reads either back."""
+    if str(path).lower().endswith(".jsonl"):
+        with atomic_write(path, "w") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in entries)
+    else:
+        save_json(entries, path)
 
 
 def is_json_lines(file_path):

@@ -11,7 +11,7 @@ from helpers import run_script as run_any_script
 from llms_from_scratch import ch07 as book
 
 import gpt_instruction_finetuning as ft
-from kit.data import PROMPT_STYLES, load_json_entries
+from kit.data import PROMPT_STYLES, load_json_entries, save_entries
 from kit.files import DataError
 
 run_script = partial(run_any_script, "gpt_instruction_finetuning.py")
@@ -60,6 +60,23 @@ def test_json_lines_and_a_json_list_give_the_same_batches(tmp_path, chapter_entr
     assert from_list == from_lines == entries
     assert batches(from_lines, tokenizer) == batches(from_list, tokenizer)
     assert len(batches(from_lines, tokenizer)) == 8
+
+
+@pytest.mark.parametrize("name", ["entries.json", "entries.JSONL"])
+def test_saved_entries_read_back_in_their_format(tmp_path, chapter_entries, name):
+    """save_entries writes JSON Lines for a .jsonl name and the book's indented list otherwise,
+    replacing an earlier file whole; load_json_entries reads both back unchanged."""
+    path = tmp_path / name
+    path.write_text("an earlier file")
+    save_entries(chapter_entries[:5], str(path))
+    text = path.read_text()
+    if name.lower().endswith(".jsonl"):
+        assert text.splitlines() == [json.dumps(e) for e in chapter_entries[:5]]
+    else:
+        assert json.loads(text) == chapter_entries[:5]
+        assert text.startswith('[\n    {\n        "instruction": ')
+    assert load_json_entries(path) == chapter_entries[:5]
+    assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
 def test_json_lines_are_recognised_by_their_content(tmp_path, chapter_entries):
