@@ -1,4 +1,5 @@
-"""benchmarks/bench_gpu.py --quick: the GPU benchmark's whole path, on the CPU, so it cannot rot."""
+"""benchmarks/bench_gpu.py and bench_dpo.py --quick: each benchmark's whole path, on the CPU, so it
+cannot rot."""
 
 import os
 import subprocess
@@ -8,13 +9,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ["load", "initial losses", "training", "evaluation", "answers"]
 
 
-def test_gpu_benchmark_quick_prints_one_table_of_every_phase_and_count():
-    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_gpu.py"),
+def quick_table(script):
+    """Run benchmarks/`script` --quick; return its table's rows as lists of cells, after
+    checking that it succeeded and that its first line names the torch version."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script),
                              "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("torch ")
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_gpu_benchmark_quick_prints_one_table_of_every_phase_and_count():
+    rows = quick_table("bench_gpu.py")
     assert rows[0] == ["GPT-2 2-layer, 1 epoch(s), 4 new tokens at most", "book", "fp32",
                        "fp32+compile"]
     table = {row[0]: row[1:] for row in rows[2:]}
@@ -41,12 +48,7 @@ def test_gpu_benchmark_quick_prints_one_table_of_every_phase_and_count():
 
 
 def test_dpo_benchmark_quick_prints_both_paths_and_the_ratio():
-    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_dpo.py"),
-                             "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("torch ")
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    rows = quick_table("bench_dpo.py")
     assert rows[0] == ["GPT-2 2-layer, 64 wide, batch 8, 1 steps, CPU", "median step",
                        "peak resident"]
     table = {row[0]: row[1:] for row in rows[2:]}
