@@ -139,16 +139,20 @@ def add_device_flags(parser):
                              "Triton; the first steps wait while it compiles)")
 
 
-def add_run_flags(parser):
-    """Where the outputs go, what they are named, and resuming."""
+def add_run_flags(parser, run_name=None):
+    """Where the outputs go, what they are named, and resuming. `run_name` is --run_name's
+    default; None (the chapter script's) leaves the name to the script: the book's
+    DEFAULT_RUN_NAME, or an exercise's own name."""
     parser.add_argument("--output_dir", default=".",
                         help="where the plot, metrics, responses, weights and checkpoint go")
-    parser.add_argument("--run_name", default=None, metavar="NAME",
-                        help=f"name carried by every output file, so that runs side by side in "
-                             f"one folder keep their files (default: {DEFAULT_RUN_NAME}, the "
-                             "book's; an exercise's own name in exercise_experiments.py): "
-                             "letters, digits, '.', '_' and '-', not ending in '-best' or "
-                             "'.partial', which the script adds to a run's own names")
+    parser.add_argument("--run_name", default=run_name, metavar="NAME",
+                        help="name carried by every output file, so that runs side by side in "
+                             "one folder keep their files: letters, digits, '.', '_' and '-', "
+                             "not ending in '-best' or '.partial', which the script adds to a "
+                             "run's own names" + (
+                                 f" (default: {DEFAULT_RUN_NAME}, the book's; an exercise's "
+                                 "own name in exercise_experiments.py)" if run_name is None
+                                 else ""))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint that an interrupted run left")
     parser.add_argument("--keep_checkpoint", action="store_true",

@@ -4,11 +4,11 @@ of the flags made before any work starts, each refusal one DataError naming the 
 import argparse
 import math
 import os
-import re
 
-from kit.cli import SEED_RANGE, HelpFormatter, add_answer_flags
+from kit.cli import SEED_RANGE, HelpFormatter, add_answer_flags, add_run_flags
 from kit.device import check_precision, pick_device
 from kit.files import DataError, check_writable_folder
+from kit.run_names import check_run_name
 from kit.saved_model import check_lora_alpha
 
 DEFAULT_EPOCHS = 1  # the notebook's: DPO soon overfits the preferences
@@ -38,7 +38,7 @@ def build_parser(description=None):
                         help="as for gpt_instruction_finetuning.py: exact float32, TF32 "
                              "matrix products, bfloat16 autocast, or float16 autocast with a "
                              "gradient scaler")
-    add_run_flags(parser.add_argument_group("resume and outputs"))
+    add_run_flags(parser.add_argument_group("resume and outputs"), DEFAULT_RUN_NAME)
     return parser
 
 
@@ -74,19 +74,6 @@ def add_dpo_flags(parser):
                              "and no JSON beside it (the JSON records it otherwise)")
 
 
-def add_run_flags(parser):
-    """Where the outputs go, what they are named, and resuming."""
-    parser.add_argument("--output_dir", default=".",
-                        help="where the plot, metrics, responses, weights and checkpoint go")
-    parser.add_argument("--run_name", default=DEFAULT_RUN_NAME, metavar="NAME",
-                        help="name carried by every output file (letters, digits, '.', '_' "
-                             "and '-')")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint that an interrupted run left")
-    parser.add_argument("--keep_checkpoint", action="store_true",
-                        help="keep the checkpoint after a finished run")
-
-
 def check_args(args):
     """Refuse flag values that cannot work, before anything is read or loaded; return the
     device --device names (picked once, here)."""
@@ -108,9 +95,7 @@ def check_args(args):
         raise DataError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
     if args.lora_alpha is not None:
         check_lora_alpha(args.lora_alpha, "--lora_alpha")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.run_name):
-        raise DataError(f"--run_name {args.run_name!r}: use letters, digits, '.', '_' and '-' "
-                        "only (it becomes part of file names)")
+    check_run_name(args.run_name)
     device = pick_device(args.device)
     check_precision(args.precision, False, device)
     check_paths(args)

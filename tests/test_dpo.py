@@ -18,10 +18,9 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA
-from helpers import assert_error, random_model, run_in_process, save
+from helpers import assert_error, random_model, run_in_process, save, signal_at
 from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from llms_from_scratch.ch07 import format_input
-from test_faults import signal_at
 from torch.utils.data import DataLoader
 
 import dpo_finetuning as dpo
@@ -251,6 +250,10 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_weights(folder, capsys,
     (["--beta", "0"], ["--beta must be a finite number above 0"]),
     (["--reference", "live", "--eval_iter", "0"], ["--eval_iter must be at least 1"]),
     (["--data_path", "missing.json"], ["missing.json: file not found (--data_path)"]),
+    (["--run_name", "dpo-best"], ["--run_name dpo-best: a name may not end in '-best', which the "
+                                  "script adds to the files of run 'dpo' (its best weights)"]),
+    (["--run_name", "dpo.Partial"], ["--run_name dpo.Partial: a name may not end in '.partial'"]),
+    (["--run_name", "a/b"], ["--run_name 'a/b': use letters, digits"]),
 ])
 def test_bad_flags_end_in_one_line(folder, capsys, flags, parts):
     code, _, err = run_dpo(folder, capsys, *flags, output="bad")
